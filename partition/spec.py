@@ -57,3 +57,40 @@ def timestep_name(specs: tuple[InputSpec, ...] | list[InputSpec]) -> str | None:
     if len(names) > 1:
         raise ValueError(f"inputs: at most one input may have role 'timestep', got {names}")
     return names[0] if names else None
+
+
+def nest(flat: dict) -> dict:
+    """``{"a.b": v}`` -> ``{"a": {"b": v}}``: dotted input names become nested keyword dicts."""
+    out: dict = {}
+    for key, value in flat.items():
+        head, *rest = key.split(".")
+        if rest:
+            out.setdefault(head, {})
+            out[head] = {**out[head], **nest({".".join(rest): value})}
+        else:
+            out[head] = value
+    return out
+
+
+def call_denoiser(module, inputs: dict):
+    """Call ``module`` with named (possibly dotted) inputs and return the noise prediction.
+
+    diffusers models get ``return_dict=False`` and return a tuple whose first entry is the
+    prediction; plain modules may return a tensor, a tuple or an object with ``.sample``.
+    """
+    import inspect
+
+    kwargs = nest(dict(inputs))
+    forward = getattr(module, "forward", module)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "return_dict" in params:
+        kwargs["return_dict"] = False
+    out = module(**kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "sample"):
+        out = out.sample
+    return out
