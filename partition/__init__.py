@@ -1,0 +1,17 @@
+"""The partitioning compiler: capture any denoiser, cost it, cut it into balanced stages."""
+from partition.api import STRATEGIES, Compiled, compile_graph, compile_model, stages_from_plan
+from partition.capture import Captured, CaptureError, capture
+from partition.cost import COST_MODELS, NodeCosts, profile
+from partition.graph import TrunkGraph, build_graph
+from partition.plan import Plan
+from partition.report import format_plan, predict
+from partition.spec import InputSpec
+from partition.stages import Segment, StagedModel
+from partition.strategies.base import Assignment, PartitionRequest
+
+__all__ = [
+    "Assignment", "COST_MODELS", "CaptureError", "Captured", "Compiled", "InputSpec",
+    "NodeCosts", "PartitionRequest", "Plan", "STRATEGIES", "Segment", "StagedModel",
+    "TrunkGraph", "build_graph", "capture", "compile_graph", "compile_model", "format_plan",
+    "predict", "profile", "stages_from_plan",
+]

@@ -1,0 +1,161 @@
+"""The captured graph as data: trunk vs conditioning, costs, and what crosses every cut.
+
+The *trunk* is every compute node that depends on the latent input; it is what gets cut
+into stages. Every other compute node is *conditioning* (timestep embedding, text
+projections, added conditions, RoPE tables): it depends only on inputs every device holds,
+so it is replicated into each stage that uses it and is never sent (DESIGN.md §2).
+
+Positions: trunk node ``i`` sits at position ``i``; cut position ``p`` (0 < p < K) is the
+boundary between trunk nodes ``p-1`` and ``p``. The graph's output counts as a consumer at
+position ``K``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+import numpy as np
+import torch
+from torch import fx
+
+from partition.capture import Captured
+from partition.cost import NodeCosts, node_module
+
+
+@dataclass
+class TrunkGraph:
+    """Trunk nodes in execution order with costs, parameters and last uses."""
+
+    captured: Captured
+    costs: NodeCosts
+    nx: nx.DiGraph
+    trunk: list[str]
+    conditioning: list[str]
+    weights: np.ndarray     # cost of each trunk node under the chosen cost model
+    param_count: np.ndarray
+    param_bytes: np.ndarray
+    modules: list[str]      # innermost module path of each trunk node
+    consumers: list[tuple[int, ...]]  # trunk positions that read node i (K = the output)
+    out_bytes: np.ndarray
+    is_tensor: np.ndarray
+
+    @cached_property
+    def pos(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.trunk)}
+
+    @property
+    def size(self) -> int:
+        return len(self.trunk)
+
+    @cached_property
+    def last_use(self) -> np.ndarray:
+        return np.array([max(c) if c else i for i, c in enumerate(self.consumers)], dtype=np.int64)
+
+    @cached_property
+    def live_bytes(self) -> np.ndarray:
+        """Bytes of trunk values alive across each cut position 0..K (0 and K are empty)."""
+        k = self.size
+        diff = np.zeros(k + 2, dtype=np.int64)
+        for i in range(k):
+            lu = self.last_use[i]
+            if lu > i:
+                diff[i + 1] += self.out_bytes[i]
+                diff[min(lu, k) + 1] -= self.out_bytes[i]
+        live = np.cumsum(diff)[: k + 1]
+        live[0] = live[k] = 0
+        return live
+
+    @cached_property
+    def cuttable(self) -> np.ndarray:
+        """Cut positions where every value crossing is a single tensor (not a tuple)."""
+        k = self.size
+        bad = np.zeros(k + 2, dtype=np.int64)
+        for i in range(k):
+            if not self.is_tensor[i] and self.last_use[i] > i:
+                bad[i + 1] += 1
+                bad[min(self.last_use[i], k) + 1] -= 1
+        ok = np.cumsum(bad)[: k + 1] == 0
+        ok[0] = ok[k] = True
+        return ok
+
+    def crossing(self, p: int) -> list[str]:
+        """Trunk values produced before cut ``p`` and read at or after it."""
+        return [self.trunk[i] for i in range(p) if self.last_use[i] >= p]
+
+    def candidates(self, depth: int | None) -> list[int]:
+        """Inner cut positions at module boundaries of the given depth (None: every node).
+
+        A boundary at depth ``d`` is where the first ``d`` components of the module path
+        change, e.g. depth 2 separates ``down_blocks.0`` from ``down_blocks.1`` and depth 4
+        separates ``up_blocks.1.resnets.0`` from ``up_blocks.1.attentions.0``.
+        """
+        out = []
+        for p in range(1, self.size):
+            if not self.cuttable[p]:
+                continue
+            if depth is None or _prefix(self.modules[p - 1], depth) != _prefix(self.modules[p], depth):
+                out.append(p)
+        return out
+
+    def module_at(self, p: int) -> str:
+        return self.modules[p] if p < self.size else "<output>"
+
+
+def _prefix(path: str, depth: int) -> str:
+    return ".".join(path.split(".")[:depth]) if path else ""
+
+
+def build_graph(captured: Captured, costs: NodeCosts, cost_model: str) -> TrunkGraph:
+    """Classify nodes into trunk and conditioning and collect what the partitioner needs."""
+    gm = captured.gm
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name, op=n.op, target=str(n.target), module=node_module(n),
+                   flops=costs.flops.get(n.name, 0), ms=costs.ms.get(n.name, 0.0),
+                   bytes=costs.out_bytes.get(n.name, 0))
+        for a in n.all_input_nodes:
+            g.add_edge(a.name, n.name)
+    trunk_set = nx.descendants(g, captured.latent)
+    weights_all = costs.weights(cost_model)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    trunk = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.name in trunk_set]
+    cond = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.name not in trunk_set]
+    pos = {name: i for i, name in enumerate(trunk)}
+    k = len(trunk)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    pc = np.zeros(k, dtype=np.int64)
+    pb = np.zeros(k, dtype=np.int64)
+    consumers, modules, out_b, is_t = [], [], np.zeros(k, dtype=np.int64), np.zeros(k, dtype=bool)
+    for i, name in enumerate(trunk):
+        n = nodes[name]
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                t = params.get(a.target, buffers.get(a.target))
+                if t is None:
+                    t = _fetch_attr(gm, a.target)
+                if isinstance(t, torch.Tensor):
+                    pc[i] += t.numel() if a.target in params else 0
+                    pb[i] += t.numel() * t.element_size()
+        users = []
+        for u in n.users:
+            if u.op == "output":
+                users.append(k)
+            elif u.name in pos:
+                users.append(pos[u.name])
+        consumers.append(tuple(sorted(set(users))))
+        modules.append(node_module(n))
+        out_b[i] = costs.out_bytes.get(name, 0)
+        is_t[i] = isinstance(n.meta.get("val"), torch.Tensor)
+    w = np.array([float(weights_all.get(name, 0.0)) for name in trunk], dtype=np.float64)
+    return TrunkGraph(captured=captured, costs=costs, nx=g, trunk=trunk, conditioning=cond,
+                      weights=w, param_count=pc, param_bytes=pb, modules=modules,
+                      consumers=consumers, out_bytes=out_b, is_tensor=is_t)
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,381 @@
+"""The model zoo: one YAML file per architecture (``conf/model/<name>.yaml``) and the plain
+builder that turns it into a module with example inputs.
+
+A model YAML holds, per *variant* (``tiny`` random weights for tests, ``full`` the released
+architecture with random weights, ``pretrained`` the released weights from the local cache),
+the constructor config and the ordered input specs (:class:`partition.spec.InputSpec`).
+``builder._target_`` names any importable callable
+``(cls=..., config=..., seed=..., pretrained=None, **other builder keys) -> nn.Module``, so a
+new architecture is one YAML file (STYLE 4); no Hydra is needed to read it (STYLE 5).
+
+[Note: denoiser contract]
+Every zoo model, called through :func:`partition.spec.call_denoiser` with the named inputs
+of its spec, returns ONE tensor: the noise prediction ε, with exactly the latent's shape, for
+a timestep in the scheduler's units. Where the released network's I/O differs, the optional
+``adapter`` block of the YAML says how, declaratively (see :func:`adapt`):
+
+* ``concat: {inputs: [...], dim: d}`` -- the network's latent input is the latent
+  concatenated with conditioning inputs (SVD's image latents), as the pipeline does;
+* ``narrow: {dim: d, length: n}`` -- the network predicts more than ε (DiT / PixArt with a
+  learned σ emit ``[ε, variance]`` along channels); ε is the first ``n`` channels, exactly
+  what the diffusers pipelines keep (the variance is never used by DDIM / DPM-Solver);
+* ``timestep_scale: s`` -- the network wants ``s · t`` (Flux takes t / 1000).
+
+Weights are re-drawn by :func:`reinit_` so that no output is identically zero (diffusers
+zero-initialises some output layers, which makes every equality test vacuous; DESIGN §2).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+from partition.spec import InputSpec, latent_name, timestep_name
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+VARIANTS: tuple[str, ...] = ("tiny", "full", "pretrained")
+INIT_KINDS: tuple[str, ...] = ("randn", "timestep", "randint:<high>", "zeros", "ones",
+                               "ids2d:<h>:<w>", "ids_zeros")
+ADAPTER_KEYS: tuple[str, ...] = ("concat", "narrow", "timestep_scale")
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+def model_names() -> list[str]:
+    """Names of the YAML files in ``conf/model/``."""
+    return sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
+
+
+def load_yaml(name_or_path: str | Path) -> dict:
+    """Read a model YAML: a bare name looks in ``conf/model/``, anything else is a path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+        path = MODEL_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ValueError(f"model={name_or_path!r}: unknown; allowed: {', '.join(model_names())}")
+    elif not path.is_file():
+        raise ValueError(f"model={str(name_or_path)!r}: no such file")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model={str(name_or_path)!r}: {path} is not a YAML mapping")
+    return cfg
+
+
+def _require(d: Any, key: str, where: str) -> Any:
+    if not isinstance(d, dict) or key not in d or d[key] is None:
+        raise ValueError(f"{where}: missing required key {key!r}")
+    return d[key]
+
+
+def _section(variant: str) -> str:
+    """The YAML section a variant reads its config and inputs from."""
+    return "full" if variant == "pretrained" else variant
+
+
+def validate(cfg: dict, variant: str | None = None) -> str:
+    """Check the fields :func:`build` needs; return the resolved variant.
+
+    Raises ``ValueError`` naming the missing or bad key (``model.<key>``).
+    """
+    _require(cfg, "name", "model")
+    builder = _require(cfg, "builder", "model")
+    _require(builder, "_target_", "model.builder")
+    variant = variant if variant is not None else cfg.get("variant", "tiny")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: unknown; allowed: {', '.join(VARIANTS)}")
+    if variant == "pretrained":
+        _require(_require(cfg, "pretrained", "model"), "id", "model.pretrained")
+    section = _require(cfg, _section(variant), "model")
+    _require(section, "config", f"model.{_section(variant)}")
+    inputs = _require(section, "inputs", f"model.{_section(variant)}")
+    specs = [InputSpec.from_dict(d) for d in inputs]
+    try:
+        latent_name(specs)
+        timestep_name(specs)
+    except ValueError as e:
+        raise ValueError(f"model.{_section(variant)}.{e}") from None
+    adapter = cfg.get("adapter") or {}
+    unknown = sorted(set(adapter) - set(ADAPTER_KEYS))
+    if unknown:
+        raise ValueError(f"model.adapter: unknown key(s) {unknown}; allowed: {', '.join(ADAPTER_KEYS)}")
+    return variant
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def import_object(path: str) -> Any:
+    """``"pkg.mod.Name"`` -> the object (the ``_target_`` convention, without Hydra)."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"_target_={path!r}: not a dotted path 'module.name'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"_target_={path!r}: cannot import ({e})") from None
+
+
+def unknown_config_keys(cls: type, config: dict) -> list[str]:
+    """Keys of ``config`` that ``cls.__init__`` does not take (diffusers only warns on them)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return []
+    return sorted(k for k in config if not k.startswith("_") and k not in params)
+
+
+def _from_pretrained(cls: type, pretrained: dict) -> nn.Module:
+    kwargs = {k: v for k, v in pretrained.items() if k not in ("id",)}
+    try:
+        return cls.from_pretrained(pretrained["id"], local_files_only=True, **kwargs)
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise FileNotFoundError(
+            f"pretrained={pretrained}: not in the local Hugging Face cache and downloads are "
+            f"off; fetch it beforehand or pick variant=tiny|full ({type(e).__name__}: {e})"
+        ) from None
+
+
+def diffusers_from_config(cls: str, config: dict, seed: int = 0,
+                          pretrained: dict | None = None) -> nn.Module:
+    """Build a diffusers model class (dotted path) from its config with random weights.
+
+    With ``pretrained={id, subfolder, ...}`` the released weights are loaded from the local
+    cache instead (no re-initialisation, no download). Unknown config keys are an error.
+    """
+    klass = import_object(cls)
+    if pretrained is not None:
+        return _from_pretrained(klass, pretrained).eval()
+    unknown = unknown_config_keys(klass, config)
+    if unknown:
+        raise ValueError(f"config: key(s) {unknown} not accepted by {cls}")
+    module = klass.from_config(dict(config))
+    reinit_(module, seed)
+    return module.eval()
+
+
+def unet_motion_from_config(cls: str, config: dict, seed: int = 0,
+                            pretrained: dict | None = None) -> nn.Module:
+    """:func:`diffusers_from_config`, except that AnimateDiff's released weights come in two
+    parts: ``pretrained={id, subfolder}`` is an SD-1.5-style UNet and
+    ``pretrained.motion_adapter`` the motion-module repository; they are merged by
+    ``UNetMotionModel.from_unet2d``."""
+    if pretrained is None:
+        return diffusers_from_config(cls, config, seed)
+    from diffusers import MotionAdapter, UNet2DConditionModel
+
+    base = {k: v for k, v in pretrained.items() if k != "motion_adapter"}
+    unet = _from_pretrained(UNet2DConditionModel, base)
+    adapter = _from_pretrained(MotionAdapter, {"id": _require(
+        pretrained, "motion_adapter", "model.pretrained")})
+    return import_object(cls).from_unet2d(unet, adapter).eval()
+
+
+# --------------------------------------------------------------------------- weights
+
+
+_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@torch.no_grad()
+def reinit_(module: nn.Module, seed: int) -> nn.Module:
+    """Re-draw every parameter and floating buffer, deterministically from ``seed``.
+
+    Scales keep activations O(1) through the network: weights with ≥ 2 dims get
+    N(0, 1/fan_in) (fan_in = numel / out-dim), embedding tables N(0, 1), norm (and other
+    1-d "scale" parameters named ``weight``) 1 + N(0, 0.1²), biases and other 1-d
+    parameters N(0, 0.1²), and floating buffers a normal draw with the buffer's own mean
+    and spread (so a sin-cos table stays a table of values in about [-1, 1]).
+    Integer buffers (counters, indices) are left alone.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+
+    def draw(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        t.copy_((torch.randn(t.shape, generator=g, dtype=torch.float64) * std + mean).to(t.dtype))
+
+    for mod in module.modules():
+        is_norm = isinstance(mod, _NORMS) or "norm" in type(mod).__name__.lower()
+        for name, p in mod.named_parameters(recurse=False):
+            if isinstance(mod, nn.Embedding) and name == "weight":
+                draw(p, 1.0)
+            elif p.dim() >= 2:
+                draw(p, 1.0 / math.sqrt(max(1, p.numel() // p.shape[0])))
+            elif name == "weight" and is_norm:
+                draw(p, 0.1, 1.0)
+            else:
+                draw(p, 0.1)
+        for _, b in mod.named_buffers(recurse=False):
+            if b is None or not b.is_floating_point():
+                continue
+            spread = float(b.float().std()) if b.numel() > 1 else 0.0
+            draw(b, spread if spread > 0 else 1.0, float(b.float().mean()) if b.numel() else 0.0)
+    return module
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def example_inputs(specs: list[InputSpec] | tuple[InputSpec, ...], seed: int = 0) -> dict[str, torch.Tensor]:
+    """One example value per spec, in spec order, drawn deterministically from ``seed``.
+
+    ``timestep`` is one integer-valued float in [0, 1000) filled into the whole shape (every
+    batch row shares the step, as in a sampler); ``randint:K`` is int64 in [0, K) unless the
+    spec's dtype is an integer type; ``ids2d:h:w`` are Flux image ids ``[h*w, 3]`` with
+    (0, row, col) rows; ``ids_zeros`` are Flux text ids.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    out: dict[str, torch.Tensor] = {}
+    for s in specs:
+        dtype = getattr(torch, s.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"input {s.name!r}: dtype={s.dtype!r} is not a torch dtype")
+        kind, *args = s.init.split(":")
+        if kind == "randn" and not args:
+            v = torch.randn(s.shape, generator=g, dtype=torch.float32).to(dtype)
+        elif kind == "timestep" and not args:
+            t = float(torch.randint(0, 1000, (), generator=g))
+            v = torch.full(s.shape, t, dtype=dtype if dtype.is_floating_point else torch.float32)
+        elif kind == "randint" and len(args) == 1:
+            itype = torch.int64 if dtype.is_floating_point else dtype
+            v = torch.randint(0, int(args[0]), s.shape, generator=g, dtype=itype)
+        elif kind in ("zeros", "ids_zeros") and not args:
+            v = torch.zeros(s.shape, dtype=dtype)
+        elif kind == "ones" and not args:
+            v = torch.ones(s.shape, dtype=dtype)
+        elif kind == "ids2d" and len(args) == 2:
+            h, w = int(args[0]), int(args[1])
+            if s.shape != (h * w, 3):
+                raise ValueError(f"input {s.name!r}: init={s.init!r} needs shape [{h * w}, 3], "
+                                 f"got {list(s.shape)}")
+            rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            v = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(h * w, 3).to(dtype)
+        else:
+            raise ValueError(f"input {s.name!r}: init={s.init!r}; allowed: {', '.join(INIT_KINDS)}")
+        out[s.name] = v
+    return out
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+class _DenoiserAdapter:
+    """Mixin put in front of a model's class by :func:`adapt` (see [Note: denoiser contract]).
+
+    A mixin, not a wrapper module, so that module paths (``down_blocks.0`` ...) and
+    state-dict keys stay those of the released model and a manual split written against
+    them still applies.
+    """
+
+    _adapter: dict
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        a = self._adapter
+        if "concat" in a:
+            extra = [kwargs.pop(n) for n in a["concat"]["inputs"]]
+            kwargs[a["latent"]] = torch.cat([kwargs[a["latent"]], *extra], dim=a["concat"]["dim"])
+        if "timestep_scale" in a:
+            kwargs[a["timestep"]] = kwargs[a["timestep"]] * a["timestep_scale"]
+        kwargs["return_dict"] = False
+        out = super().forward(*args, **kwargs)  # type: ignore[misc]
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if "narrow" in a:
+            out = out.narrow(a["narrow"]["dim"], 0, a["narrow"]["length"])
+        return out
+
+
+_ADAPTED: dict[type, type] = {}
+
+
+def adapt(module: nn.Module, adapter: dict, specs: tuple[InputSpec, ...]) -> nn.Module:
+    """Make ``module`` obey the denoiser contract described by the YAML ``adapter`` block.
+
+    The module keeps its parameters, submodules and paths; only its class gains
+    :class:`_DenoiserAdapter` in front, whose ``forward`` takes the same keywords (the
+    latent unconcatenated, the timestep in scheduler units) and returns ε as one tensor.
+    """
+    if not adapter:
+        return module
+    state = dict(adapter, latent=latent_name(specs), timestep=timestep_name(specs))
+    if "concat" in adapter:
+        _require(adapter["concat"], "inputs", "model.adapter.concat")
+        _require(adapter["concat"], "dim", "model.adapter.concat")
+    if "narrow" in adapter:
+        _require(adapter["narrow"], "dim", "model.adapter.narrow")
+        _require(adapter["narrow"], "length", "model.adapter.narrow")
+    if "timestep_scale" in adapter and state["timestep"] is None:
+        raise ValueError("model.adapter.timestep_scale: no input has role 'timestep'")
+    cls = type(module)
+    if not issubclass(cls, _DenoiserAdapter):
+        if cls not in _ADAPTED:
+            # A name of its own: pickling the adapted module fails loudly instead of
+            # silently unpickling as the plain class (deepcopy works).
+            name = f"Adapted{cls.__name__}"
+            _ADAPTED[cls] = type(name, (_DenoiserAdapter, cls),
+                                 {"__module__": __name__, "__qualname__": name})
+        module.__class__ = _ADAPTED[cls]
+    module._adapter = state
+    return module
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+@dataclass(frozen=True, eq=False)
+class ModelBundle:
+    """A built denoiser with its input specs; what the compiler and the runtime start from.
+
+    ``config_hash`` identifies the architecture and input shapes (sha256 of the canonical
+    JSON of the builder, adapter and chosen variant's section), not the seed: a plan made
+    on one set of random weights is valid for another.
+    """
+
+    name: str
+    variant: str
+    module: nn.Module
+    specs: tuple[InputSpec, ...]
+    config_hash: str
+
+    @property
+    def latent(self) -> str:
+        return latent_name(self.specs)
+
+    def inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Example inputs for this model (see :func:`example_inputs`)."""
+        return example_inputs(self.specs, seed)
+
+
+def config_hash(cfg: dict, variant: str) -> str:
+    """sha256 of the canonical JSON of what determines the built architecture."""
+    payload = {"builder": cfg["builder"], "adapter": cfg.get("adapter") or {},
+               "variant": variant, _section(variant): cfg[_section(variant)]}
+    if variant == "pretrained":
+        payload["pretrained"] = cfg["pretrained"]
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build(cfg: dict, variant: str | None = None, seed: int = 0) -> ModelBundle:
+    """Build the model a YAML dict describes (``variant`` overrides ``cfg['variant']``)."""
+    variant = validate(cfg, variant)
+    section = cfg[_section(variant)]
+    specs = tuple(InputSpec.from_dict(d) for d in section["inputs"])
+    kwargs = {k: v for k, v in cfg["builder"].items() if k != "_target_"}
+    kwargs.update(config=section["config"], seed=seed)
+    if variant == "pretrained":
+        kwargs["pretrained"] = cfg["pretrained"]
+    target: Callable[..., nn.Module] = import_object(cfg["builder"]["_target_"])
+    module = target(**kwargs)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"model.builder._target_={cfg['builder']['_target_']!r} returned "
+                         f"{type(module).__name__}, not an nn.Module")
+    module = adapt(module, cfg.get("adapter") or {}, specs)
+    return ModelBundle(cfg["name"], variant, module.eval(), specs, config_hash(cfg, variant))
