@@ -1,0 +1,54 @@
+"""asyncdiff-plan: capture a model, cost it, cut it into N stages, print the table, write plan.json.
+
+    asyncdiff-plan model=sd15 parallel.n=4
+    asyncdiff-plan model=sdxl partition=shell_core parallel.n=3
+    asyncdiff-plan model=sd21 partition=paper_sd21_n2 model.variant=full
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from experiments.common import CONF_DIR, exit_on_bad_input, partition_request, plain
+from partition import compile_model, format_plan
+from partition import zoo
+
+
+def plan_from_config(cfg: DictConfig, out_dir: Path | None):
+    model_cfg, part, par = plain(cfg.model), plain(cfg.partition), plain(cfg.parallel)
+    request = partition_request(part, par["n"])
+    t0 = time.perf_counter()
+    bundle = zoo.build(model_cfg, seed=cfg.seed)
+    inputs = bundle.inputs(cfg.seed)
+    t_build = time.perf_counter() - t0
+    with torch.no_grad():
+        compiled = compile_model(
+            bundle.module, bundle.specs, inputs, request, strategy=part["strategy"],
+            cost_model=part["cost_model"], name=f"{bundle.name}/{bundle.variant}",
+            config_hash=bundle.config_hash, repeats=int(part.get("repeats", 3)),
+            threads=part.get("threads"))
+    t_plan = time.perf_counter() - t0 - t_build
+    if cfg.print_report:
+        print(format_plan(compiled.plan, steps=cfg.scheduler.steps, warmup=par["warmup"],
+                          stride=par["stride"]))
+        print(f"build {t_build:.1f} s, plan {t_plan:.1f} s")
+    if out_dir is not None:
+        path = out_dir / cfg.out
+        path.write_text(compiled.plan.to_json())
+        print(f"wrote {path}")
+    return compiled
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@exit_on_bad_input
+def main(cfg: DictConfig) -> None:
+    plan_from_config(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
