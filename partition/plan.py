@@ -29,6 +29,7 @@ class ValuePlan:
     name: str
     producer: int
     consumers: tuple[int, ...]
+    position: int  # trunk position of the producing node (execution order)
     shape: tuple[int, ...]
     dtype: str
     bytes: int
@@ -183,7 +184,7 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
         if dst:
             name = graph.trunk[i]
             val = nodes[name].meta.get("val")
-            values.append(ValuePlan(name=name, producer=stage_of[i], consumers=dst,
+            values.append(ValuePlan(name=name, producer=stage_of[i], consumers=dst, position=i,
                                     shape=tuple(val.shape), dtype=str(val.dtype).removeprefix("torch."),
                                     bytes=int(graph.out_bytes[i]), module=graph.modules[i]))
     stages = []

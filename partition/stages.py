@@ -8,7 +8,7 @@ node names of the captured graph, so values flow between segments by name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -43,6 +43,8 @@ class StagedModel:
     segments: list[Segment]
     output: str  # node name of the noise prediction
     n: int
+    specs: tuple = ()  # the model's InputSpecs, in placeholder order
+    placeholders: dict = field(default_factory=dict)  # input name -> placeholder node name
 
     def stage_segments(self, stage: int) -> list[Segment]:
         return [s for s in self.segments if s.stage == stage]
@@ -86,7 +88,8 @@ def build_stages(graph: TrunkGraph, assignment: Assignment) -> StagedModel:
                 outputs.append(name)
         segments.append(_segment_module(gm, stage, start, stop, body, outputs,
                                         tuple(sorted(needed_cond, key=order.__getitem__))))
-    return StagedModel(segments=segments, output=out_name, n=assignment.n)
+    return StagedModel(segments=segments, output=out_name, n=assignment.n,
+                       specs=graph.captured.specs, placeholders=dict(graph.captured.placeholders))
 
 
 def _segment_module(gm: fx.GraphModule, stage: int, start: int, stop: int, body: list[fx.Node],

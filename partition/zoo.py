@@ -98,7 +98,13 @@ def validate(cfg: dict, variant: str | None = None) -> str:
         _require(_require(cfg, "pretrained", "model"), "id", "model.pretrained")
     section = _require(cfg, _section(variant), "model")
     _require(section, "config", f"model.{_section(variant)}")
+    where = f"model.{_section(variant)}.inputs"
     inputs = _require(section, "inputs", f"model.{_section(variant)}")
+    if not isinstance(inputs, list):
+        raise ValueError(f"{where}: must be a list of input specs")
+    for i, d in enumerate(inputs):
+        _require(d, "name", f"{where}[{i}]")
+        _require(d, "shape", f"{where}[{i}]")
     specs = [InputSpec.from_dict(d) for d in inputs]
     try:
         latent_name(specs)
@@ -227,7 +233,7 @@ def reinit_(module: nn.Module, seed: int) -> nn.Module:
 def example_inputs(specs: list[InputSpec] | tuple[InputSpec, ...], seed: int = 0) -> dict[str, torch.Tensor]:
     """One example value per spec, in spec order, drawn deterministically from ``seed``.
 
-    ``timestep`` is one integer-valued float in [0, 1000) filled into the whole shape (every
+    ``timestep`` is one integer value in [0, 1000) filled into the whole shape (every
     batch row shares the step, as in a sampler); ``randint:K`` is int64 in [0, K) unless the
     spec's dtype is an integer type; ``ids2d:h:w`` are Flux image ids ``[h*w, 3]`` with
     (0, row, col) rows; ``ids_zeros`` are Flux text ids.
@@ -243,7 +249,7 @@ def example_inputs(specs: list[InputSpec] | tuple[InputSpec, ...], seed: int = 0
             v = torch.randn(s.shape, generator=g, dtype=torch.float32).to(dtype)
         elif kind == "timestep" and not args:
             t = float(torch.randint(0, 1000, (), generator=g))
-            v = torch.full(s.shape, t, dtype=dtype if dtype.is_floating_point else torch.float32)
+            v = torch.full(s.shape, t, dtype=dtype)
         elif kind == "randint" and len(args) == 1:
             itype = torch.int64 if dtype.is_floating_point else dtype
             v = torch.randint(0, int(args[0]), s.shape, generator=g, dtype=itype)
@@ -279,6 +285,9 @@ class _DenoiserAdapter:
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         a = self._adapter
+        if a["latent"] not in kwargs:
+            raise TypeError(f"{type(self).__name__}: pass the inputs by keyword "
+                            f"(partition.spec.call_denoiser); {a['latent']!r} is missing")
         if "concat" in a:
             extra = [kwargs.pop(n) for n in a["concat"]["inputs"]]
             kwargs[a["latent"]] = torch.cat([kwargs[a["latent"]], *extra], dim=a["concat"]["dim"])

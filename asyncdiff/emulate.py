@@ -1,0 +1,92 @@
+"""Single-process execution of a timeline: the quality-research executor (no devices).
+
+Its numerics are those of the distributed executor by construction — the same segment
+modules run on the same inputs in the same order per device — and the tests hold the two
+bit-exact. Staleness follows [Note: staleness] in ``asyncdiff/timeline.py``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from asyncdiff.inputs import model_env
+from asyncdiff.timeline import Round, Timeline
+from partition.plan import Plan
+from partition.stages import StagedModel
+
+
+@dataclass
+class RunRecord:
+    """What one action actually consumed: for the hand-worked tests and the timeline plots."""
+
+    round: int
+    device: int
+    stage: int
+    t_fed: float
+    latent_step: int
+    value_rounds: dict[str, int] = field(default_factory=dict)  # value -> round it was made in
+
+
+class Emulator:
+    """Executes ``timeline`` with ``staged`` in one process, round by round."""
+
+    def __init__(self, staged: StagedModel, plan: Plan, timeline: Timeline,
+                 timesteps: Sequence[float] | torch.Tensor, record: bool = False):
+        if plan.n != timeline.n or staged.n != plan.n:
+            raise ValueError(f"plan has n={plan.n}, timeline n={timeline.n}: they must agree")
+        if len(timesteps) != timeline.steps:
+            raise ValueError(f"{len(timesteps)} timesteps for a timeline of {timeline.steps} steps")
+        self.staged, self.plan, self.timeline = staged, plan, timeline
+        self.timesteps = [float(t) for t in timesteps]
+        self.produced_by = {s.index: s.outputs for s in plan.stages}
+        self.cross = tuple(v.name for v in plan.values)
+        self.published: dict[str, torch.Tensor] = {}
+        self.published_round: dict[str, int] = {}
+        self.record = record
+        self.log: list[RunRecord] = []
+
+    def _env(self, x, t_step: int, cond) -> dict[str, torch.Tensor]:
+        return model_env(self.staged.specs, self.staged.placeholders, x,
+                         self.timesteps[t_step], cond)
+
+    def run_round(self, rnd: Round, x: torch.Tensor,
+                  cond: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        with torch.no_grad():
+            return self._warmup(rnd, x, cond) if rnd.sequential else self._parallel(rnd, x, cond)
+
+    def _warmup(self, rnd: Round, x, cond) -> dict[int, torch.Tensor]:
+        # Every stage on fresh values, in execution order (a shell's suffix after the core).
+        (k,) = rnd.steps
+        env = self._env(x, k, cond)
+        for seg in self.staged.segments:
+            env.update(seg(env))
+        self.published = {name: env[name] for name in self.cross}
+        self.published_round = {name: rnd.index for name in self.cross}
+        if self.record:
+            for a in rnd.actions:
+                self.log.append(RunRecord(rnd.index, a.device, a.stage, self.timesteps[k], k,
+                                          {v: rnd.index for v in self._inputs_of(a.stage)}))
+        return {k: env[self.staged.output]}
+
+    def _parallel(self, rnd: Round, x, cond) -> dict[int, torch.Tensor]:
+        published, eps = {}, {}
+        for a in rnd.actions:
+            env = {**self.published, **self._env(x, a.t_step, cond)}
+            for seg in self.staged.stage_segments(a.stage):
+                env.update(seg(env))
+            if a.publishes:
+                published.update({name: env[name] for name in self.produced_by[a.stage]})
+            for k in a.eps_steps:
+                eps[k] = env[self.staged.output]
+            if self.record:
+                self.log.append(RunRecord(rnd.index, a.device, a.stage, self.timesteps[a.t_step],
+                                          a.latent_step, {v: self.published_round[v]
+                                                          for v in self._inputs_of(a.stage)}))
+        self.published = published
+        self.published_round = {name: rnd.index for name in published}
+        return eps
+
+    def _inputs_of(self, stage: int) -> tuple[str, ...]:
+        return self.plan.stages[stage].inputs
