@@ -1,0 +1,1 @@
+"""One process per device over torch.distributed (gloo on CPU, nccl on CUDA)."""

@@ -1,0 +1,130 @@
+"""What one worker process does: join the group, agree on the plan, sample, report.
+
+Used by the self-spawning launcher (``asyncdiff/dist/launch.py``) and, under ``torchrun``,
+by an entry point that builds the job itself (ranks and the rendezvous come from env://).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from asyncdiff.denoiser import PipelineDenoiser
+from asyncdiff.dist.executor import DistributedExecutor, stage_of_device
+from asyncdiff.timeline import build_timeline
+from partition.plan import Plan
+from partition.stages import Segment
+from schedulers import make_scheduler, sample
+
+
+@dataclass
+class SamplingJob:
+    """The sampling problem every pipeline solves (one per replica: own x_T and cond)."""
+
+    scheduler: str
+    steps: int
+    x_T: torch.Tensor
+    cond: dict
+    guidance: float | None = None
+    uncond: dict | None = None
+    scheduler_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class ParallelSpec:
+    n: int
+    stride: int = 1
+    warmup: int = 1
+    time_shift: bool = False
+    stride_noise: str = "fresh"
+    threads: int = 1
+    backend: str = "gloo"
+    replicas: int = 1
+    timeout_s: float = 30.0
+
+    @property
+    def devices(self) -> int:
+        return self.n - 1 + self.stride if self.stride_noise == "fresh" else self.n
+
+
+@dataclass
+class WorkerJob:
+    """Everything rank ``rank`` needs; its ``segments`` are its own stage's only."""
+
+    plan: Plan
+    segments: list[Segment]
+    specs: tuple
+    placeholders: dict
+    output: str
+    parallel: ParallelSpec
+    sampling: list[SamplingJob]  # one per replica
+    fault: dict | None = None    # tests: {"rank": r, "round": i, "kind": "raise"|"kill"|"hang"}
+
+
+def init_group(rank: int, world: int, backend: str, init_method: str | None,
+               timeout_s: float) -> None:
+    dist.init_process_group(backend=backend, init_method=init_method or "env://", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def check_plan_hash(plan: Plan, rank: int, world: int) -> None:
+    """Every worker must run the same plan: compare hashes before step 0."""
+    mine = torch.tensor(list(bytes.fromhex(plan.plan_hash)), dtype=torch.uint8)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    hashes = [bytes(t.tolist()).hex() for t in every]
+    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if bad:
+        raise RuntimeError(f"plan hash mismatch: rank 0 has {hashes[0]}, ranks {bad} have "
+                           f"{[hashes[r] for r in bad]}; all workers must load the same plan")
+
+
+def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
+    """Sample on this rank's pipeline; returns the final latent and per-round stats."""
+    par = job.parallel
+    torch.set_num_threads(par.threads)
+    per = par.devices
+    if world != par.replicas * per:
+        raise ValueError(f"world size {world}; allowed: replicas × (n−1+stride) = "
+                         f"{par.replicas} × {per} = {par.replicas * per}")
+    check_plan_hash(job.plan, rank, world)
+    replica, device = divmod(rank, per)
+    task = job.sampling[replica]
+    scheduler = make_scheduler(task.scheduler, **task.scheduler_kwargs)
+    scheduler.set_timesteps(task.steps)
+    timeline = build_timeline(job.plan.n, par.stride, par.warmup, task.steps, par.time_shift,
+                              par.stride_noise)
+    executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps, device,
+                                   replica * per, job.specs, job.placeholders, job.output)
+    denoiser = PipelineDenoiser(executor)
+    if job.fault and job.fault.get("rank") == rank:
+        denoiser = _Faulty(denoiser, job.fault, timeline)
+    out = sample(denoiser, make_scheduler(task.scheduler, **task.scheduler_kwargs), task.x_T,
+                 task.cond, steps=task.steps, guidance_scale=task.guidance, uncond=task.uncond)
+    return out, executor.stats
+
+
+class _Faulty:
+    """Test hook: fail on purpose at the start of a given round (raise, SIGKILL, or hang)."""
+
+    def __init__(self, inner, fault: dict, timeline):
+        self.inner, self.fault, self.timeline = inner, fault, timeline
+
+    def __call__(self, x, t, step, cond):
+        if self.timeline.round_of(step).index == self.fault.get("round", 0):
+            kind = self.fault.get("kind", "raise")
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "hang":
+                time.sleep(3600)
+            raise RuntimeError(f"injected fault at step {step}")
+        return self.inner(x, t, step, cond)
+
+
+def stage_segments(segments_by_stage: dict[int, list[Segment]], device: int, n: int):
+    return segments_by_stage[stage_of_device(device, n)]
