@@ -62,7 +62,8 @@ def load_yaml(name_or_path: str | Path) -> dict:
     if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
         path = MODEL_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise ValueError(f"model={name_or_path!r}: unknown; allowed: {', '.join(model_names())}")
+            raise ValueError(f"model={name_or_path!r}: unknown; "
+                             f"allowed: {', '.join(model_names())}")
     elif not path.is_file():
         raise ValueError(f"model={str(name_or_path)!r}: no such file")
     with open(path) as f:
@@ -114,7 +115,8 @@ def validate(cfg: dict, variant: str | None = None) -> str:
     adapter = cfg.get("adapter") or {}
     unknown = sorted(set(adapter) - set(ADAPTER_KEYS))
     if unknown:
-        raise ValueError(f"model.adapter: unknown key(s) {unknown}; allowed: {', '.join(ADAPTER_KEYS)}")
+        raise ValueError(f"model.adapter: unknown key(s) {unknown}; "
+                         f"allowed: {', '.join(ADAPTER_KEYS)}")
     return variant
 
 
@@ -230,7 +232,8 @@ def reinit_(module: nn.Module, seed: int) -> nn.Module:
 # --------------------------------------------------------------------------- inputs
 
 
-def example_inputs(specs: list[InputSpec] | tuple[InputSpec, ...], seed: int = 0) -> dict[str, torch.Tensor]:
+def example_inputs(specs: list[InputSpec] | tuple[InputSpec, ...],
+                   seed: int = 0) -> dict[str, torch.Tensor]:
     """One example value per spec, in spec order, drawn deterministically from ``seed``.
 
     ``timestep`` is one integer value in [0, 1000) filled into the whole shape (every
