@@ -42,8 +42,7 @@ class Emulator:
         self.timesteps = [float(t) for t in timesteps]
         self.produced_by = {s.index: s.outputs for s in plan.stages}
         self.cross = tuple(v.name for v in plan.values)
-        self.published: dict[str, torch.Tensor] = {}
-        self.published_round: dict[str, int] = {}
+        self.published: dict[int, dict[str, torch.Tensor]] = {}  # round -> its values
         self.record = record
         self.log: list[RunRecord] = []
 
@@ -62,8 +61,7 @@ class Emulator:
         env = self._env(x, k, cond)
         for seg in self.staged.segments:
             env.update(seg(env))
-        self.published = {name: env[name] for name in self.cross}
-        self.published_round = {name: rnd.index for name in self.cross}
+        self._publish(rnd.index, {name: env[name] for name in self.cross})
         if self.record:
             for a in rnd.actions:
                 self.log.append(RunRecord(rnd.index, a.device, a.stage, self.timesteps[k], k,
@@ -71,22 +69,31 @@ class Emulator:
         return {k: env[self.staged.output]}
 
     def _parallel(self, rnd: Round, x, cond) -> dict[int, torch.Tensor]:
-        published, eps = {}, {}
+        # Each run reads the values published by the round the timeline names
+        # (``inputs_round``): r−1 for the rules of [Note: staleness].
+        current: dict[str, torch.Tensor] = {}
+        eps = {}
         for a in rnd.actions:
-            env = {**self.published, **self._env(x, a.t_step, cond)}
+            source = current if a.inputs_round == rnd.index else \
+                self.published.get(a.inputs_round, {}) if a.inputs_round is not None else {}
+            env = {**source, **self._env(x, a.t_step, cond)}
             for seg in self.staged.stage_segments(a.stage):
                 env.update(seg(env))
             if a.publishes:
-                published.update({name: env[name] for name in self.produced_by[a.stage]})
+                current.update({name: env[name] for name in self.produced_by[a.stage]})
             for k in a.eps_steps:
                 eps[k] = env[self.staged.output]
             if self.record:
                 self.log.append(RunRecord(rnd.index, a.device, a.stage, self.timesteps[a.t_step],
-                                          a.latent_step, {v: self.published_round[v]
+                                          a.latent_step, {v: a.inputs_round
                                                           for v in self._inputs_of(a.stage)}))
-        self.published = published
-        self.published_round = {name: rnd.index for name in published}
+        self._publish(rnd.index, current)
         return eps
+
+    def _publish(self, index: int, values: dict[str, torch.Tensor]) -> None:
+        self.published[index] = values
+        for old in [r for r in self.published if r < index - 1]:
+            del self.published[old]  # nothing reads further back than the previous round
 
     def _inputs_of(self, stage: int) -> tuple[str, ...]:
         return self.plan.stages[stage].inputs

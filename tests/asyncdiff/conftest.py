@@ -1,0 +1,49 @@
+"""Shared fixtures for the runtime tests: a tiny *sensitive* SD-1.5-layout UNet, compiled.
+
+DESIGN.md §2: every parameter is re-drawn at random (the zoo does it) and the output must
+depend measurably on the timestep; ``test_model_is_sensitive`` checks both, so a change that
+made the model insensitive would fail loudly instead of making the equivalences vacuous.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from partition import PartitionRequest, compile_graph, zoo
+from partition.capture import capture
+from partition.cost import profile
+from partition.graph import build_graph
+
+THREADS = 1
+STEPS = 6
+
+
+@functools.lru_cache(maxsize=None)
+def tiny():
+    torch.set_num_threads(THREADS)
+    bundle = zoo.build(zoo.load_yaml("sd15"), seed=0)
+    inputs = bundle.inputs(0)
+    captured = capture(bundle.module, bundle.specs, inputs)
+    graph = build_graph(captured, profile(captured, inputs, repeats=0), "flops")
+    return bundle, inputs, graph
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(n: int, strategy: str = "balanced"):
+    _, _, graph = tiny()
+    return compile_graph(graph, PartitionRequest(n=n, depth=4), strategy=strategy,
+                         cost_model="flops", name="sd15/tiny", config_hash="")
+
+
+def cond_and_noise(seed: int = 1):
+    _, inputs, _ = tiny()
+    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"]}
+    x = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(seed))
+    return cond, x
+
+
+@pytest.fixture(autouse=True)
+def _pin_threads():
+    torch.set_num_threads(THREADS)
