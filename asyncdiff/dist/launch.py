@@ -24,7 +24,10 @@ from partition.stages import StagedModel
 
 
 class WorkerError(RuntimeError):
-    """A worker failed; the message names its rank and the cause."""
+    """A worker failed; the message names its rank and the cause. ``pids``: every worker's
+    process id (all of them stopped by the time this is raised)."""
+
+    pids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -110,8 +113,12 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
         procs.append(p)
     try:
         return _collect(procs, results, per, parallel.replicas, timeout_s)
-    finally:
+    except WorkerError as err:
         _stop(procs)
+        err.pids = tuple(p.pid for p in procs)
+        raise
+    finally:
+        _stop(procs)  # also on Ctrl-C
 
 
 def _collect(procs, results, per: int, replicas: int, timeout_s: float) -> LaunchResult:
