@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -42,6 +43,7 @@ _ZERO_BY_CONVENTION = {
     "chunk", "unbind", "index", "index_select", "gather", "repeat", "repeat_interleave",
     "constant_pad_nd", "pad", "_unsafe_view", "lift_fresh", "detach", "alias", "scalar_tensor",
     "native_group_norm", "native_layer_norm", "group_norm", "layer_norm", "_softmax", "softmax",
+    "_safe_softmax",  # softmax that maps fully masked rows to 0 (SDPA's math path)
     "mean", "sum", "var_mean", "var", "upsample_nearest2d", "upsample_nearest3d",
     "upsample_bilinear2d", "_upsample_nearest_exact2d", "rms_norm", "_fused_rms_norm", "amax",
     "max", "min", "linspace", "dropout", "native_dropout", "flip", "roll", "tril", "triu",
@@ -50,7 +52,7 @@ _ZERO_BY_CONVENTION = {
     "flatten", "unflatten", "contiguous", "_log_softmax", "broadcast_to", "new_zeros", "new_ones",
     "new_empty", "_native_batch_norm_legit_no_training", "batch_norm", "clamp", "norm",
     "linalg_vector_norm", "avg_pool2d", "_adaptive_avg_pool2d", "max_pool2d_with_indices",
-    "_assert_tensor_metadata", "sym_size", "_assert_scalar", "item", "to",
+    "_assert_tensor_metadata", "sym_size", "_assert_scalar", "item", "to", "device",
 }
 
 
@@ -110,7 +112,7 @@ class _OpRecorder(TorchDispatchMode):
 
 
 class _Profiler(fx.Interpreter):
-    """One pass: FLOPs and output bytes per node (also the warm-up for the timed passes)."""
+    """One pass over fake tensors: FLOPs and output bytes per node, no arithmetic done."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
@@ -144,12 +146,15 @@ class _Timer(fx.Interpreter):
 
 
 def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int = 3,
-            threads: int | None = None, fvcore_model: torch.nn.Module | None = None) -> NodeCosts:
+            threads: int | None = None, fvcore_model: torch.nn.Module | None = None,
+            warmup: bool = True) -> NodeCosts:
     """Measure every compute node once for FLOPs and bytes, ``repeats`` times for time.
 
-    Time is the per-node median over the repeats, taken with ``threads`` intra-op threads (the
-    thread count each worker will run with). Measure once and share the result: timings are
-    noisy, so two measurements give two plans (research/feasibility.md §5.8).
+    FLOPs and bytes come from one pass over fake tensors (free even for full-size models).
+    Time is the per-node median over the repeats (after one untimed warm-up pass unless
+    ``warmup=False``), taken with ``threads`` intra-op threads (the thread count each worker
+    will run with). Measure once and share the result: timings are noisy, so two
+    measurements give two plans (research/feasibility.md §5.8).
     """
     args = [inputs[s.name] for s in captured.specs]
     old_threads = torch.get_num_threads()
@@ -157,8 +162,11 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
         torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            prof = _Profiler(captured.gm)
-            prof.run(*args)
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                prof = _Profiler(captured.gm)
+                prof.run(*(mode.from_tensor(a) for a in args))
+            if repeats and warmup:
+                _Timer(captured.gm).run(*args)  # warm-up: first calls pay for kernel setup
             samples: dict[str, list[float]] = {k: [] for k in prof.flops}
             for _ in range(repeats):
                 timer = _Timer(captured.gm)
