@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import resource
 import socket
 import time
 import traceback
@@ -35,6 +36,7 @@ class LaunchResult:
     latents: list[torch.Tensor]       # final latent of each replica
     stats: dict[int, list]            # rank -> per-round RoundStats
     wall_s: float                     # from the first step to the last result
+    peak_rss: dict[int, int]          # rank -> peak resident memory, bytes
 
 
 def _context():
@@ -76,7 +78,8 @@ def _entry(rank: int, world: int, port: int, job_bytes: bytes, results) -> None:
         out, stats = run_job(job, rank, world)
         wall = time.perf_counter() - t0
         per = job.parallel.devices
-        results.put(("ok", rank, _dumps(out) if rank % per == 0 else None, stats, wall))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        results.put(("ok", rank, _dumps(out) if rank % per == 0 else None, (stats, peak), wall))
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except BaseException as err:  # noqa: BLE001 - reported to the parent, then exit non-zero
@@ -124,6 +127,7 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
 def _collect(procs, results, per: int, replicas: int, timeout_s: float) -> LaunchResult:
     latents: dict[int, torch.Tensor] = {}
     stats: dict[int, list] = {}
+    peaks: dict[int, int] = {}
     walls = []
     deadline = time.monotonic() + timeout_s
     while len(stats) < len(procs):
@@ -140,13 +144,13 @@ def _collect(procs, results, per: int, replicas: int, timeout_s: float) -> Launc
         if kind == "error":
             raise WorkerError(f"rank {rank} failed: {payload}; stopped every other worker\n"
                               f"{extra}")
-        stats[rank] = extra
+        stats[rank], peaks[rank] = extra
         walls.append(wall)
         if payload is not None:
             latents[rank // per] = _loads(payload)
     for p in procs:
         p.join(timeout=10)
-    return LaunchResult([latents[r] for r in range(replicas)], stats, max(walls))
+    return LaunchResult([latents[r] for r in range(replicas)], stats, max(walls), peaks)
 
 
 def _stop(procs) -> None:

@@ -1,0 +1,165 @@
+"""Benchmark: plan the full-size SD 1.5 UNet (random weights, batch 2, 64×64 latent).
+
+    python benchmarks/partition_sd15.py [--threads 1] [--repeats 1] [--stage-repeats 2]
+
+For N = 2, 3, 4 it reports planning time (capture + cost + partition) and peak memory, then
+runs the stages of three splits — ours (balanced on measured time), an equal-block split and
+the paper's hand split — and prints the imbalance of *measured* stage time (max/mean), the
+bytes our point-to-point exchange sends per step, and what the official broadcast-everything
+scheme would send for the same split (one broadcast of every wrapped module's output to the
+N−1 other ranks, plus ε). Everything is measured side by side in this one run.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from partition import PartitionRequest, compile_graph, zoo
+from partition.capture import capture
+from partition.cost import profile
+from partition.graph import build_graph
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The official code's wrapped modules per component (research/paper.md §3, SD 1.5).
+B = "blocks"
+OFFICIAL_SD15 = {
+    2: [["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3",
+         "mid_block", "up_blocks.0", "up_blocks.1.resnets.0", "up_blocks.1.attentions.0",
+         "up_blocks.1.resnets.1"],
+        ["up_blocks.1.attentions.1", "up_blocks.1.resnets.2", "up_blocks.1.attentions.2",
+         "up_blocks.1.upsamplers", "up_blocks.2", "up_blocks.3", "conv_norm_out", "conv_out"]],
+    3: [["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3"],
+        ["mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2.resnets.0",
+         "up_blocks.2.attentions.0", "up_blocks.2.resnets.1", "up_blocks.2.attentions.1",
+         "up_blocks.2.resnets.2"],
+        ["up_blocks.2.attentions.2", "up_blocks.2.upsamplers", "up_blocks.3", "conv_norm_out",
+         "conv_out"]],
+    4: [["conv_in", "down_blocks.0", "down_blocks.1"],
+        ["down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1.resnets.0",
+         "up_blocks.1.attentions.0", "up_blocks.1.resnets.1"],
+        ["up_blocks.1.attentions.1", "up_blocks.1.resnets.2", "up_blocks.1.attentions.2",
+         "up_blocks.1.upsamplers", "up_blocks.2"],
+        ["up_blocks.3", "conv_norm_out", "conv_out"]],
+}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def module_output_bytes(cfg: dict, inputs: dict, names: list[str]) -> dict[str, int]:
+    """Output bytes of each named module, from a forward on the meta device (no compute)."""
+    from partition.spec import call_denoiser
+    section = cfg["full"]
+    cls = zoo.import_object(cfg["builder"]["cls"])
+    with torch.device("meta"):
+        model = cls.from_config(section["config"]).eval()
+    sizes: dict[str, int] = {}
+
+    def nbytes(out) -> int:
+        if isinstance(out, torch.Tensor):
+            return out.numel() * out.element_size()
+        if isinstance(out, (tuple, list)):
+            return sum(nbytes(o) for o in out)
+        return 0
+    hooks = []
+    for name in names:
+        mod = model.get_submodule(name)
+        hooks.append(mod.register_forward_hook(
+            lambda m, a, o, name=name: sizes.__setitem__(name, sizes.get(name, 0) + nbytes(o))))
+    with torch.no_grad():
+        call_denoiser(model, {k: v.to("meta") for k, v in inputs.items()})
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+def measured_stage_ms(staged, env, repeats: int) -> list[float]:
+    """Run the stages in order on real values; per-stage median wall time."""
+    per: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for _ in range(repeats):
+            values = dict(env)
+            acc: dict[int, float] = {}
+            for seg in staged.segments:
+                t0 = time.perf_counter()
+                values.update(seg(values))
+                acc[seg.stage] = acc.get(seg.stage, 0.0) + (time.perf_counter() - t0) * 1e3
+            for s, t in acc.items():
+                per.setdefault(s, []).append(t)
+    return [statistics.median(per[s]) for s in sorted(per)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes for the cost model")
+    ap.add_argument("--stage-repeats", type=int, default=2)
+    ap.add_argument("--depth", type=int, default=4)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = zoo.load_yaml("sd15")
+    t0 = time.perf_counter()
+    bundle = zoo.build(cfg, variant="full", seed=0)
+    inputs = bundle.inputs(0)
+    t_build = time.perf_counter() - t0
+    rss_model = peak_rss_gib()
+    print(f"full SD 1.5 UNet: {sum(p.numel() for p in bundle.module.parameters()) / 1e6:.1f}M "
+          f"params, latent {tuple(inputs['sample'].shape)}, {args.threads} thread(s); "
+          f"build {t_build:.1f} s, peak RSS after build {rss_model:.2f} GiB")
+    t0 = time.perf_counter()
+    captured = capture(bundle.module, bundle.specs, inputs)
+    t_capture = time.perf_counter() - t0
+    costs = profile(captured, inputs, repeats=args.repeats, threads=args.threads,
+                    warmup=False)
+    t_cost = time.perf_counter() - t0 - t_capture
+    graph = build_graph(captured, costs, "time")
+    env = captured.env(inputs)
+    print(f"capture {t_capture:.1f} s, cost {t_cost:.1f} s ({args.repeats} timed pass), "
+          f"{graph.size} trunk nodes, {len(graph.conditioning)} conditioning nodes, "
+          f"peak RSS {peak_rss_gib():.2f} GiB")
+    names = sorted({m for n in OFFICIAL_SD15 for comp in OFFICIAL_SD15[n] for m in comp})
+    out_bytes = module_output_bytes(cfg, inputs, names)
+    eps_bytes = inputs["sample"].numel() * 4
+    rows = []
+    for n in (2, 3, 4):
+        paper = yaml.safe_load((ROOT / f"conf/partition/paper_sd15_n{n}.yaml").read_text())
+        splits = {
+            "ours (balanced, time)": ("balanced", {}),
+            "equal blocks": ("equal_blocks", {}),
+            "paper (hand)": ("manual", {"boundaries": paper["partition"]["boundaries"]}),
+        }
+        for label, (strategy, options) in splits.items():
+            t0 = time.perf_counter()
+            c = compile_graph(graph, PartitionRequest(n=n, depth=args.depth, options=options),
+                              strategy=strategy, cost_model="time", name="sd15/full",
+                              config_hash=bundle.config_hash)
+            t_part = time.perf_counter() - t0
+            ms = measured_stage_ms(c.staged, env, args.stage_repeats)
+            imb = max(ms) / statistics.mean(ms)
+            official = None
+            if label.startswith("paper"):
+                official = sum(out_bytes[m] for comp in OFFICIAL_SD15[n] for m in comp) * (n - 1) \
+                    + eps_bytes * (n - 1)
+            rows.append((n, label, t_part, c.plan.imbalance, imb, ms, c.plan.bytes_per_step,
+                         official))
+            print(f"N={n} {label:22s} partition {t_part:5.2f} s  predicted imbalance "
+                  f"{c.plan.imbalance:.3f}  measured {imb:.3f}  stage ms "
+                  f"{[round(x) for x in ms]}  p2p {c.plan.bytes_per_step / 2**20:.1f} MiB/step"
+                  + (f"  official broadcast {official / 2**20:.1f} MiB/step "
+                     f"({official / c.plan.bytes_per_step:.1f}x)" if official else ""),
+                  flush=True)
+    print(f"\nplanning time (capture + cost + partition, N=2..4): "
+          f"{t_capture + t_cost:.1f} s + partition ≤ {max(r[2] for r in rows):.2f} s each; "
+          f"peak RSS {peak_rss_gib():.2f} GiB (model alone {rss_model:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Benchmark: the asynchronous pipeline on this CPU machine, measured side by side.
+
+    python benchmarks/runtime_cpu.py [--steps 50] [--configs 2:1,2:2,3:1,4:1] [--plot out.png]
+
+Model: the SD 1.5 block layout at reduced width (block_out_channels 64/128/128/128, latent
+32×32, batch 2 as with classifier-free guidance), random weights, sized so one forward takes
+over 100 ms on one thread. For each N:S it runs the pipeline (W=1, one thread per worker)
+and compares it with (a) the sequential sampler on one thread and (b) the sequential sampler
+on as many threads as the pipeline has workers — what a CPU user would otherwise do. It
+prints speedups, parallel efficiency against the ideal T / (W + ⌈(T−W)/S⌉/N), bytes and
+waiting per step, and peak memory per worker, and plots the per-device timeline of a few
+steps. Numbers on a shared 2-core VM are noisy: run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import statistics
+import time
+
+import torch
+
+from asyncdiff.denoiser import SequentialDenoiser
+from asyncdiff.dist.launch import launch
+from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from partition import PartitionRequest, compile_model, zoo
+from schedulers import make_scheduler, sample
+
+CONFIG = {
+    "sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [64, 128, 128, 128], "norm_num_groups": 16,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 64, "attention_head_dim": 8,
+}
+
+
+def build():
+    model = zoo.diffusers_from_config("diffusers.UNet2DConditionModel", CONFIG, seed=0)
+    specs = tuple(zoo.InputSpec.from_dict(d) for d in [
+        {"name": "sample", "shape": [2, 4, 32, 32], "role": "latent"},
+        {"name": "timestep", "shape": [], "role": "timestep", "init": "timestep"},
+        {"name": "encoder_hidden_states", "shape": [2, 16, 64]}])
+    return model, specs, zoo.example_inputs(list(specs), 0)
+
+
+def sequential(staged, job: SamplingJob, threads: int) -> tuple[torch.Tensor, float]:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    out = sample(SequentialDenoiser(staged), make_scheduler(job.scheduler), job.x_T, job.cond,
+                 steps=job.steps)
+    return out, time.perf_counter() - t0
+
+
+def plot_timeline(result, path: str, rounds: range) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 1 + 0.5 * len(result.stats)))
+    for rank, stats in sorted(result.stats.items()):
+        chosen = [s for s in stats if s.round in rounds]
+        t0 = min(s.start for st in result.stats.values() for s in st if s.round in rounds)
+        for s in chosen:
+            ax.barh(rank, (s.computed - s.start) * 1e3, left=(s.start - t0) * 1e3,
+                    color="tab:blue")
+            ax.barh(rank, (s.done - s.computed) * 1e3, left=(s.computed - t0) * 1e3,
+                    color="tab:orange")
+    ax.set_yticks(sorted(result.stats), [f"device {r}" for r in sorted(result.stats)])
+    ax.set_xlabel("ms (blue: compute, orange: waiting for values and ε)")
+    ax.set_title(f"per-device timeline, rounds {rounds.start}–{rounds.stop - 1}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--configs", default="2:1,2:2,3:1,4:1", help="N:S pairs")
+    ap.add_argument("--plot", default="docs/timeline_n2s1.png")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, specs, inputs = build()
+    c1 = compile_model(model, specs, inputs, PartitionRequest(n=1), cost_model="flops",
+                       repeats=0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(3):
+            c1.graph.captured(inputs)
+    fwd = (time.perf_counter() - t0) / 3 * 1e3
+    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"]}
+    x_T = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(1))
+    job = SamplingJob("ddim", args.steps, x_T, cond)
+    print(f"model: SD 1.5 layout, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"params, one forward {fwd:.0f} ms on 1 thread; {args.steps} DDIM steps, "
+          f"W={args.warmup}")
+    seq_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    ref, t_seq1 = sequential(c1.staged, job, 1)
+    seq2 = {}
+    for pair in args.configs.split(","):
+        n, s = map(int, pair.split(":"))
+        par = ParallelSpec(n=n, stride=s, warmup=args.warmup, threads=1)
+        if par.devices not in seq2:
+            seq2[par.devices] = sequential(c1.staged, job, par.devices)[1]
+        torch.set_num_threads(1)
+        c = compile_model(model, specs, inputs, PartitionRequest(n=n), cost_model="time",
+                          repeats=3, threads=1, captured=c1.graph.captured)
+        result = launch(c.staged, c.plan, par, [job])
+        out = result.latents[0]
+        rounds = math.ceil((args.steps - args.warmup) / s)
+        ideal = args.steps / (args.warmup + rounds / n)
+        sp1 = t_seq1 / result.wall_s
+        spp = seq2[par.devices] / result.wall_s
+        torch_speedup = t_seq1 / seq2[par.devices]
+        par_rounds = [st for st in result.stats[0] if st.round >= args.warmup]
+        wait = statistics.mean((st.done - st.computed) * 1e3 for st in par_rounds)
+        step = statistics.mean((st.done - st.start) * 1e3 for st in par_rounds)
+        sent = sum(st.bytes_sent for r in result.stats.values() for st in r
+                   if st.round >= args.warmup) / len(par_rounds)
+        rel = ((out - ref).norm() / ref.norm()).item()
+        print(f"\nN={n} S={s} on {par.devices} workers × 1 thread: {result.wall_s:.2f} s  "
+              f"(sequential: {t_seq1:.2f} s on 1 thread, {seq2[par.devices]:.2f} s on "
+              f"{par.devices} threads)")
+        print(f"  speedup {sp1:.2f}x vs 1 thread (ideal {ideal:.2f}x, efficiency "
+              f"{sp1 / ideal:.2f});  {spp:.2f}x vs {par.devices} threads (ceiling "
+              f"{ideal / torch_speedup:.2f}x = ideal / torch's own {torch_speedup:.2f}x; "
+              f"{spp / (ideal / torch_speedup):.2f} of it)")
+        print(f"  per parallel round on device 0: {step:.1f} ms, waiting {wait:.1f} ms "
+              f"({wait / step:.0%}); {sent / 2**20:.2f} MiB sent per round, all devices")
+        peaks = [v / 2**30 for _, v in sorted(result.peak_rss.items())]
+        print(f"  peak RSS per worker {[round(p, 2) for p in peaks]} GiB; the sequential "
+              f"process {seq_rss / 2**10:.2f} GiB; drift vs sequential rel. L2 {rel:.4f}")
+        if n == 2 and s == 1 and args.plot:
+            plot_timeline(result, args.plot, range(args.warmup + 2, args.warmup + 6))
+            print(f"  timeline plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
