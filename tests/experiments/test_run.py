@@ -1,0 +1,62 @@
+"""asyncdiff-run under torchrun and self-spawning: both equal the emulator bit for bit."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from asyncdiff.denoiser import PipelineDenoiser
+from asyncdiff.dist.launch import free_port
+from asyncdiff.emulate import Emulator
+from asyncdiff.timeline import build_timeline
+from experiments.common import CONF_DIR, partition_request, plain
+from experiments.run import run_spawn, sampling_jobs
+from partition import compile_model, zoo
+from schedulers import make_scheduler, sample
+
+OVERRIDES = ["parallel.n=2", "parallel.stride=2", "scheduler.steps=4",
+             "partition.cost_model=flops", "partition.repeats=0"]
+
+
+def emulated(overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    torch.set_num_threads(1)
+    bundle = zoo.build(plain(cfg.model), seed=cfg.seed)
+    inputs = bundle.inputs(cfg.seed)
+    part, par = plain(cfg.partition), plain(cfg.parallel)
+    c = compile_model(bundle.module, bundle.specs, inputs, partition_request(part, par["n"]),
+                      strategy=part["strategy"], cost_model="flops", repeats=0)
+    job = sampling_jobs(bundle, cfg, 1)[0]
+    sched = make_scheduler(job.scheduler)
+    sched.set_timesteps(job.steps)
+    tl = build_timeline(par["n"], par["stride"], par["warmup"], job.steps)
+    emu = Emulator(c.staged, c.plan, tl, sched.timesteps)
+    return cfg, sample(PipelineDenoiser(emu), make_scheduler(job.scheduler), job.x_T, job.cond,
+                       steps=job.steps)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_equals_emulator(tmp_path):
+    _, want = emulated(OVERRIDES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3",
+           f"--master-port={free_port()}", "-m", "experiments.run", *OVERRIDES,
+           f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "result_replica0.pt")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.timeout(300)
+def test_self_spawning_run_equals_emulator(tmp_path):
+    cfg, want = emulated(OVERRIDES)
+    run_spawn(cfg, tmp_path)
+    got = torch.load(tmp_path / "result.pt")[0]
+    assert torch.equal(got, want)
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "plan.json").exists()
