@@ -25,7 +25,7 @@ def model_env(specs: tuple[InputSpec, ...], placeholders: Mapping[str, str], x: 
         if s.role == "latent":
             value = x
         elif s.role == "timestep":
-            value = timestep_tensor(s, t)
+            value = timestep_tensor(s, t).to(x.device)
         else:
             if s.name not in cond:
                 raise ValueError(f"cond: missing input {s.name!r}; the model takes "

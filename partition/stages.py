@@ -35,6 +35,17 @@ class Segment:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.gm.parameters())
 
+    def to(self, device: torch.device | str) -> "Segment":
+        """Move to ``device``: parameters, and the ``device=`` arguments export baked into
+        the graph (``arange(..., device=cpu)`` and friends; research/feasibility.md §5.5)."""
+        device = torch.device(device)
+        for node in self.gm.graph.nodes:
+            if isinstance(node.kwargs.get("device"), torch.device):
+                node.kwargs = {**node.kwargs, "device": device}
+        self.gm.recompile()
+        self.gm.to(device)
+        return self
+
 
 @dataclass
 class StagedModel:

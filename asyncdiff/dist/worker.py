@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from asyncdiff.denoiser import PipelineDenoiser
-from asyncdiff.dist.executor import DistributedExecutor, stage_of_device
+from asyncdiff.dist.executor import DistributedExecutor
 from asyncdiff.timeline import build_timeline
 from partition.plan import Plan
 from partition.stages import Segment
@@ -95,18 +95,33 @@ def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
     check_plan_hash(job.plan, rank, world)
     replica, device = divmod(rank, per)
     task = job.sampling[replica]
+    where = torch.device("cpu")
+    if par.backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        where = torch.device("cuda", local)
+        torch.cuda.set_device(where)
+        job.segments = [seg.to(where) for seg in job.segments]
+        task = _to_device(task, where)
     scheduler = make_scheduler(task.scheduler, **task.scheduler_kwargs)
     scheduler.set_timesteps(task.steps)
     timeline = build_timeline(job.plan.n, par.stride, par.warmup, task.steps, par.time_shift,
                               par.stride_noise)
     executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps, device,
-                                   replica * per, job.specs, job.placeholders, job.output)
+                                   replica * per, job.specs, job.placeholders, job.output,
+                                   torch_device=where)
     denoiser = PipelineDenoiser(executor)
     if job.fault and job.fault.get("rank") == rank:
         denoiser = _Faulty(denoiser, job.fault, timeline)
     out = sample(denoiser, make_scheduler(task.scheduler, **task.scheduler_kwargs), task.x_T,
                  task.cond, steps=task.steps, guidance_scale=task.guidance, uncond=task.uncond)
     return out, executor.stats
+
+
+def _to_device(task: SamplingJob, where: torch.device) -> SamplingJob:
+    def move(d):
+        return None if d is None else {k: v.to(where) for k, v in d.items()}
+    return SamplingJob(task.scheduler, task.steps, task.x_T.to(where), move(task.cond),
+                       task.guidance, move(task.uncond), task.scheduler_kwargs)
 
 
 class _Faulty:
@@ -124,7 +139,3 @@ class _Faulty:
                 time.sleep(3600)
             raise RuntimeError(f"injected fault at step {step}")
         return self.inner(x, t, step, cond)
-
-
-def stage_segments(segments_by_stage: dict[int, list[Segment]], device: int, n: int):
-    return segments_by_stage[stage_of_device(device, n)]

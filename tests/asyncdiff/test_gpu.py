@@ -1,0 +1,51 @@
+"""CUDA: stages moved to the GPU, and the nccl executor. Skipped without a GPU."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import STEPS, compiled, cond_and_noise, tiny
+
+from asyncdiff.denoiser import PipelineDenoiser
+from asyncdiff.dist.launch import launch
+from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from asyncdiff.emulate import Emulator
+from asyncdiff.timeline import build_timeline
+from schedulers import make_scheduler, sample
+
+pytestmark = pytest.mark.gpu
+
+
+def test_stages_on_gpu_chain_like_the_whole_model():
+    _, inputs, graph = tiny()
+    c = compiled(3)
+    segs = [s.to("cuda") for s in c.staged.segments]
+    env = {k: v.cuda() for k, v in graph.captured.env(inputs).items()}
+    whole = graph.captured.gm.to("cuda")
+    for n in whole.graph.nodes:
+        if isinstance(n.kwargs.get("device"), torch.device):
+            n.kwargs = {**n.kwargs, "device": torch.device("cuda")}
+    whole.recompile()
+    want = whole(*(env[graph.captured.placeholders[s.name]] for s in graph.captured.specs))
+    for seg in segs:
+        env.update(seg(env))
+    assert torch.equal(env[c.staged.output], want)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl needs two GPUs")
+@pytest.mark.timeout(300)
+def test_nccl_equals_emulator_on_gpu():
+    c = compiled(2)
+    cond, x = cond_and_noise()
+    staged = copy.deepcopy(c.staged)
+    for seg in staged.segments:
+        seg.to("cuda")
+    sched = make_scheduler("ddim")
+    sched.set_timesteps(STEPS)
+    emu = Emulator(staged, c.plan, build_timeline(2, 1, 1, STEPS), sched.timesteps)
+    want = sample(PipelineDenoiser(emu), make_scheduler("ddim"), x.cuda(),
+                  {k: v.cuda() for k, v in cond.items()}, steps=STEPS)
+    got = launch(c.staged, c.plan, ParallelSpec(n=2, backend="nccl"),
+                 [SamplingJob("ddim", STEPS, x, cond)])
+    assert torch.equal(got.latents[0].cpu(), want.cpu())
