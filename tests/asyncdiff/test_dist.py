@@ -106,3 +106,24 @@ def test_plan_hash_mismatch_is_an_error():
     with pytest.raises(WorkerError, match="plan hash mismatch"):
         launch(c2.staged, c2.plan, ParallelSpec(n=2), [SamplingJob("ddim", STEPS, x, cond)],
                plans={1: c3.plan})
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "euler"])
+def test_guidance_and_other_schedulers(scheduler):
+    """Classifier-free guidance (one batched call per step) with multistep/σ schedulers."""
+    c = compiled(2)
+    cond2, x2 = cond_and_noise()
+    ehs = cond2["encoder_hidden_states"]
+    cond, uncond = {"encoder_hidden_states": ehs[1:]}, {"encoder_hidden_states": ehs[:1]}
+    x = x2[:1]
+    par = ParallelSpec(n=2, stride=2, warmup=1)
+    sched = make_scheduler(scheduler)
+    sched.set_timesteps(STEPS)
+    tl = build_timeline(2, 2, 1, STEPS)
+    emu = Emulator(c.staged, c.plan, tl, sched.timesteps)
+    want = sample(PipelineDenoiser(emu), make_scheduler(scheduler), x, cond, steps=STEPS,
+                  guidance_scale=3.0, uncond=uncond)
+    job = SamplingJob(scheduler, STEPS, x, cond, guidance=3.0, uncond=uncond)
+    got = launch(c.staged, c.plan, par, [job])
+    assert torch.equal(got.latents[0], want)
