@@ -82,7 +82,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
                     specs=staged.specs, placeholders=staged.placeholders,
                     output=staged.output, parallel=par,
                     sampling=sampling_jobs(bundle, cfg, par.replicas))
-    del bundle, captured, graph  # keep only this rank's stage
+    del bundle, captured, graph, staged  # keep only this rank's stage
     dist.barrier()
     t0 = time.perf_counter()
     latent, stats = run_job(job, rank, world)
