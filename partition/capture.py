@@ -7,6 +7,7 @@ and is bit-exact with eager. One capture per input shape (batch, resolution, fra
 from __future__ import annotations
 
 import hashlib
+import os
 import traceback
 from dataclasses import dataclass
 
@@ -115,8 +116,13 @@ def _track_module_stack(root: nn.Module, stack: list[str]) -> list:
 
 def _describe_failure(err: Exception, stack: list[str]) -> str:
     module = stack[-1].removeprefix("model.") if stack else "<top level>"
+    # The user's frames: not torch's, not this package's, not generated code. Compare whole
+    # directories: a substring test ("/partition/") also drops a user's tests/partition/.
+    internal = (os.path.dirname(torch.__file__) + os.sep,
+                os.path.dirname(os.path.abspath(__file__)) + os.sep)
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "/torch/" not in f.filename and "/partition/" not in f.filename]
+              if not os.path.abspath(f.filename).startswith(internal)
+              and not f.filename.startswith("<")]
     where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else "unknown"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"torch.export could not capture module '{module or '<root>'}' at {where}: "

@@ -194,7 +194,9 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
         cond = sorted({c for sg in segs for c in sg.conditioning})
         flops = int(sum(costs.flops.get(graph.trunk[i], 0) for i in own)
                     + sum(costs.flops.get(c, 0) for c in cond))
-        total_params = sum(sg.num_params() for sg in segs)
+        # by name: a shell stage's two segments both replicate the conditioning they read
+        held = {k: p for sg in segs for k, p in sg.gm.named_parameters()}
+        total_params = sum(p.numel() for p in held.values())
         own_params = int(graph.param_count[own].sum())
         stages.append(StagePlan(
             index=s,
@@ -202,8 +204,7 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
                                        graph.trunk[sg.stop - 1], graph.modules[sg.start],
                                        graph.modules[sg.stop - 1]) for sg in segs),
             params=own_params, replicated_params=int(total_params - own_params),
-            param_bytes=int(sum(p.numel() * p.element_size() for sg in segs
-                                for p in sg.gm.parameters())),
+            param_bytes=int(sum(p.numel() * p.element_size() for p in held.values())),
             flops=flops, macs=flops // 2, cost=float(graph.weights[own].sum()),
             inputs=tuple(v.name for v in values if s in v.consumers),
             outputs=tuple(v.name for v in values if v.producer == s),

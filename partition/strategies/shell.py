@@ -40,7 +40,7 @@ def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     results = []  # (max stage cost, bytes, stage_of, a, b)
     for ia, a in enumerate(coarse[:-1]):
         for b in coarse[ia + 1:]:
-            if a == 0 and b == k:
+            if b == k:  # no suffix: the last stage would not emit the output
                 continue
             inner = [p for p in fine if a < p < b]
             if len(inner) < n - 2:
