@@ -49,7 +49,8 @@ class DistributedExecutor:
 
     def __init__(self, segments: list[Segment], plan: Plan, timeline: Timeline,
                  timesteps: Sequence[float], device: int, base_rank: int, specs, placeholders,
-                 output: str, torch_device: torch.device | str = "cpu"):
+                 output: str, torch_device: torch.device | str = "cpu",
+                 eps_shape: tuple[int, ...] | None = None):
         self.plan, self.timeline, self.d, self.base = plan, timeline, device, base_rank
         self.stage = stage_of_device(device, plan.n)
         if any(s.stage != self.stage for s in segments):
@@ -58,6 +59,9 @@ class DistributedExecutor:
         self.timesteps = [float(t) for t in timesteps]
         self.specs, self.placeholders, self.output = specs, placeholders, output
         self.torch_device = torch.device(torch_device)
+        # the prediction's shape where it is not the latent's: a learned-σ network (PixArt,
+        # DiT) emits [ε, variance] along channels and its pipeline keeps the first half
+        self.eps_shape = tuple(eps_shape) if eps_shape is not None else None
         self.held: dict[str, torch.Tensor] = {}
         self.stats: list[RoundStats] = []
         self.t0 = time.perf_counter()
@@ -87,6 +91,11 @@ class DistributedExecutor:
         for v in values:
             by.setdefault(v.dtype, []).append(v)
         return sorted(by.items())
+
+    def _eps_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        if self.eps_shape is None:
+            return torch.empty_like(x)
+        return torch.empty(self.eps_shape, dtype=x.dtype, device=x.device)
 
     # ------------------------------------------------------------------ rounds
     def run_round(self, rnd: Round, x: torch.Tensor,
@@ -152,7 +161,7 @@ class DistributedExecutor:
                 if dev != src:
                     pending.send(eps, self._rank(dev), TAG_EPS)
         else:
-            eps = torch.empty_like(x)
+            eps = self._eps_buffer(x)
             pending.recv(eps, self._rank(src), TAG_EPS)
         pending.wait()
         inputs = self.plan.stages[self.stage].inputs
@@ -181,7 +190,7 @@ class DistributedExecutor:
         eps_sources = sorted({rnd.eps_source(k) for k in rnd.steps}, key=lambda a: a.device)
         for a in eps_sources:
             if a.device != self.d:
-                buf = torch.empty_like(x)
+                buf = self._eps_buffer(x)
                 pending.recv(buf, self._rank(a.device), TAG_EPS + a.copy)
                 for k in a.eps_steps:
                     eps[k] = buf
@@ -199,9 +208,10 @@ class DistributedExecutor:
                                      TAG_VALUES)
             if action.eps_steps:
                 out = env[self.output]
-                if out.shape != x.shape:
+                want = self.eps_shape or tuple(x.shape)
+                if tuple(out.shape) != want:
                     raise RuntimeError(f"rank {self.rank}: prediction shape {tuple(out.shape)} "
-                                       f"differs from the latent's {tuple(x.shape)}")
+                                       f"differs from the expected {want}")
                 for dev in range(self.timeline.devices):
                     if dev != self.d:
                         pending.send(out, self._rank(dev), TAG_EPS + action.copy)
