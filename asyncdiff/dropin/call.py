@@ -1,0 +1,163 @@
+"""One denoiser call of a pipeline, as the compiler sees it.
+
+A diffusers pipeline calls its denoiser with a mix of tensors, nested dicts of tensors
+(``added_cond_kwargs``), ``None`` and flags (``return_dict``, ``cross_attention_kwargs``).
+:func:`bind_call` splits the call into *named tensor inputs* (dotted names for dict
+entries, nested again by :func:`partition.spec.nest`), which become the captured graph's
+inputs, and the *static* rest, which is baked into the capture (a different static part is
+another capture, like a different shape). The latent is the forward's first parameter (``sample``,
+``hidden_states``); the timestep is the parameter named ``timestep``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from partition.spec import InputSpec
+
+TIMESTEP = "timestep"
+_TENSOR = object()  # marks a leaf that went to the tensor inputs
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """``tensors``: dotted name -> tensor, in signature order; ``static``: the rest, nested."""
+
+    tensors: dict[str, torch.Tensor]
+    static: dict[str, Any]
+    latent: str
+    timestep: str
+
+    @property
+    def key(self) -> tuple:
+        """What a capture is specialised on: names, shapes, dtypes, devices, static arguments."""
+        shapes = tuple((n, tuple(t.shape), str(t.dtype), str(t.device))
+                       for n, t in self.tensors.items())
+        return shapes, repr(self.static)
+
+    def specs(self) -> tuple[InputSpec, ...]:
+        def role(name: str) -> str:
+            return "latent" if name == self.latent else \
+                "timestep" if name == self.timestep else "cond"
+        return tuple(InputSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                               role(name), "timestep" if name == self.timestep else "randn")
+                     for name, t in self.tensors.items())
+
+    @property
+    def cond(self) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in self.tensors.items() if n not in (self.latent, self.timestep)}
+
+    def describe(self) -> str:
+        return ", ".join(f"{n}{list(t.shape)}" for n, t in self.tensors.items())
+
+
+def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> Call:
+    """Name every argument of ``forward(*args, **kwargs)`` and split tensors from the rest."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"denoiser call does not match its forward{signature}: {err}") from None
+    params = list(signature.parameters.values())
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"denoiser call: extra positional arguments {len(value)}; the "
+                                "drop-in names every input (pass them by keyword)")
+        else:
+            named[name] = value
+    latent = params[0].name
+    for name in (latent, TIMESTEP):
+        if not isinstance(named.get(name), torch.Tensor):
+            got = type(named.get(name)).__name__ if name in named else "nothing"
+            raise TypeError(f"denoiser call: {name!r} must be a tensor, got {got}; the drop-in "
+                            f"needs the latent (the forward's first parameter) and the "
+                            f"timestep as tensors")
+    tensors: dict[str, torch.Tensor] = {}
+    static = {}
+    for name, value in named.items():
+        rest = _split(value, name, tensors)
+        if rest is not _TENSOR:
+            static[name] = rest
+    return Call(tensors, static, latent, TIMESTEP)
+
+
+def _split(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value
+        return _TENSOR
+    if isinstance(value, Mapping):
+        out = {}
+        for key, v in value.items():
+            if not isinstance(key, str) or "." in key:
+                raise TypeError(f"denoiser input {name!r}: dict key {key!r}; the drop-in "
+                                "needs string keys without dots")
+            rest = _split(v, f"{name}.{key}", tensors)
+            if rest is not _TENSOR:
+                out[key] = rest
+        return out
+    if isinstance(value, (list, tuple)) and _has_tensor(value):
+        raise TypeError(f"denoiser input {name!r}: tensors inside a {type(value).__name__} "
+                        "(e.g. ControlNet residuals) are not supported by the drop-in")
+    return value
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_tensor(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_has_tensor(v) for v in value.values())
+    return False
+
+
+def merge(static: Mapping, inputs: Mapping) -> dict:
+    """``static`` with the nested ``inputs`` laid over it (dicts merged key by key)."""
+    out = dict(static)
+    for key, value in inputs.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_static(forward: Callable, static: Mapping, record: Callable[[Any], None]) -> Callable:
+    """``forward`` taking only the (nested) tensor inputs, the static part baked in;
+    ``record`` sees what the model returned (to answer in the same form)."""
+    def call(**inputs):
+        out = forward(**merge(static, inputs))
+        record(out)
+        return out
+    return call
+
+
+def output_form(out: Any) -> Any:
+    """How the model answered: ``tuple``, ``torch.Tensor`` or its output dataclass type."""
+    if isinstance(out, (tuple, list)):
+        return tuple
+    if isinstance(out, torch.Tensor):
+        return torch.Tensor
+    if dataclasses.is_dataclass(out):
+        return type(out)
+    raise TypeError(f"denoiser returned {type(out).__name__}; the drop-in expects a tensor, a "
+                    "tuple or an output dataclass whose first field is the prediction")
+
+
+def answer(eps: torch.Tensor, form: Any) -> Any:
+    """ε in the form the model itself returns (``return_dict=False`` -> ``(ε,)``)."""
+    if form is tuple:
+        return (eps,)
+    if form is torch.Tensor:
+        return eps
+    first = dataclasses.fields(form)[0].name
+    return form(**{first: eps})
