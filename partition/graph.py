@@ -79,6 +79,31 @@ class TrunkGraph:
         ok[0] = ok[k] = True
         return ok
 
+    def inbound_bytes(self, q: np.ndarray) -> np.ndarray:
+        """``B[a, j]``: bytes a stage spanning positions ``q[a] .. q[j]-1`` receives.
+
+        Exact for contiguous stages: each value produced before ``q[a]`` and read inside the
+        stage is sent to it once (the point-to-point rule), however many cuts it spans.
+        ``q`` are sorted positions including 0 and K; entries with ``j <= a`` are 0.
+        """
+        k = self.size
+        width = max((len(c) for c in self.consumers), default=0) or 1
+        cons = np.full((k, width), np.iinfo(np.int64).max, dtype=np.int64)
+        for i, c in enumerate(self.consumers):
+            inner = [x for x in c if x < k]  # the output is ε, sent separately
+            cons[i, :len(inner)] = inner
+        pos = np.arange(k)
+        out = np.zeros((len(q), len(q)))
+        for a, start in enumerate(q):
+            before = pos < start
+            first = np.where(cons[before] >= start, cons[before], np.iinfo(np.int64).max).min(axis=1)
+            keep = first < k
+            order = np.argsort(first[keep], kind="stable")
+            f = first[keep][order]
+            cum = np.concatenate([[0], np.cumsum(self.out_bytes[before][keep][order])])
+            out[a] = cum[np.searchsorted(f, q, side="left")]
+        return np.triu(out, 1)
+
     def crossing(self, p: int) -> list[str]:
         """Trunk values produced before cut ``p`` and read at or after it."""
         return [self.trunk[i] for i in range(p) if self.last_use[i] >= p]

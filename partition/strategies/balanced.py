@@ -2,8 +2,9 @@
 
 Exact dynamic programme over candidate cut positions (module boundaries at a depth):
 phase 1 minimises the slowest stage; phase 2, among splits whose slowest stage is within
-``1 + slack`` of that optimum, minimises the bytes alive across the cuts (a value that
-spans several cuts is counted at each; the plan reports the exact point-to-point bytes).
+``1 + slack`` of that optimum, minimises the bytes sent per step — each stage charged the
+values made before it that it reads, once each (``TrunkGraph.inbound_bytes``), which is
+exactly the point-to-point traffic of a contiguous split.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ _INF = float("inf")
 
 
 def min_max_cuts(prefix: np.ndarray, positions: list[int], n: int, *,
-                 feasible=None, bytes_at: np.ndarray | None = None,
-                 slack: float = 0.0) -> list[int]:
+                 feasible=None, inbound=None, slack: float = 0.0) -> list[int]:
     """Best ``n-1`` cuts chosen from ``positions`` (inner positions, sorted).
 
     ``prefix[p]`` is the cost of positions ``0..p-1``; ``feasible(i, j)`` (optional) says
-    whether a stage spanning positions ``i..j-1`` is allowed (memory cap).
+    whether a stage spanning positions ``i..j-1`` is allowed (memory cap); ``inbound(q)``
+    (optional) gives the matrix of bytes each candidate stage receives, for the tie-break.
     """
     q = np.array([0, *positions, len(prefix) - 1], dtype=np.int64)
     m = len(q)
@@ -49,7 +50,7 @@ def min_max_cuts(prefix: np.ndarray, positions: list[int], n: int, *,
         raise ValueError("memory_cap: no split into the requested stages fits under the cap")
     limit = opt * (1 + slack) + 1e-12 * max(abs(opt), 1.0)
     # phase 2: fewest bytes among splits whose every stage is within the limit; ties -> lower max
-    live = np.zeros(m) if bytes_at is None else bytes_at[q].astype(np.float64)
+    recv = np.zeros((m, m)) if inbound is None else inbound(q)
     score = np.full((n, m), _INF)
     worst = np.full((n, m), _INF)
     back = np.zeros((n, m), dtype=np.int64)
@@ -64,7 +65,7 @@ def min_max_cuts(prefix: np.ndarray, positions: list[int], n: int, *,
             ok = (c <= limit) & np.isfinite(score[s - 1, i])
             if not ok.any():
                 continue
-            cand = np.where(ok, score[s - 1, i] + live[i], _INF)
+            cand = np.where(ok, score[s - 1, i] + recv[i, j], _INF)
             w = np.where(ok, np.maximum(worst[s - 1, i], c), _INF)
             order = np.lexsort((w, cand))  # fewest bytes, then the better balance
             k = order[0]
@@ -79,20 +80,32 @@ def min_max_cuts(prefix: np.ndarray, positions: list[int], n: int, *,
 def balanced(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     """Min–max balanced contiguous split at module boundaries (the default strategy)."""
     prefix = np.concatenate([[0.0], np.cumsum(graph.weights)])
-    feasible = None
-    if request.memory_cap is not None:
-        pprefix = np.concatenate([[0], np.cumsum(graph.param_bytes)])
-        cap = request.memory_cap
-
-        def feasible(i: int, j: int) -> bool:
-            return bool(pprefix[j] - pprefix[i] <= cap)
-    cuts = min_max_cuts(prefix, graph.candidates(request.depth), request.n, feasible=feasible,
-                        bytes_at=graph.live_bytes, slack=request.slack)
+    cuts = min_max_cuts(prefix, graph.candidates(request.depth), request.n,
+                        feasible=memory_feasible(graph, request.memory_cap),
+                        inbound=graph.inbound_bytes, slack=request.slack)
     return Assignment.from_cuts(cuts, graph.size, "balanced")
+
+
+def memory_feasible(graph: TrunkGraph, cap: int | None):
+    """``feasible(i, j)``: do positions ``i..j-1`` hold at most ``cap`` parameter bytes?
+
+    Counts the stage's own trunk parameters; the replicated conditioning parameters (the
+    time embedding, a few MB at full size) come on top and are reported in the plan.
+    """
+    if cap is None:
+        return None
+    pprefix = np.concatenate([[0], np.cumsum(graph.param_bytes)])
+
+    def feasible(i: int, j: int) -> bool:
+        return bool(pprefix[j] - pprefix[i] <= cap)
+    return feasible
 
 
 def equal_blocks(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     """Baseline: the same number of module blocks (at ``depth``) in every stage."""
+    if request.memory_cap is not None:
+        raise ValueError("memory_cap: not supported by strategy equal_blocks (a fixed "
+                         "baseline); allowed with: balanced, shell_core")
     cands = graph.candidates(request.depth)
     blocks = len(cands) + 1
     if request.n > blocks:

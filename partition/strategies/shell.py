@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from partition.graph import TrunkGraph
-from partition.strategies.balanced import min_max_cuts
+from partition.strategies.balanced import memory_feasible, min_max_cuts
 from partition.strategies.base import Assignment, PartitionRequest
 
 
@@ -37,6 +37,7 @@ def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     prefix = np.concatenate([[0.0], np.cumsum(graph.weights)])
     total = prefix[-1]
     slack = float(request.options.get("shell_slack", 0.05))
+    feasible = memory_feasible(graph, request.memory_cap)
     results = []  # (max stage cost, bytes, stage_of, a, b)
     for ia, a in enumerate(coarse[:-1]):
         for b in coarse[ia + 1:]:
@@ -45,10 +46,14 @@ def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
             inner = [p for p in fine if a < p < b]
             if len(inner) < n - 2:
                 continue
+            if feasible is not None and not _shell_fits(graph, a, b, request.memory_cap):
+                continue
             sub = prefix[a:b + 1] - prefix[a]
             try:
-                cuts = min_max_cuts(sub, [p - a for p in inner], n - 1,
-                                    bytes_at=graph.live_bytes[a:b + 1], slack=request.slack)
+                cuts = min_max_cuts(
+                    sub, [p - a for p in inner], n - 1,
+                    feasible=(lambda i, j: feasible(i + a, j + a)) if feasible else None,
+                    inbound=lambda q: graph.inbound_bytes(q + a), slack=request.slack)
             except ValueError:
                 continue
             bounds = [a, *[c + a for c in cuts], b]
@@ -60,16 +65,22 @@ def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
             worst = max(max(costs), total - (prefix[b] - prefix[a]))
             results.append((worst, exact_bytes(graph, stage_of), tuple(stage_of), a, b))
     if not results:
-        raise ValueError("shell_core: no placement found; try a finer shell_depth or depth")
+        raise ValueError("shell_core: no placement found" + (
+            f" under memory_cap={request.memory_cap}" if request.memory_cap is not None else "")
+            + "; try a finer shell_depth or depth")
     best = min(r[0] for r in results)
     within = [r for r in results if r[0] <= best * (1 + slack)]
     chosen = min(within, key=lambda r: (r[1], r[0]))
     front = _pareto(results)
-    mean = total / n
+    mean = total / n if total > 0 else 1.0
     notes = [f"shell = [0, {graph.module_at(chosen[3])}) + [{graph.module_at(chosen[4])}, end)"]
     notes += [f"pareto: imbalance {w / mean:.3f}, {b / 2**20:.3f} MiB/step, shell "
               f"[0,{a})+[{bb},{k})" for w, b, _, a, bb in front]
     return Assignment(chosen[2], n, "shell_core", tuple(notes))
+
+
+def _shell_fits(graph: TrunkGraph, a: int, b: int, cap: int) -> bool:
+    return int(graph.param_bytes[:a].sum() + graph.param_bytes[b:].sum()) <= cap
 
 
 def _pareto(results):
