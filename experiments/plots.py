@@ -1,0 +1,92 @@
+"""Plots of runs and sweeps (PNG, matplotlib's Agg backend; no display needed).
+
+* :func:`speedup_vs_quality` — speedup against PSNR vs the sequential sample, one point per
+  run, labelled N/S/W (the paper's Fig. 1 trade-off);
+* :func:`latency_vs_n` — latency against N, one line per (S, W), the sequential latency dashed;
+* :func:`device_timeline` — one run's rounds per device: compute, then waiting/communication.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    fig.clf()
+    _plt().close(fig)
+    return path
+
+
+def _label(r: dict) -> str:
+    return f"N{r['n']} S{r['stride']} W{r['warmup']}"
+
+
+def speedup_vs_quality(rows: Sequence[dict], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    pts = [r for r in rows if r.get("psnr_db") is not None and r.get("speedup") is not None]
+    ax.scatter([r["psnr_db"] for r in pts], [r["speedup"] for r in pts], c="tab:blue")
+    for r in pts:
+        ax.annotate(_label(r), (r["psnr_db"], r["speedup"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("PSNR vs sequential (dB; capped at 100 when identical)")
+    ax.set_ylabel("speedup over sequential")
+    ax.set_title("speedup against quality", fontsize=10)
+    return _save(fig, path)
+
+
+def latency_vs_n(rows: Sequence[dict], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    lines: dict[tuple, list] = defaultdict(list)
+    for r in rows:
+        if r.get("latency_s") is not None:
+            lines[(r["stride"], r["warmup"])].append((r["n"], r["latency_s"]))
+    for (s, w), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"S={s} W={w}")
+    seq = [r["sequential_s"] for r in rows if r.get("sequential_s") is not None]
+    if seq:
+        ax.axhline(sum(seq) / len(seq), color="grey", ls="--", lw=1, label="sequential (mean)")
+    ax.set_xlabel("N (stages)")
+    ax.set_ylabel("latency (s)")
+    ax.set_xticks(sorted({r["n"] for r in rows}))
+    ax.legend(fontsize=8)
+    ax.set_title("latency against N", fontsize=10)
+    return _save(fig, path)
+
+
+def device_timeline(rows: Sequence[dict], path: Path, title: str = "",
+                    replica: int = 0) -> Path:
+    """Gantt chart of one pipeline's rounds: solid = stage compute, light = waiting for and
+    sending values (until the round's ε is in)."""
+    plt = _plt()
+    mine = [r for r in rows if r.get("replica", 0) == replica]
+    devices = sorted({r["device"] for r in mine})
+    t0 = min((r["start_s"] for r in mine), default=0.0)
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(devices)))
+    for r in mine:
+        start = (r["start_s"] - t0) * 1e3
+        ax.barh(r["device"], r["compute_ms"], left=start, color="tab:blue", edgecolor="white",
+                lw=0.3)
+        ax.barh(r["device"], r["round_ms"] - r["compute_ms"], left=start + r["compute_ms"],
+                color="tab:orange", alpha=0.35)
+    ax.set_yticks(devices)
+    ax.set_yticklabels([f"device {d}" for d in devices])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the first round started")
+    ax.set_title(title or "per-device timeline (blue: compute, orange: wait/communicate)",
+                 fontsize=10)
+    return _save(fig, path)

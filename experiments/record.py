@@ -1,0 +1,91 @@
+"""What a run leaves in its output directory, as plain data.
+
+    <run dir>/config.yaml     the resolved config
+              plan.json       the Plan (partition/plan.py), plan.txt its table
+              metrics.json    latency, speedup, quality vs sequential, MACs, bytes (one flat dict)
+              timeline.json   per rank and round: start, compute end, done, bytes sent
+              result.pt       the asynchronous final latents (one per replica), sequential.pt
+              images/         latents.png, timeline.png
+              wandb/          the W&B run (offline by default)
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from experiments import metrics as M
+from partition import Plan
+from partition.report import predict
+
+
+def timeline_rows(stats: Mapping[int, Sequence], devices: int) -> list[dict]:
+    """Per-rank ``RoundStats`` as rows. Times are seconds since each rank's executor started
+    (the ranks meet at the plan-hash check just before, so the clocks agree to a few ms)."""
+    rows = []
+    for rank in sorted(stats):
+        replica, device = divmod(rank, devices)
+        for s in stats[rank]:
+            rows.append({"rank": rank, "replica": replica, "device": device, "round": s.round,
+                         "stage": s.stage, "start_s": s.start, "computed_s": s.computed,
+                         "done_s": s.done, "compute_ms": (s.computed - s.start) * 1e3,
+                         "round_ms": (s.done - s.start) * 1e3, "bytes_sent": s.bytes_sent})
+    return rows
+
+
+def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: float,
+                out: torch.Tensor, ref: torch.Tensor, rows: list[dict],
+                peak_rss: Mapping[int, int] | None, weights_dir) -> dict:
+    """One flat dict per run: the row of a sweep's results table."""
+    pred = predict(plan, steps=steps, warmup=par.warmup, stride=par.stride)
+    sent = M.bytes_sent(rows)
+    macs = M.macs_per_device(plan, par.devices)
+    out_m = {
+        "latency_s": latency_s, "sequential_s": sequential_s,
+        "speedup": M.speedup(sequential_s, latency_s),
+        "predicted_speedup": pred["speedup"], "ideal_speedup": pred["ideal_speedup"],
+        "psnr_db": M.psnr(out, ref), "ssim": M.ssim(out, ref),
+        "relative_l2": M.relative_l2(out, ref),
+        "max_abs_diff": float((out.double() - ref.double()).abs().max()),
+        "devices": par.devices, "world": par.devices * par.replicas,
+        "macs_per_device": macs, "max_device_macs": max(macs),
+        "bytes_sent_total": sum(sent.values()), "bytes_sent_per_rank": list(sent.values()),
+        "plan_bytes_per_step": plan.bytes_per_step, "imbalance": plan.imbalance,
+        "plan_hash": plan.plan_hash,
+    }
+    if peak_rss:
+        out_m["peak_rss_mb_max"] = max(peak_rss.values()) / 2**20
+    out_m.update(M.learned_metrics_status(weights_dir))
+    return out_m
+
+
+def identity(cfg: Mapping) -> dict:
+    """The config keys a results table is indexed by."""
+    par, sch = cfg["parallel"], cfg["scheduler"]
+    return {"model": f"{cfg['model']['name']}/{cfg['model'].get('variant', 'tiny')}",
+            "scheduler": sch["name"], "steps": sch["steps"], "guidance": sch.get("guidance"),
+            "strategy": cfg["partition"]["strategy"], "n": par["n"], "stride": par["stride"],
+            "warmup": par["warmup"], "time_shift": par["time_shift"],
+            "stride_noise": par["stride_noise"], "replicas": par["replicas"], "seed": cfg["seed"]}
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, data) -> None:
+    """Strict JSON (non-finite floats become null), written whole or not at all."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return _finite(x)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(data), indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
