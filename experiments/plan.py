@@ -14,7 +14,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from experiments.cli import checked
 from experiments.common import CONF_DIR, exit_on_bad_input, partition_request, plain
+from experiments.validate import validate_config
 from partition import compile_model, format_plan
 from partition import zoo
 
@@ -46,9 +48,12 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @exit_on_bad_input
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
+    validate_config(plain(cfg), entry="plan")
     plan_from_config(cfg, Path(HydraConfig.get().runtime.output_dir))
 
+
+main = checked(hydra_main, "plan")  # the console script is experiments.cli.plan_main
 
 if __name__ == "__main__":
     main()

@@ -1,18 +1,24 @@
 """asyncdiff-run: the sequential baseline and the asynchronous pipeline on the same seed.
 
     asyncdiff-run model=sd15 parallel.n=2                          # spawns the workers itself
+    asyncdiff-run -m parallel.n=2,3 parallel.stride=1,2            # sweep: results table + plots
+    asyncdiff-run -m +experiment=stride_warmup                     # a study from conf/experiment/
     torchrun --nproc-per-node=3 -m experiments.run parallel.n=2 parallel.stride=2
     torchrun --nnodes=2 --node-rank=0 --master-addr=host … -m experiments.run …
 
-Under torchrun every rank composes the same config and builds and captures the model;
-rank 0 plans (measured costs are taken once) and sends the plan to the others, which
-rebuild only their own stage from it (the capture's graph hash must match the plan's).
-Writes ``result.pt`` (final latents) and ``metrics.json`` into the run directory.
+The whole command line is checked first (``experiments/cli.py``): bad input is one line on
+stderr, exit code 2, and no output directory. Under torchrun every rank composes the same
+config and builds and captures the model; rank 0 plans (measured costs are taken once) and
+sends the plan to the others, which rebuild only their own stage from it (the capture's
+graph hash must match the plan's). The output directory is described in
+``experiments/record.py``; only the parent (self-spawning) or rank 0 (torchrun) writes
+metrics, images and the W&B run.
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -20,40 +26,93 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.dist.executor import stage_of_device
 from asyncdiff.dist.launch import launch
-from asyncdiff.dist.worker import ParallelSpec, SamplingJob, WorkerJob, init_group, run_job
+from asyncdiff.dist.worker import WorkerJob, init_group, run_job
+from experiments.build import compiled_model, parallel_spec, sampling_jobs, sequential_sample
+from experiments.cli import checked
 from experiments.common import CONF_DIR, exit_on_bad_input, partition_request, plain
-from partition import Plan, compile_model, stages_from_plan, zoo
+from experiments.images import save_latent_comparison
+from experiments.plots import device_timeline
+from experiments.record import identity, run_metrics, timeline_rows, write_json
+from experiments.validate import validate_config
+from experiments.wandb_log import RunLogger
+from partition import Plan, compile_model, format_plan, stages_from_plan, zoo
 from partition.capture import capture
 from partition.cost import NodeCosts
 from partition.graph import build_graph
-from schedulers import make_scheduler, sample
+
+__all__ = ["main", "run_spawn", "run_torchrun", "parallel_spec", "sampling_jobs"]
+
+log = logging.getLogger(__name__)
 
 
-def parallel_spec(par: dict) -> ParallelSpec:
-    backend = par["backend"]
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return ParallelSpec(n=par["n"], stride=par["stride"], warmup=par["warmup"],
-                        time_shift=par["time_shift"], stride_noise=par["stride_noise"],
-                        threads=par["threads"], backend=backend, replicas=par["replicas"])
+def save_plan(cfg: DictConfig, out: Path, plan: Plan) -> None:
+    """The resolved config and the plan (JSON and its table) go first into the run dir."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out / "plan.json").write_text(plan.to_json())
+    table = format_plan(plan, steps=cfg.scheduler.steps, warmup=cfg.parallel.warmup,
+                        stride=cfg.parallel.stride)
+    (out / "plan.txt").write_text(table + "\n")
+    if cfg.print_report:
+        log.info("plan:\n%s", table)
 
 
-def sampling_jobs(bundle, cfg: DictConfig, replicas: int) -> list[SamplingJob]:
-    """One job per replica: replica r uses seed + r for its noise and conditioning."""
-    jobs = []
-    latent = bundle.latent
-    for r in range(replicas):
-        example = bundle.inputs(cfg.seed + r)
-        cond = {s.name: example[s.name] for s in bundle.specs if s.role == "cond"}
-        x_T = torch.randn(example[latent].shape,
-                          generator=torch.Generator().manual_seed(cfg.seed + r))
-        jobs.append(SamplingJob(cfg.scheduler.name, cfg.scheduler.steps, x_T, cond))
-    return jobs
+def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tensor],
+           ref: torch.Tensor, t_seq: float, wall: float, rows: list[dict],
+           peak_rss: dict[int, int] | None) -> dict:
+    """Metrics, latents, timeline, images and the W&B run of a finished run (one process)."""
+    resolved = plain(cfg)
+    metrics = {**identity(resolved),
+               **run_metrics(plan=plan, par=par, steps=cfg.scheduler.steps, latency_s=wall,
+                             sequential_s=t_seq, out=latents[0], ref=ref, rows=rows,
+                             peak_rss=peak_rss, weights_dir=cfg.metrics.weights_dir)}
+    torch.save(latents, out / "result.pt")
+    torch.save(ref, out / "sequential.pt")
+    write_json(out / "timeline.json", rows)
+    write_json(out / "metrics.json", metrics)
+    label = (f"{metrics['model']} N={par.n} S={par.stride} W={par.warmup}, "
+             f"{cfg.scheduler.steps} {cfg.scheduler.name} steps")
+    images = {}
+    if cfg.save_images:
+        images["latents"] = save_latent_comparison(ref, latents[0], out / "images" / "latents.png",
+                                                   title=f"{label}, seed {cfg.seed}")
+        images["timeline"] = device_timeline(rows, out / "images" / "timeline.png", title=label)
+    log.info("%s: asyncdiff %.3f s, sequential %.3f s, speedup %.2fx (predicted %.2fx); "
+             "PSNR %.1f dB, SSIM %.4f vs sequential; %s", label, wall, t_seq,
+             metrics["speedup"], metrics["predicted_speedup"], metrics["psnr_db"],
+             metrics["ssim"], out)
+    # W&B starts after the timed runs: its service would compete for the cores
+    group = None
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        group = Path(HydraConfig.get().sweep.dir).name
+    logger = RunLogger(resolved["wandb"], resolved, out, group=group,
+                       name=f"{cfg.model.name}-N{par.n}S{par.stride}W{par.warmup}")
+    logger.plan(plan)
+    logger.timings(rows)
+    logger.metrics(metrics)
+    logger.images(images)
+    logger.finish()
+    return metrics
+
+
+def run_spawn(cfg: DictConfig, out: Path) -> dict:
+    """One command, P = R·(N−1+S) worker processes spawned here; this process logs."""
+    par = parallel_spec(plain(cfg.parallel))
+    bundle, compiled = compiled_model(cfg)
+    save_plan(cfg, out, compiled.plan)
+    jobs = sampling_jobs(bundle, cfg, par.replicas)
+    log.info("asyncdiff: %d pipeline(s) × %d workers × %d thread(s), %d %s steps",
+             par.replicas, par.devices, par.threads, cfg.scheduler.steps, cfg.scheduler.name)
+    result = launch(compiled.staged, compiled.plan, par, jobs)
+    ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress)
+    rows = timeline_rows(result.stats, par.devices)
+    return finish(cfg, out, compiled.plan, par, result.latents, ref, t_seq, result.wall_s, rows,
+                  result.peak_rss)
 
 
 def run_torchrun(cfg: DictConfig, out: Path) -> None:
@@ -63,7 +122,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     bundle = zoo.build(plain(cfg.model), seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
     captured = capture(bundle.module, bundle.specs, inputs)
-    shared = [None]
+    shared, compiled = [None], None
     if rank == 0:
         part = plain(cfg.partition)
         compiled = compile_model(bundle.module, bundle.specs, inputs,
@@ -73,67 +132,47 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
                                  config_hash=bundle.config_hash, repeats=part["repeats"],
                                  threads=part["threads"])
         shared = [compiled.plan.to_json()]
+        save_plan(cfg, out, compiled.plan)
     dist.broadcast_object_list(shared, src=0)
     plan = Plan.from_json(shared[0])
     graph = build_graph(captured, NodeCosts({}, {}, {}), "flops")
     staged = stages_from_plan(graph, plan)
     device = rank % par.devices
+    jobs = sampling_jobs(bundle, cfg, par.replicas)
     job = WorkerJob(plan=plan, segments=staged.stage_segments(stage_of_device(device, plan.n)),
                     specs=staged.specs, placeholders=staged.placeholders,
-                    output=staged.output, parallel=par,
-                    sampling=sampling_jobs(bundle, cfg, par.replicas))
-    del bundle, captured, graph, staged  # keep only this rank's stage
+                    output=staged.output, parallel=par, sampling=jobs)
+    del bundle, captured, graph, staged  # keep only this rank's stage (rank 0: and the plan's)
     dist.barrier()
     t0 = time.perf_counter()
     latent, stats = run_job(job, rank, world)
     wall = time.perf_counter() - t0
     if device == 0:
         torch.save(latent, out / f"result_replica{rank // par.devices}.pt")
-    if rank == 0:
-        (out / "metrics.json").write_text(json.dumps(
-            {"latency_s": wall, "plan_hash": plan.plan_hash, "world": world}, indent=1))
-        (out / "plan.json").write_text(plan.to_json())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object((stats, peak), gathered, dst=0)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def run_spawn(cfg: DictConfig, out: Path) -> None:
-    par = parallel_spec(plain(cfg.parallel))
-    part = plain(cfg.partition)
-    bundle = zoo.build(plain(cfg.model), seed=cfg.seed)
-    inputs = bundle.inputs(cfg.seed)
-    compiled = compile_model(bundle.module, bundle.specs, inputs, partition_request(part, par.n),
-                             strategy=part["strategy"], cost_model=part["cost_model"],
-                             name=f"{bundle.name}/{bundle.variant}",
-                             config_hash=bundle.config_hash, repeats=part["repeats"],
-                             threads=part["threads"])
-    jobs = sampling_jobs(bundle, cfg, par.replicas)
-    result = launch(compiled.staged, compiled.plan, par, jobs)
-    torch.set_num_threads(par.threads)
-    t0 = time.perf_counter()
-    ref = sample(SequentialDenoiser(compiled.staged), make_scheduler(jobs[0].scheduler),
-                 jobs[0].x_T, jobs[0].cond, steps=jobs[0].steps)
-    t_seq = time.perf_counter() - t0
-    rel = ((result.latents[0] - ref).norm() / ref.norm()).item()
-    metrics = {"latency_s": result.wall_s, "sequential_s": t_seq,
-               "speedup": t_seq / result.wall_s, "relative_l2_vs_sequential": rel,
-               "plan_hash": compiled.plan.plan_hash, "devices": par.devices,
-               "bytes_per_step": compiled.plan.bytes_per_step}
-    torch.save(result.latents, out / "result.pt")
-    (out / "plan.json").write_text(compiled.plan.to_json())
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(json.dumps(metrics, indent=1))
+    if rank == 0:  # the others are done; rank 0 runs the baseline and writes the results
+        ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress)
+        rows = timeline_rows({r: g[0] for r, g in enumerate(gathered)}, par.devices)
+        finish(cfg, out, plan, par, [latent], ref, t_seq, wall, rows,
+               {r: g[1] for r, g in enumerate(gathered)})
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @exit_on_bad_input
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
+    validate_config(plain(cfg))  # again: also when called without the command-line check
     out = Path(HydraConfig.get().runtime.output_dir)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         run_torchrun(cfg, out)
     else:
         run_spawn(cfg, out)
 
+
+main = checked(hydra_main)  # the console script is experiments.cli.run_main
 
 if __name__ == "__main__":
     main()

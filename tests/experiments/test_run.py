@@ -1,6 +1,8 @@
-"""asyncdiff-run under torchrun and self-spawning: both equal the emulator bit for bit."""
+"""asyncdiff-run under torchrun and self-spawning: both equal the emulator bit for bit, and
+only one process (rank 0 / the parent) writes the metrics and the W&B run."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +21,8 @@ from partition import compile_model, zoo
 from schedulers import make_scheduler, sample
 
 OVERRIDES = ["parallel.n=2", "parallel.stride=2", "scheduler.steps=4",
-             "partition.cost_model=flops", "partition.repeats=0"]
+             "partition.cost_model=flops", "partition.repeats=0", "progress=false",
+             "wandb.mode=disabled"]
 
 
 def emulated(overrides):
@@ -43,14 +46,21 @@ def emulated(overrides):
 @pytest.mark.timeout(300)
 def test_torchrun_equals_emulator(tmp_path):
     _, want = emulated(OVERRIDES)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "WANDB_DIR": str(tmp_path / "wb")}
+    out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3",
            f"--master-port={free_port()}", "-m", "experiments.run", *OVERRIDES,
-           f"hydra.run.dir={tmp_path}"]
+           "wandb.mode=offline", "save_images=false", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "result_replica0.pt")
+    got = torch.load(out / "result_replica0.pt")
     assert torch.equal(got, want)
+    # rank 0 alone ran the baseline and logged: one metrics file, one W&B run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["devices"] == 3 and metrics["world"] == 3
+    assert len(json.loads((out / "timeline.json").read_text())) == 3 * 3  # 3 ranks × 3 rounds
+    assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 1
 
 
 @pytest.mark.timeout(300)

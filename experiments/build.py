@@ -1,0 +1,127 @@
+"""From a resolved config to what a run needs: the compiled model, the parallel spec, the
+sampling jobs, and the sequential baseline.
+
+Shared by ``asyncdiff-run``, ``asyncdiff-bench`` and the demo (STYLE 6). The model's build,
+capture and per-node costs are cached per process, keyed by what determines them, so the
+jobs of a sweep (basic launcher: one process) capture each model once and only re-plan.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import lru_cache
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from asyncdiff.denoiser import SequentialDenoiser
+from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from experiments.common import partition_request, plain
+from partition import Compiled, compile_graph, zoo
+from partition.capture import capture
+from partition.cost import profile
+from partition.graph import build_graph
+from partition.zoo import ModelBundle
+from schedulers import make_scheduler, sample
+
+log = logging.getLogger(__name__)
+
+
+def parallel_spec(par: dict) -> ParallelSpec:
+    backend = par["backend"]
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return ParallelSpec(n=par["n"], stride=par["stride"], warmup=par["warmup"],
+                        time_shift=par["time_shift"], stride_noise=par["stride_noise"],
+                        threads=par["threads"], backend=backend, replicas=par["replicas"])
+
+
+def _halves(example: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:
+    """Classifier-free guidance from the model's example batch: first half of dim 0 is the
+    unconditional input, second half the conditional one (the order diffusers pipelines
+    concatenate them in, and the order ``schedulers.sample`` puts them back)."""
+    uncond, cond = {}, {}
+    for name in names:
+        v = example[name]
+        half = v.shape[0] // 2
+        uncond[name], cond[name] = v[:half], v[half:]
+    return cond, uncond
+
+
+def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[SamplingJob]:
+    """One job per replica: replica r uses seed + r for its noise and conditioning.
+
+    With ``scheduler.guidance`` set, the latent batch is half the example's and each step
+    runs the [uncond, cond] batch (the example's shape, which the plan was captured for).
+    """
+    jobs = []
+    guidance = cfg.scheduler.get("guidance")
+    cond_names = [s.name for s in bundle.specs if s.role == "cond"]
+    for r in range(replicas):
+        example = bundle.inputs(cfg.seed + r)
+        shape = list(example[bundle.latent].shape)
+        uncond = None
+        if guidance is None:
+            cond = {n: example[n] for n in cond_names}
+        else:
+            cond, uncond = _halves(example, cond_names)
+            shape[0] //= 2
+        x_T = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed + r))
+        jobs.append(SamplingJob(cfg.scheduler.name, cfg.scheduler.steps, x_T, cond,
+                                guidance=None if guidance is None else float(guidance),
+                                uncond=uncond))
+    return jobs
+
+
+@lru_cache(maxsize=2)
+def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads):
+    model_cfg = json.loads(model_json)
+    bundle = zoo.build(model_cfg, seed=seed)
+    inputs = bundle.inputs(seed)
+    with torch.no_grad():
+        captured = capture(bundle.module, bundle.specs, inputs)
+        fv = bundle.module if cost_model == "fvcore" else None
+        costs = profile(captured, inputs, repeats=repeats if cost_model == "time" or repeats else 0,
+                        threads=threads, fvcore_model=fv)
+    return bundle, captured, costs
+
+
+def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
+    """Build, capture, cost (cached) and plan the model ``cfg`` describes."""
+    model_cfg, part, par = plain(cfg.model), plain(cfg.partition), plain(cfg.parallel)
+    t0 = time.perf_counter()
+    hit = _captured.cache_info().hits
+    bundle, captured, costs = _captured(json.dumps(model_cfg, sort_keys=True), int(cfg.seed),
+                                        part["cost_model"], int(part.get("repeats", 3)),
+                                        part.get("threads"))
+    cached = _captured.cache_info().hits > hit
+    graph = build_graph(captured, costs, part["cost_model"])
+    with torch.no_grad():
+        compiled = compile_graph(graph, partition_request(part, par["n"]),
+                                 strategy=part["strategy"], cost_model=part["cost_model"],
+                                 name=f"{bundle.name}/{bundle.variant}",
+                                 config_hash=bundle.config_hash)
+    log.info("planned %s/%s into N=%d stages in %.1f s%s", bundle.name, bundle.variant,
+             compiled.plan.n, time.perf_counter() - t0, " (capture reused)" if cached else "")
+    return bundle, compiled
+
+
+def step_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar over sampling steps; silent when not on a terminal (``disable=None``)."""
+    return tqdm(total=total, desc=desc, unit="step", leave=False,
+                disable=None if enabled else True)
+
+
+def sequential_sample(staged, job: SamplingJob, threads: int,
+                      progress: bool = True) -> tuple[torch.Tensor, float]:
+    """The sequential sampler (whole model every step) on ``threads`` threads: latent, seconds."""
+    torch.set_num_threads(threads)
+    with step_bar(job.steps, f"sequential ({threads} thr)", progress) as bar:
+        t0 = time.perf_counter()
+        scheduler = make_scheduler(job.scheduler, **job.scheduler_kwargs)
+        out = sample(SequentialDenoiser(staged), scheduler, job.x_T, job.cond, steps=job.steps,
+                     guidance_scale=job.guidance, uncond=job.uncond,
+                     callback=lambda info: bar.update(1))
+        return out, time.perf_counter() - t0

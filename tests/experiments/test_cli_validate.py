@@ -1,0 +1,170 @@
+"""Config composition and bad input: one line naming the key and the allowed values, exit
+code 2, and nothing written (the command line is checked before Hydra makes a directory).
+
+Planning every model from its composed config is tests/partition/test_plan.py
+(test_asyncdiff_plan_for_every_model); here every model config composes and validates.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from exp_helpers import FAST, RUN_MAIN, compose_cfg, popen
+
+import schedulers
+from experiments import cli
+from experiments.common import CONF_DIR, ConfigError, plain
+from experiments.validate import scheduler_names, validate_config
+from partition import zoo
+
+EXPERIMENTS = sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", zoo.model_names())
+def test_every_model_composes_and_validates(name):
+    cfg = compose_cfg(f"model={name}")
+    assert cfg.model.name == name and cfg.model.variant == "tiny"
+    validate_config(plain(cfg), env={})
+
+
+def test_scheduler_configs_are_the_schedulers():
+    assert sorted(scheduler_names()) == sorted(schedulers.SCHEDULERS)
+    for name in schedulers.SCHEDULERS:
+        cfg = compose_cfg(f"scheduler={name}")
+        assert cfg.scheduler.name == name and cfg.scheduler.guidance is None
+        validate_config(plain(cfg), env={})
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_sweeps_expand_and_validate(name):
+    configs = cli.job_configs([f"+experiment={name}"], multirun=True)
+    params = dict(configs[0].hydra.sweeper.params)
+    assert {"parallel.stride", "parallel.warmup"} <= set(params)
+    assert "parallel.n" in params or "partition" in params  # paper splits set N themselves
+    want = 1
+    for v in params.values():
+        want *= len(str(v).split(","))
+    assert len(configs) == want > 1
+    for cfg in configs:
+        validate_config(cli.resolved_job(cfg), env={})
+
+
+def test_stride_warmup_is_a_2x2x2_sweep():
+    params = compose_cfg("+experiment=stride_warmup", hydra_node=True).hydra.sweeper.params
+    points = cli.sweep_points([], params)
+    assert len(points) == 8
+    assert ["parallel.n=3", "parallel.stride=2", "parallel.warmup=3"] in points
+    # the command line wins over the experiment's params (as in Hydra's basic sweeper)
+    points = cli.sweep_points(["parallel.stride=1", "parallel.n=2,3,4"], params)
+    assert len(points) == 6 and all("parallel.stride=1" in p for p in points)
+
+
+def test_launcher_configs_compose_without_the_plugin():
+    basic = compose_cfg("hydra/launcher=basic", hydra_node=True).hydra.launcher
+    assert basic._target_.endswith("BasicLauncher")
+    slurm = compose_cfg("hydra/launcher=submitit_slurm", hydra_node=True).hydra.launcher
+    assert slurm._target_ == ("hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+                              "SlurmLauncher")
+    assert slurm.tasks_per_node == 1 and slurm.gpus_per_node >= 1
+    assert slurm.submitit_folder.endswith("/.submitit/%j")
+    text = Path(CONF_DIR, "hydra", "launcher", "submitit_slurm.yaml").read_text()
+    assert "pip install hydra-submitit-launcher" in text and yaml.safe_load(text)
+
+
+def test_sweep_summary_callback_is_registered():
+    cb = compose_cfg(hydra_node=True).hydra.callbacks.sweep_summary
+    assert cb._target_ == "experiments.sweep.SweepSummary"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def broken_model_dir(tmp_path: Path) -> Path:
+    """A user's own model YAML, missing its builder, in an extra config search path."""
+    d = tmp_path / "conf" / "model"
+    d.mkdir(parents=True)
+    cfg = zoo.load_yaml("sd3")
+    del cfg["builder"]
+    (d / "broken.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "conf"
+
+
+BAD = [
+    # (overrides, the one line's expected text)
+    (["model=xyz"], "model=xyz: unknown; allowed: animatediff, dit, flux"),
+    (["scheduler=foo"], "scheduler=foo: unknown; allowed: ddim, dpmsolver++, euler"),
+    (["scheduler.name=foo"], "scheduler.name='foo'; allowed: ddim, dpmsolver++, euler"),
+    (["parallel.n=0"], "parallel.n=0; allowed: an integer >= 1"),
+    (["parallel.stride=0"], "parallel.stride=0; allowed: an integer >= 1"),
+    (["parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer in [1, 4]"),
+    (["parallel.warmup=5"], "parallel.warmup=5; allowed: an integer in [1, 4]"),
+    (["parallel.n=1", "parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer in [0, 4]"),
+    (["parallel.nn=3"], "Could not override 'parallel.nn'"),
+    (["~model.builder"], "model: missing required key 'builder'"),
+    (["~model.tiny.inputs"], "model.tiny: missing required key 'inputs'"),
+    (["model=flux", "scheduler.guidance=3"], "scheduler.guidance=3: model flux input"),
+    (["scheduler.guidance=abc"], "scheduler.guidance='abc'; allowed: null or a number >= 0"),
+    (["wandb.mode=cloud"], "wandb.mode='cloud'; allowed: offline, online, disabled"),
+    (["+experiment=nope"], "experiment=nope: unknown; allowed: devices, guidance"),
+    (["-m", "parallel.n=2", "parallel.warmup=1,7"], "parallel.warmup=7; allowed"),
+    (["-m", "hydra/launcher=submitit_slurm", "parallel.n=2,3"],
+     "hydra/launcher=submitit_slurm: needs hydra_plugins.hydra_submitit_launcher"),
+]
+
+
+def _args(overrides, tmp_path):
+    flags = [o for o in overrides if o.startswith("-")]  # argparse: flags before overrides
+    rest = [o for o in overrides if not o.startswith("-")]
+    return [*flags, *FAST, *rest, f"hydra.run.dir={tmp_path / 'run'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(overrides, message, tmp_path, capsys):
+    if "submitit" in message and cli.importlib.util.find_spec("hydra_plugins") is not None:
+        pytest.skip("a hydra plugin is installed here")
+    # the check every entry point runs before Hydra starts (the real command lines:
+    # test_bad_input_subprocesses)
+    with pytest.raises(SystemExit) as exc:
+        cli.check_or_exit(_args(overrides, tmp_path), "run")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir()), "nothing may be written"
+
+
+def test_world_size_must_be_replicas_times_devices():
+    par = {"n": 3, "stride": 2, "warmup": 1, "stride_noise": "fresh", "time_shift": False,
+           "backend": "gloo", "threads": 1, "replicas": 2}
+    cfg = plain(compose_cfg(*FAST))
+    cfg["parallel"] = par
+    validate_config(cfg, env={"RANK": "0", "WORLD_SIZE": "8"})
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=6 .*allowed: .* = 8$"):
+        validate_config(cfg, env={"RANK": "0", "WORLD_SIZE": "6"})
+    validate_config(cfg, env={"WORLD_SIZE": "6"})  # not under torchrun: not checked
+
+
+def test_bad_input_subprocesses(tmp_path):
+    """The real command lines, as separate processes (run together: each mostly imports)."""
+    conf = broken_model_dir(tmp_path)
+    cases = {
+        "model": (RUN_MAIN + _args(["model=xyz"], tmp_path / "a"), {}, "model=xyz: unknown"),
+        "yaml": (RUN_MAIN + _args(["model=broken", f"hydra.searchpath=[file://{conf}]"],
+                                  tmp_path / "b"), {}, "model: missing required key 'builder'"),
+        "world": ([sys.executable, "-m", "experiments.run",
+                   *_args(["parallel.n=2", "parallel.stride=2"], tmp_path / "c")],
+                  {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"},
+                  "WORLD_SIZE=4 (torchrun --nproc-per-node × nodes); allowed: "
+                  "parallel.replicas × (n−1+stride) = 1 × (2−1+2) = 3"),
+    }
+    procs = {k: (popen(args, **extra), msg) for k, (args, extra, msg) in cases.items()}
+    for key, (proc, msg) in procs.items():
+        out, err = proc.communicate(timeout=120)
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert proc.returncode == 2, (key, err[-2000:])
+        assert lines == [lines[-1]] and lines[-1].startswith("error: ") and msg in lines[-1], \
+            (key, err)
+    for sub in "abc":
+        assert not (tmp_path / sub).exists(), f"{sub}: nothing may be written"
