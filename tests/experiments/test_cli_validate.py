@@ -93,7 +93,7 @@ def broken_model_dir(tmp_path: Path) -> Path:
 
 BAD = [
     # (overrides, the one line's expected text)
-    (["model=xyz"], "model=xyz: unknown; allowed: animatediff, dit, flux"),
+    (["model=xyz"], f"model=xyz: unknown; allowed: {', '.join(zoo.model_names())}\n"),
     (["scheduler=foo"], "scheduler=foo: unknown; allowed: ddim, dpmsolver++, euler"),
     (["scheduler.name=foo"], "scheduler.name='foo'; allowed: ddim, dpmsolver++, euler"),
     (["parallel.n=0"], "parallel.n=0; allowed: an integer >= 1"),
@@ -107,7 +107,7 @@ BAD = [
     (["model=flux", "scheduler.guidance=3"], "scheduler.guidance=3: model flux input"),
     (["scheduler.guidance=abc"], "scheduler.guidance='abc'; allowed: null or a number >= 0"),
     (["wandb.mode=cloud"], "wandb.mode='cloud'; allowed: offline, online, disabled"),
-    (["+experiment=nope"], "experiment=nope: unknown; allowed: devices, guidance"),
+    (["+experiment=nope"], f"experiment=nope: unknown; allowed: {', '.join(EXPERIMENTS)}\n"),
     (["-m", "parallel.n=2", "parallel.warmup=1,7"], "parallel.warmup=7; allowed"),
     (["-m", "hydra/launcher=submitit_slurm", "parallel.n=2,3"],
      "hydra/launcher=submitit_slurm: needs hydra_plugins.hydra_submitit_launcher"),
