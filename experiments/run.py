@@ -108,7 +108,7 @@ def run_spawn(cfg: DictConfig, out: Path) -> dict:
     jobs = sampling_jobs(bundle, cfg, par.replicas)
     log.info("asyncdiff: %d pipeline(s) × %d workers × %d thread(s), %d %s steps",
              par.replicas, par.devices, par.threads, cfg.scheduler.steps, cfg.scheduler.name)
-    result = launch(compiled.staged, compiled.plan, par, jobs)
+    result = launch(compiled.staged, compiled.plan, par, jobs, progress=bool(cfg.progress))
     ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress)
     rows = timeline_rows(result.stats, par.devices)
     return finish(cfg, out, compiled.plan, par, result.latents, ref, t_seq, result.wall_s, rows,
@@ -141,7 +141,8 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     jobs = sampling_jobs(bundle, cfg, par.replicas)
     job = WorkerJob(plan=plan, segments=staged.stage_segments(stage_of_device(device, plan.n)),
                     specs=staged.specs, placeholders=staged.placeholders,
-                    output=staged.output, parallel=par, sampling=jobs)
+                    output=staged.output, parallel=par, sampling=jobs,
+                    progress=bool(cfg.progress))
     del bundle, captured, graph, staged  # keep only this rank's stage (rank 0: and the plan's)
     dist.barrier()
     t0 = time.perf_counter()

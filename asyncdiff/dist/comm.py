@@ -25,6 +25,11 @@ def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
         tensors[0].reshape(-1).clone()
 
 
+def sendable(t: torch.Tensor) -> torch.Tensor:
+    """Process groups send only contiguous memory (a narrowed ε, e.g. a learned-σ model's)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def unpack(buf: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     out, offset = [], 0
     for shape in shapes:
@@ -41,24 +46,26 @@ class Pending:
     """Outstanding non-blocking operations of one round, waited together."""
 
     me: int
-    ops: list[tuple[object, str, int]] = field(default_factory=list)  # (work, kind, peer)
+    # (work, kind, peer, buffer): the buffer is kept alive until the operation completes
+    ops: list[tuple[object, str, int, torch.Tensor]] = field(default_factory=list)
     bytes_sent: int = 0
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        tensor = sendable(tensor)
         try:
-            self.ops.append((dist.isend(tensor, dst=dst, tag=tag), "send to", dst))
+            self.ops.append((dist.isend(tensor, dst=dst, tag=tag), "send to", dst, tensor))
         except RuntimeError as err:
             raise PeerError(f"rank {self.me}: send to rank {dst} failed: {err}") from err
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
         try:
-            self.ops.append((dist.irecv(tensor, src=src, tag=tag), "receive from", src))
+            self.ops.append((dist.irecv(tensor, src=src, tag=tag), "receive from", src, tensor))
         except RuntimeError as err:
             raise PeerError(f"rank {self.me}: receive from rank {src} failed: {err}") from err
 
     def wait(self) -> None:
-        for work, kind, peer in self.ops:
+        for work, kind, peer, _buffer in self.ops:
             try:
                 work.wait()
             except RuntimeError as err:

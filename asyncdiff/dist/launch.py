@@ -90,7 +90,7 @@ def _entry(rank: int, world: int, port: int, job_bytes: bytes, results) -> None:
 
 def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: list[SamplingJob],
            *, fault: dict | None = None, timeout_s: float = 600.0,
-           plans: dict[int, Plan] | None = None) -> LaunchResult:
+           plans: dict[int, Plan] | None = None, progress: bool = False) -> LaunchResult:
     """Run ``len(sampling)`` = R pipelines of N−1+S workers each; return their latents.
 
     ``plans`` (tests) gives some ranks a different plan, to check the hash comparison.
@@ -109,7 +109,8 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
         stage = min(device, plan.n - 1)
         job = WorkerJob(plan=(plans or {}).get(rank, plan), segments=staged.stage_segments(stage),
                         specs=staged.specs, placeholders=staged.placeholders,
-                        output=staged.output, parallel=parallel, sampling=sampling, fault=fault)
+                        output=staged.output, parallel=parallel, sampling=sampling, fault=fault,
+                        progress=progress)
         p = ctx.Process(target=_entry, args=(rank, world, port, _dumps(job), results), daemon=True,
                         name=f"asyncdiff-rank{rank}")
         p.start()

@@ -64,6 +64,7 @@ class WorkerJob:
     parallel: ParallelSpec
     sampling: list[SamplingJob]  # one per replica
     fault: dict | None = None    # tests: {"rank": r, "round": i, "kind": "raise"|"kill"|"hang"}
+    progress: bool = False       # a progress bar over steps, shown by rank 0 only
 
 
 def init_group(rank: int, world: int, backend: str, init_method: str | None,
@@ -112,9 +113,18 @@ def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
     denoiser = PipelineDenoiser(executor)
     if job.fault and job.fault.get("rank") == rank:
         denoiser = _Faulty(denoiser, job.fault, timeline)
+    bar = _progress(task.steps, rank) if job.progress and rank == 0 else None
     out = sample(denoiser, make_scheduler(task.scheduler, **task.scheduler_kwargs), task.x_T,
-                 task.cond, steps=task.steps, guidance_scale=task.guidance, uncond=task.uncond)
+                 task.cond, steps=task.steps, guidance_scale=task.guidance, uncond=task.uncond,
+                 callback=(lambda info: bar.update(1)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
     return out, executor.stats
+
+
+def _progress(steps: int, rank: int):
+    from tqdm import tqdm
+    return tqdm(total=steps, desc=f"asyncdiff (rank {rank})", unit="step", leave=False)
 
 
 def _to_device(task: SamplingJob, where: torch.device) -> SamplingJob:
