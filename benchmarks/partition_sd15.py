@@ -28,24 +28,23 @@ from partition.graph import build_graph
 ROOT = Path(__file__).resolve().parents[1]
 
 # The official code's wrapped modules per component (research/paper.md §3, SD 1.5).
-B = "blocks"
 OFFICIAL_SD15 = {
     2: [["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3",
          "mid_block", "up_blocks.0", "up_blocks.1.resnets.0", "up_blocks.1.attentions.0",
          "up_blocks.1.resnets.1"],
         ["up_blocks.1.attentions.1", "up_blocks.1.resnets.2", "up_blocks.1.attentions.2",
-         "up_blocks.1.upsamplers", "up_blocks.2", "up_blocks.3", "conv_norm_out", "conv_out"]],
+         "up_blocks.1.upsamplers.0", "up_blocks.2", "up_blocks.3", "conv_norm_out", "conv_out"]],
     3: [["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3"],
         ["mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2.resnets.0",
          "up_blocks.2.attentions.0", "up_blocks.2.resnets.1", "up_blocks.2.attentions.1",
          "up_blocks.2.resnets.2"],
-        ["up_blocks.2.attentions.2", "up_blocks.2.upsamplers", "up_blocks.3", "conv_norm_out",
+        ["up_blocks.2.attentions.2", "up_blocks.2.upsamplers.0", "up_blocks.3", "conv_norm_out",
          "conv_out"]],
     4: [["conv_in", "down_blocks.0", "down_blocks.1"],
         ["down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1.resnets.0",
          "up_blocks.1.attentions.0", "up_blocks.1.resnets.1"],
         ["up_blocks.1.attentions.1", "up_blocks.1.resnets.2", "up_blocks.1.attentions.2",
-         "up_blocks.1.upsamplers", "up_blocks.2"],
+         "up_blocks.1.upsamplers.0", "up_blocks.2"],
         ["up_blocks.3", "conv_norm_out", "conv_out"]],
 }
 
@@ -78,6 +77,9 @@ def module_output_bytes(cfg: dict, inputs: dict, names: list[str]) -> dict[str, 
         call_denoiser(model, {k: v.to("meta") for k, v in inputs.items()})
     for h in hooks:
         h.remove()
+    missing = sorted(set(names) - set(sizes))
+    if missing:
+        raise ValueError(f"modules never called (a ModuleList?): {missing}")
     return sizes
 
 
@@ -114,6 +116,9 @@ def main() -> None:
     print(f"full SD 1.5 UNet: {sum(p.numel() for p in bundle.module.parameters()) / 1e6:.1f}M "
           f"params, latent {tuple(inputs['sample'].shape)}, {args.threads} thread(s); "
           f"build {t_build:.1f} s, peak RSS after build {rss_model:.2f} GiB")
+    names = sorted({m for n in OFFICIAL_SD15 for comp in OFFICIAL_SD15[n] for m in comp})
+    out_bytes = module_output_bytes(cfg, inputs, names)  # first: fails fast
+    eps_bytes = inputs["sample"].numel() * 4
     t0 = time.perf_counter()
     captured = capture(bundle.module, bundle.specs, inputs)
     t_capture = time.perf_counter() - t0
@@ -125,9 +130,6 @@ def main() -> None:
     print(f"capture {t_capture:.1f} s, cost {t_cost:.1f} s ({args.repeats} timed pass), "
           f"{graph.size} trunk nodes, {len(graph.conditioning)} conditioning nodes, "
           f"peak RSS {peak_rss_gib():.2f} GiB")
-    names = sorted({m for n in OFFICIAL_SD15 for comp in OFFICIAL_SD15[n] for m in comp})
-    out_bytes = module_output_bytes(cfg, inputs, names)
-    eps_bytes = inputs["sample"].numel() * 4
     rows = []
     for n in (2, 3, 4):
         paper = yaml.safe_load((ROOT / f"conf/partition/paper_sd15_n{n}.yaml").read_text())
