@@ -6,7 +6,9 @@ Model: the SD 1.5 block layout at reduced width (block_out_channels 64/128/128/1
 32×32, batch 2 as with classifier-free guidance), random weights, sized so one forward takes
 over 100 ms on one thread. For each N:S it runs the pipeline (W=1, one thread per worker)
 and compares it with (a) the sequential sampler on one thread and (b) the sequential sampler
-on as many threads as the pipeline has workers — what a CPU user would otherwise do. It
+on all the machine's cores (or as many threads as workers, if fewer) — what a CPU user would
+otherwise do. With more workers than cores the pipeline is oversubscribed, and its ideal
+speedup is bounded by the cores, not by T / (W + ⌈(T−W)/S⌉/N). It
 prints speedups, parallel efficiency against the ideal T / (W + ⌈(T−W)/S⌉/N), bytes and
 waiting per step, and peak memory per worker, and plots the per-device timeline of a few
 steps. Numbers on a shared 2-core VM are noisy: run it on an otherwise idle machine.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import statistics
 import time
@@ -53,6 +56,10 @@ def sequential(staged, job: SamplingJob, threads: int) -> tuple[torch.Tensor, fl
     return out, time.perf_counter() - t0
 
 
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} s [{min(xs):.2f}–{max(xs):.2f}]"
+
+
 def plot_timeline(result, path: str, rounds: range) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -79,6 +86,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--configs", default="2:1,2:2,3:1,4:1", help="N:S pairs")
     ap.add_argument("--plot", default="docs/timeline_n2s1.png")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each configuration and baseline, interleaved; medians reported")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, specs, inputs = build()
@@ -96,34 +105,38 @@ def main() -> None:
           f"params, one forward {fwd:.0f} ms on 1 thread; {args.steps} DDIM steps, "
           f"W={args.warmup}")
     seq_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    ref, t_seq1 = sequential(c1.staged, job, 1)
-    seq2 = {}
+    ref, _ = sequential(c1.staged, job, 1)
     for pair in args.configs.split(","):
         n, s = map(int, pair.split(":"))
         par = ParallelSpec(n=n, stride=s, warmup=args.warmup, threads=1)
-        if par.devices not in seq2:
-            seq2[par.devices] = sequential(c1.staged, job, par.devices)[1]
+        threads = min(par.devices, os.cpu_count() or 1)
         torch.set_num_threads(1)
         c = compile_model(model, specs, inputs, PartitionRequest(n=n), cost_model="time",
                           repeats=3, threads=1, captured=c1.graph.captured)
-        result = launch(c.staged, c.plan, par, [job])
+        walls, seq1s, seqps = [], [], []
+        for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit all three
+            seq1s.append(sequential(c1.staged, job, 1)[1])
+            seqps.append(sequential(c1.staged, job, threads)[1])
+            result = launch(c.staged, c.plan, par, [job])
+            walls.append(result.wall_s)
         out = result.latents[0]
+        wall, t_seq1, t_seqp = (statistics.median(x) for x in (walls, seq1s, seqps))
         rounds = math.ceil((args.steps - args.warmup) / s)
         ideal = args.steps / (args.warmup + rounds / n)
-        sp1 = t_seq1 / result.wall_s
-        spp = seq2[par.devices] / result.wall_s
-        torch_speedup = t_seq1 / seq2[par.devices]
+        sp1 = t_seq1 / wall
+        spp = t_seqp / wall
+        torch_speedup = t_seq1 / t_seqp
         par_rounds = [st for st in result.stats[0] if st.round >= args.warmup]
         wait = statistics.mean((st.done - st.computed) * 1e3 for st in par_rounds)
         step = statistics.mean((st.done - st.start) * 1e3 for st in par_rounds)
         sent = sum(st.bytes_sent for r in result.stats.values() for st in r
                    if st.round >= args.warmup) / len(par_rounds)
         rel = ((out - ref).norm() / ref.norm()).item()
-        print(f"\nN={n} S={s} on {par.devices} workers × 1 thread: {result.wall_s:.2f} s  "
-              f"(sequential: {t_seq1:.2f} s on 1 thread, {seq2[par.devices]:.2f} s on "
-              f"{par.devices} threads)")
+        print(f"\nN={n} S={s} on {par.devices} workers × 1 thread: {spread(walls)}  "
+              f"(sequential: {spread(seq1s)} on 1 thread, {spread(seqps)} on "
+              f"{threads} threads; medians of {args.repeats})")
         print(f"  speedup {sp1:.2f}x vs 1 thread (ideal {ideal:.2f}x, efficiency "
-              f"{sp1 / ideal:.2f});  {spp:.2f}x vs {par.devices} threads (ceiling "
+              f"{sp1 / ideal:.2f});  {spp:.2f}x vs {threads} threads (ceiling "
               f"{ideal / torch_speedup:.2f}x = ideal / torch's own {torch_speedup:.2f}x; "
               f"{spp / (ideal / torch_speedup):.2f} of it)")
         print(f"  per parallel round on device 0: {step:.1f} ms, waiting {wait:.1f} ms "
