@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,15 @@ def test_run_directory_and_wandb_offline_run(tmp_path, monkeypatch):
     # the W&B offline run: exactly one (only this process logs), written where WANDB_DIR says
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    records = list(offline_records(runs[0]))
-    kinds = {r.WhichOneof("record_type") for r in records}
+    # W&B's writer is a separate service process: under load it may still be flushing the
+    # transaction log when finish() returns, so read until the records are there (≤ 60 s)
+    deadline = time.monotonic() + 60
+    while True:
+        records = list(offline_records(runs[0]))
+        kinds = {r.WhichOneof("record_type") for r in records}
+        if {"run", "history", "summary", "files"} <= kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert {"run", "history", "summary", "files"} <= kinds
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
