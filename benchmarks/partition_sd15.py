@@ -22,7 +22,7 @@ import yaml
 
 from partition import PartitionRequest, compile_graph, zoo
 from partition.capture import capture
-from partition.cost import profile
+from partition.cost import profile, tensor_bytes
 from partition.graph import build_graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,18 +61,11 @@ def module_output_bytes(cfg: dict, inputs: dict, names: list[str]) -> dict[str, 
     with torch.device("meta"):
         model = cls.from_config(section["config"]).eval()
     sizes: dict[str, int] = {}
-
-    def nbytes(out) -> int:
-        if isinstance(out, torch.Tensor):
-            return out.numel() * out.element_size()
-        if isinstance(out, (tuple, list)):
-            return sum(nbytes(o) for o in out)
-        return 0
     hooks = []
     for name in names:
         mod = model.get_submodule(name)
         hooks.append(mod.register_forward_hook(
-            lambda m, a, o, name=name: sizes.__setitem__(name, sizes.get(name, 0) + nbytes(o))))
+            lambda m, a, o, name=name: sizes.__setitem__(name, sizes.get(name, 0) + tensor_bytes(o))))
     with torch.no_grad():
         call_denoiser(model, {k: v.to("meta") for k, v in inputs.items()})
     for h in hooks:
