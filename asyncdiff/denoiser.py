@@ -7,7 +7,7 @@ fed to the network: a round sees the latent of its first step, see [Note: stalen
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -54,7 +54,3 @@ class PipelineDenoiser:
             self._pending = self.executor.run_round(rnd, x, cond)
         return self._pending.pop(step)
 
-
-def network_timesteps(timesteps: Sequence | torch.Tensor) -> list[float]:
-    """The scheduler's τ_0 … τ_{T−1} as floats (what stages are fed, by index)."""
-    return [float(t) for t in timesteps]
