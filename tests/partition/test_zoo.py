@@ -38,13 +38,7 @@ FULL_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-exact comparisons need a fixed thread count; restore it afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one thread per test: the autouse fixture in tests/partition/conftest.py
 
 
 @functools.cache
