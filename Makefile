@@ -18,7 +18,6 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/asyncdiff-plan model=sd15 parallel.n=2
 	$(BIN)/python -m experiments.demo
 
 test: setup

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
 from experiments.common import partition_request, plain
+from experiments.reference.model import conditioning, is_reference, reference_tokens
 from partition import Compiled, compile_graph, zoo
 from partition.capture import capture
 from partition.cost import profile
@@ -50,28 +51,74 @@ def _halves(example: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, d
     return cond, uncond
 
 
+def model_config(cfg: DictConfig) -> dict:
+    """The model YAML of ``cfg`` with ``batch`` applied: ``batch`` images per pipeline means
+    every input whose dim 0 is the example batch gets dim 0 = ``batch`` (2·``batch`` under
+    classifier-free guidance: [uncond, cond]). The plan is captured for that shape."""
+    model_cfg = plain(cfg.model)
+    batch = cfg.get("batch")
+    if batch is None:
+        return model_cfg
+    variant = model_cfg.get("variant", "tiny")
+    inputs = model_cfg[variant]["inputs"]
+    latent = next(d for d in inputs if d.get("role") == "latent")
+    rows = latent["shape"][0]
+    new = int(batch) * (1 if guidance_of(cfg) is None else 2)
+    model_cfg[variant]["inputs"] = [
+        {**d, "shape": [new, *d["shape"][1:]]} if d.get("shape") and d["shape"][0] == rows
+        else d for d in inputs]
+    return model_cfg
+
+
+def guidance_of(cfg: DictConfig) -> float | None:
+    """``scheduler.guidance``; for a trained reference model left at null, the model's own."""
+    g = cfg.scheduler.get("guidance")
+    if g is None and is_reference(plain(cfg.model)):
+        g = cfg.model.reference.get("guidance")
+    return None if g is None else float(g)
+
+
+def job_labels(cfg: DictConfig, replica: int, batch: int, classes: int) -> torch.Tensor:
+    """Class labels of a reference model's pipeline ``replica``: ``labels`` if given (cycled),
+    else ``seed + i`` mod classes over the run's images, so a grid shows every class."""
+    given = cfg.get("labels")
+    start = replica * batch
+    if given:
+        return torch.tensor([int(given[(start + i) % len(given)]) for i in range(batch)])
+    return (torch.arange(start, start + batch) + int(cfg.seed)) % classes
+
+
 def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[SamplingJob]:
     """One job per replica: replica r uses seed + r for its noise and conditioning.
 
-    With ``scheduler.guidance`` set, the latent batch is half the example's and each step
-    runs the [uncond, cond] batch (the example's shape, which the plan was captured for).
+    With guidance (``scheduler.guidance``, or a reference model's own), the latent batch is
+    half the example's and each step runs the [uncond, cond] batch (the example's shape,
+    which the plan was captured for). A model YAML's ``schedule`` block (the training betas)
+    goes to the scheduler. A trained reference model is conditioned on its class tokens
+    (:func:`job_labels`), otherwise on the example batch's conditioning.
     """
     jobs = []
-    guidance = cfg.scheduler.get("guidance")
+    guidance = guidance_of(cfg)
+    model_cfg = plain(cfg.model)
+    schedule = dict(model_cfg.get("schedule") or {})
     cond_names = [s.name for s in bundle.specs if s.role == "cond"]
+    tokens = reference_tokens(model_cfg) if is_reference(model_cfg) else None
     for r in range(replicas):
         example = bundle.inputs(cfg.seed + r)
         shape = list(example[bundle.latent].shape)
         uncond = None
-        if guidance is None:
+        if guidance is not None:
+            shape[0] //= 2
+        if tokens is not None:
+            cond, uncond = conditioning(tokens, job_labels(cfg, r, shape[0], tokens.null_class))
+            uncond = None if guidance is None else uncond
+        elif guidance is None:
             cond = {n: example[n] for n in cond_names}
         else:
             cond, uncond = _halves(example, cond_names)
-            shape[0] //= 2
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed + r))
         jobs.append(SamplingJob(cfg.scheduler.name, cfg.scheduler.steps, x_T, cond,
-                                guidance=None if guidance is None else float(guidance),
-                                uncond=uncond))
+                                guidance=guidance, uncond=uncond, scheduler_kwargs=schedule))
     return jobs
 
 
@@ -90,7 +137,7 @@ def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads
 
 def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
     """Build, capture, cost (cached) and plan the model ``cfg`` describes."""
-    model_cfg, part, par = plain(cfg.model), plain(cfg.partition), plain(cfg.parallel)
+    model_cfg, part, par = model_config(cfg), plain(cfg.partition), plain(cfg.parallel)
     t0 = time.perf_counter()
     hit = _captured.cache_info().hits
     bundle, captured, costs = _captured(json.dumps(model_cfg, sort_keys=True), int(cfg.seed),

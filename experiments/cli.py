@@ -98,7 +98,8 @@ def check_command_line(argv: list[str], entry: str = "run",
     overrides = list(args.overrides)
     if args.config_dir:
         overrides.append(f"hydra.searchpath=[file://{os.path.abspath(args.config_dir)}]")
-    configs = job_configs(overrides, args.multirun, args.config_name or "config")
+    default = entry if entry in ("demo", "study") else "config"  # conf/demo.yaml, study.yaml
+    configs = job_configs(overrides, args.multirun, args.config_name or default)
     for cfg in configs:
         if args.multirun:
             _check_launcher(cfg)

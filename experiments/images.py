@@ -1,6 +1,7 @@
 """Pictures of latents, for models run without a VAE (every tiny model, and any model whose
 decoder is not loaded): the first three latent channels as RGB, sequential next to
-asynchronous next to their difference, for the same seed.
+asynchronous next to their difference, for the same seed; and image grids for the trained
+reference models, whose latent is the image.
 """
 from __future__ import annotations
 
@@ -52,6 +53,46 @@ def save_latent_comparison(seq: torch.Tensor, par: torch.Tensor, path: Path,
         ax.imshow(img, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_image_grid(rows: dict[str, torch.Tensor], path: Path, title: str = "",
+                    captions: list[str] | None = None) -> Path:
+    """PNG: one row per entry of ``rows`` (name -> images ``[n, C, H, W]`` in [-1, 1], C = 1
+    or 3), one column per sample, and a last row of |first − second| (scaled to its max)
+    when there are two rows. For models whose latent is the image (the trained reference
+    models)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, imgs = list(rows), [r.detach().float().cpu().clamp(-1, 1) for r in rows.values()]
+    if len(imgs) == 2:
+        diff = (imgs[0] - imgs[1]).abs()
+        peak = float(diff.max())
+        names.append(f"|diff| (max {peak:.3g})")
+        imgs.append(diff / (peak or 1.0) * 2 - 1)
+    n = imgs[0].shape[0]
+    fig, axes = plt.subplots(len(imgs), n, figsize=(0.9 * n + 1.2, 0.95 * len(imgs) + 0.5),
+                             squeeze=False)
+    for r, (name, batch) in enumerate(zip(names, imgs)):
+        for c in range(n):
+            ax = axes[r][c]
+            im = ((batch[c] + 1) / 2).permute(1, 2, 0).numpy()
+            ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+            if r == 0 and captions:
+                ax.set_title(captions[c], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

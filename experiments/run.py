@@ -32,10 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 from asyncdiff.dist.executor import stage_of_device
 from asyncdiff.dist.launch import launch
 from asyncdiff.dist.worker import WorkerJob, init_group, run_job
-from experiments.build import compiled_model, parallel_spec, sampling_jobs, sequential_sample
+from experiments.build import (compiled_model, job_labels, model_config, parallel_spec,
+                               sampling_jobs, sequential_sample)
 from experiments.cli import checked
 from experiments.common import CONF_DIR, exit_on_bad_input, partition_request, plain
-from experiments.images import save_latent_comparison
+from experiments.images import save_image_grid, save_latent_comparison
+from experiments.reference.model import (classify, is_reference, reference_classifier,
+                                         reference_tokens)
 from experiments.plots import device_timeline
 from experiments.record import identity, run_metrics, timeline_rows, write_json
 from experiments.validate import validate_config
@@ -78,7 +81,24 @@ def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tens
     label = (f"{metrics['model']} N={par.n} S={par.stride} W={par.warmup}, "
              f"{cfg.scheduler.steps} {cfg.scheduler.name} steps")
     images = {}
-    if cfg.save_images:
+    model_cfg = plain(cfg.model)
+    if is_reference(model_cfg):  # the latent is the image: how many does the classifier know?
+        labels = job_labels(cfg, 0, ref.shape[0], reference_tokens(model_cfg).null_class)
+        classifier = reference_classifier(model_cfg)
+        metrics["recognised_sequential"] = float((classify(classifier, ref) == labels)
+                                                 .float().mean())
+        metrics["recognised_asyncdiff"] = float((classify(classifier, latents[0]) == labels)
+                                                .float().mean())
+        log.info("recognised by the classifier: sequential %.0f%%, asyncdiff %.0f%% of %d",
+                 100 * metrics["recognised_sequential"], 100 * metrics["recognised_asyncdiff"],
+                 len(labels))
+        write_json(out / "metrics.json", metrics)
+    if cfg.save_images and is_reference(model_cfg):
+        images["samples"] = save_image_grid({"sequential": ref, "asyncdiff": latents[0]},
+                                            out / "images" / "samples.png",
+                                            title=f"{label}, seed {cfg.seed}",
+                                            captions=[str(int(v)) for v in labels])
+    elif cfg.save_images:
         images["latents"] = save_latent_comparison(ref, latents[0], out / "images" / "latents.png",
                                                    title=f"{label}, seed {cfg.seed}")
         images["timeline"] = device_timeline(rows, out / "images" / "timeline.png", title=label)
@@ -119,7 +139,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     par = parallel_spec(plain(cfg.parallel))
     init_group(rank, world, par.backend, None, par.timeout_s * 4)
-    bundle = zoo.build(plain(cfg.model), seed=cfg.seed)
+    bundle = zoo.build(model_config(cfg), seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
     captured = capture(bundle.module, bundle.specs, inputs)
     shared, compiled = [None], None

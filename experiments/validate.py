@@ -85,6 +85,23 @@ def validate_guidance(model: Mapping, variant: str, guidance) -> None:
                 "into uncond and cond halves)")
 
 
+def validate_labels(model: Mapping, labels) -> None:
+    """``labels``: class labels for a trained reference model (null: every class in turn)."""
+    if labels is None:
+        return
+    ref = model.get("reference")
+    if not isinstance(ref, Mapping):
+        raise ConfigError(f"labels={labels!r}; allowed: null for model {model.get('name')} "
+                          "(class labels condition trained reference models only)")
+    from experiments.reference.model import reference_tokens
+    classes = reference_tokens(dict(model)).null_class
+    if (not isinstance(labels, (list, tuple)) or not labels
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < classes
+                       for v in labels)):
+        raise ConfigError(f"labels={labels!r}; allowed: null or a list of class labels in "
+                          f"[0, {classes - 1}]")
+
+
 def validate_config(cfg: Mapping, env: Mapping[str, str] | None = None,
                     entry: str = "run") -> None:
     """Check everything an entry point will use; raise ConfigError on the first problem.
@@ -123,6 +140,9 @@ def validate_config(cfg: Mapping, env: Mapping[str, str] | None = None,
     _int("parallel.warmup", par.get("warmup"), 1 if n > 1 else 0, steps, why)
     validate_guidance(model, variant, sch.get("guidance"))
     _int("seed", cfg.get("seed"), 0)
+    if cfg.get("batch") is not None:
+        _int("batch", cfg["batch"], 1)
+    validate_labels(model, cfg.get("labels"))
     if entry == "plan":
         return
 

@@ -6,11 +6,14 @@ Planning every model from its composed config is tests/partition/test_plan.py
 """
 from __future__ import annotations
 
+import json
+
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 from exp_helpers import FAST, RUN_MAIN, compose_cfg, popen
 
 import schedulers
@@ -40,6 +43,16 @@ def test_scheduler_configs_are_the_schedulers():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_sweeps_expand_and_validate(name):
     configs = cli.job_configs([f"+experiment={name}"], multirun=True)
+    if name.startswith("quality_"):  # the quality study's points (experiments/study.py)
+        from experiments import study
+        full = cli.job_configs([f"+experiment={name}"], False, "study")[0]
+        params = full.hydra.sweeper.params
+        cfg = OmegaConf.create(cli.resolved_job(full))
+        points = study.points_of(cfg, params) if (params or cfg.study.points) else []
+        assert points or cfg.study.similarity
+        assert len({json.dumps(study.describe(study.point_config(cfg, p)))
+                    for p in points}) == len(points)  # each valid, none twice
+        return
     params = dict(configs[0].hydra.sweeper.params)
     assert {"parallel.stride", "parallel.warmup"} <= set(params)
     assert "parallel.n" in params or "partition" in params  # paper splits set N themselves
@@ -107,6 +120,10 @@ BAD = [
     (["model=flux", "scheduler.guidance=3"], "scheduler.guidance=3: model flux input"),
     (["scheduler.guidance=abc"], "scheduler.guidance='abc'; allowed: null or a number >= 0"),
     (["wandb.mode=cloud"], "wandb.mode='cloud'; allowed: offline, online, disabled"),
+    (["batch=0"], "batch=0; allowed: an integer >= 1"),
+    (["labels=[1,2]"], "labels=[1, 2]; allowed: null for model sd15 (class labels condition"),
+    (["model=digits", "labels=[3,12]"],
+     "labels=[3, 12]; allowed: null or a list of class labels in [0, 9]"),
     (["+experiment=nope"], f"experiment=nope: unknown; allowed: {', '.join(EXPERIMENTS)}\n"),
     (["-m", "parallel.n=2", "parallel.warmup=1,7"], "parallel.warmup=7; allowed"),
     (["-m", "hydra/launcher=submitit_slurm", "parallel.n=2,3"],

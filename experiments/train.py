@@ -1,12 +1,14 @@
-"""Train the digits reference model ([Note: digits reference model] in reference/digits.py).
+"""Train a reference model (experiments/reference/: [Note: digits reference model],
+[Note: patches reference model]). ``--config-name`` picks ``conf/train/<name>.yaml``.
 
-    python -m experiments.train_digits                     # train (or resume), export, measure
-    python -m experiments.train_digits train.iters=2000    # go on (the cosine is re-stretched)
-    python -m experiments.train_digits resume=false        # start over
-    python -m experiments.train_digits eval_only=true      # re-measure the shipped weights
+    python -m experiments.train                        # digits: train or resume, export, measure
+    python -m experiments.train --config-name patches      # the natural-image patches model
+    python -m experiments.train train.iters=2000           # go on (the cosine is re-stretched)
+    python -m experiments.train resume=false               # start over
+    python -m experiments.train eval_only=true             # re-measure the shipped weights
 
 The shipped weights were trained on 2 shared cores with
-``OMP_WAIT_POLICY=PASSIVE nice -n 19 python -m experiments.train_digits
+``OMP_WAIT_POLICY=PASSIVE nice -n 19 python -m experiments.train [--config-name patches]
 pause_file=/tmp/asyncdiff-bench.lock`` (passive OpenMP threads: on an oversubscribed machine,
 spinning threads burn several times the CPU time for the same work).
 
@@ -23,7 +25,6 @@ import time
 
 import diffusers
 import hydra
-import sklearn
 import torch
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
@@ -31,13 +32,13 @@ from torch import nn
 from tqdm import tqdm
 
 from partition import zoo
-from reference import digits
-from reference.training import (EMA, diffusion_loss, fit_classifier, load_checkpoint,
+from experiments.reference import model as R
+from experiments.reference.training import (EMA, diffusion_loss, fit_classifier, load_checkpoint,
                                 save_checkpoint, warmup_cosine)
 from schedulers import make_scheduler
 
 # What a resumed run must share with its checkpoint (the rest may change: iters, eval, ...).
-_RESUME_KEYS = ("model", "seed", "data", "classifier")
+_RESUME_KEYS = ("model", "seed", "classifier")
 _RESUME_TRAIN_KEYS = ("batch", "lr", "warmup", "lr_floor", "weight_decay", "p_uncond", "ema")
 
 
@@ -50,19 +51,20 @@ def check_resumable(ckpt: dict, c: dict) -> None:
                          f"{', '.join(diff)}; pass resume=false to start over")
 
 
-def quick_check(ema: EMA, classifier: nn.Module, schedule: dict, q: dict, guidance: float) -> float:
+def quick_check(ema: EMA, classifier: nn.Module, schedule: dict, q: dict, guidance: float,
+                image_shape) -> float:
     """Fraction of a few EMA samples the classifier recognises (progress, not the result)."""
-    labels = torch.arange(q["samples"]) % digits.NUM_CLASSES
-    images = digits.generate(ema.module["unet"], ema.module["tokens"],
-                             make_scheduler("ddim", **schedule), labels,
-                             steps=q["steps"], guidance=guidance, seed=1)
-    return float((digits.classify(classifier, images) == labels).float().mean())
+    tokens = ema.module["tokens"]
+    labels = torch.arange(q["samples"]) % tokens.null_class
+    images = R.generate(ema.module["unet"], tokens, make_scheduler("ddim", **schedule), labels,
+                        steps=q["steps"], guidance=guidance, seed=1, image_shape=image_shape)
+    return float((R.classify(classifier, images) == labels).float().mean())
 
 
 def file_sizes(model_cfg: dict) -> dict[str, int]:
     paths = [model_cfg["builder"]["weights"], model_cfg["reference"]["class_tokens"],
              model_cfg["reference"]["classifier"]]
-    return {p: digits.resolve(p).stat().st_size for p in paths}
+    return {p: R.resolve(p).stat().st_size for p in paths}
 
 
 @hydra.main(config_path="../conf/train", config_name="digits", version_base="1.3")
@@ -74,18 +76,16 @@ def main(cfg: DictConfig) -> None:
     evc = c["eval"]
 
     if c["eval_only"]:
-        result = digits.evaluate(digits.load(c["model"]), samples=evc["samples"],
-                                 steps=evc["steps"], guidance=evc["guidance"],
-                                 scheduler=evc["scheduler"], data_seed=c["seed"],
-                                 test_fraction=c["data"]["test_fraction"])
+        result = R.evaluate(R.load(c["model"]), samples=evc["samples"], steps=evc["steps"],
+                            guidance=evc["guidance"], scheduler=evc["scheduler"])
         print(json.dumps(result, indent=1))
         return
 
     # ---- data: the training split only; the held-out split is for measuring
-    x_train, y_train = digits.load_split("train", c["seed"], c["data"]["test_fraction"],
-                                         c["data"]["size"])
-    x_test, y_test = digits.load_split("test", c["seed"], c["data"]["test_fraction"],
-                                       c["data"]["size"])
+    data_cfg = ref_paths["dataset"]
+    data_cfg = {"name": data_cfg} if isinstance(data_cfg, str) else dict(data_cfg)
+    data = R.dataset(**data_cfg)
+    x_test, y_test = data.heldout()
     ckpt_path = c["checkpoint"]["path"]
     ckpt = load_checkpoint(ckpt_path) if c["resume"] else None
     if ckpt is not None:
@@ -93,7 +93,7 @@ def main(cfg: DictConfig) -> None:
         print(f"resuming from {ckpt_path} at iteration {ckpt['step']}")
 
     # ---- the classifier (seconds): the metric for the samples
-    classifier = digits.DigitClassifier()
+    classifier = data.make_classifier()
     if ckpt is not None:
         classifier.load_state_dict(ckpt["classifier"])
         classifier_s = ckpt["classifier_s"]
@@ -101,19 +101,20 @@ def main(cfg: DictConfig) -> None:
         torch.manual_seed(c["seed"])
         t0 = time.perf_counter()
         cc = c["classifier"]
-        fit_classifier(classifier, x_train, y_train, epochs=cc["epochs"], batch=cc["batch"],
+        fit_classifier(classifier, *data.train_set(), epochs=cc["epochs"], batch=cc["batch"],
                        lr=cc["lr"], shift=cc["shift"], seed=c["seed"])
         classifier_s = time.perf_counter() - t0
     classifier.eval()
-    acc = float((digits.classify(classifier, x_test) == y_test).float().mean())
+    acc = float((R.classify(classifier, x_test) == y_test).float().mean())
     print(f"classifier: held-out accuracy {acc:.4f} on {len(y_test)} images "
           f"({classifier_s:.0f} s)")
 
     # ---- the denoiser: UNet + class tokens, trained together
     unet_cfg = model_cfg["tiny"]["config"]
-    unet = digits.build_unet(model_cfg["builder"]["cls"], unet_cfg, seed=c["seed"])
+    unet = R.build_unet(model_cfg["builder"]["cls"], unet_cfg, seed=c["seed"])
     torch.manual_seed(c["seed"])
-    model = nn.ModuleDict({"unet": unet.train(), "tokens": digits.class_tokens_for(model_cfg)})
+    model = nn.ModuleDict({"unet": unet.train(),
+                           "tokens": R.class_tokens_for(model_cfg, data.num_classes)})
     t = c["train"]
     ema = EMA(model, t["ema"])
     opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
@@ -148,9 +149,9 @@ def main(cfg: DictConfig) -> None:
         while c["pause_file"] and os.path.exists(c["pause_file"]):
             time.sleep(30)
         w0, c0 = time.perf_counter(), time.process_time()
-        idx = torch.randint(0, len(y_train), (t["batch"],), generator=g)
-        loss = diffusion_loss(model["unet"], model["tokens"], x_train[idx], y_train[idx],
-                              noise_scheduler, g, t["p_uncond"], digits.NULL_CLASS)
+        x0, labels = data.batch(t["batch"], g)
+        loss = diffusion_loss(model["unet"], model["tokens"], x0, labels, noise_scheduler, g,
+                              t["p_uncond"], model["tokens"].null_class)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
@@ -166,7 +167,8 @@ def main(cfg: DictConfig) -> None:
         if step % 50 == 0:
             curve.append([step, round(running, 5)])
         if step % t["eval_every"] == 0 or step == t["iters"]:
-            rate = quick_check(ema, classifier, schedule, t["eval_quick"], evc["guidance"])
+            rate = quick_check(ema, classifier, schedule, t["eval_quick"], evc["guidance"],
+                               data.image_shape)
             checks.append([step, rate, round(wall_s, 1)])
             bar.write(f"iter {step}: loss {running:.4f}, {t['eval_quick']['samples']} EMA "
                       f"samples recognised {rate:.0%}, {wall_s / 60:.1f} min training")
@@ -177,15 +179,14 @@ def main(cfg: DictConfig) -> None:
 
     # ---- ship: the EMA weights in fp16, where the model YAML says
     meta = {"config": unet_cfg, "schedule": schedule, "iterations": step}
-    digits.save_weights(ema.module["unet"], model_cfg["builder"]["weights"], meta)
-    digits.save_weights(ema.module["tokens"], ref_paths["class_tokens"],
-                        {"null_class": digits.NULL_CLASS, "iterations": step})
-    digits.save_weights(classifier, ref_paths["classifier"], {"heldout_accuracy": acc})
+    R.save_weights(ema.module["unet"], model_cfg["builder"]["weights"], meta)
+    R.save_weights(ema.module["tokens"], ref_paths["class_tokens"],
+                   {"null_class": model["tokens"].null_class, "iterations": step})
+    R.save_weights(classifier, ref_paths["classifier"], {"heldout_accuracy": acc})
 
     # ---- measure what was shipped (loaded back through the model YAML)
-    result = digits.evaluate(digits.load(c["model"]), samples=evc["samples"], steps=evc["steps"],
-                             guidance=evc["guidance"], scheduler=evc["scheduler"],
-                             data_seed=c["seed"], test_fraction=c["data"]["test_fraction"])
+    result = R.evaluate(R.load(c["model"]), samples=evc["samples"], steps=evc["steps"],
+                        guidance=evc["guidance"], scheduler=evc["scheduler"])
     print(json.dumps(result, indent=1))
     record = {
         "model": f"conf/model/{c['model']}.yaml",
@@ -203,9 +204,9 @@ def main(cfg: DictConfig) -> None:
         "results": result,
         "files": file_sizes(model_cfg),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "scikit-learn": sklearn.__version__, "python": platform.python_version()},
+                     "data": data_cfg, "python": platform.python_version()},
     }
-    path = digits.resolve(ref_paths["results"])
+    path = R.resolve(ref_paths["results"])
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -1,0 +1,405 @@
+"""The quality study on a trained reference model: the paper's Tables 1, 2 and 7 at small
+scale, plus the similarity of stage inputs between steps (the paper's premise).
+
+    python -m experiments.study +experiment=quality_table1                 # digits (default)
+    python -m experiments.study +experiment=quality_table1 model=patches study.samples=240
+    python -m experiments.study +experiment=quality_similarity
+
+An experiment (``conf/experiment/quality_*.yaml``) names its points as a sweep
+(``hydra.sweeper.params``, the cartesian product, as ``asyncdiff-run -m`` runs them) and/or a
+list (``study.points``, each a list of overrides). Every point samples the same
+``study.samples`` images (labels 0, 1, … cyclically; noise by chunk from ``seed + chunk``) with
+the emulator, whose numerics equal the distributed runtime's (the tests hold them bit-exact),
+and is compared with the sequential sampler at ``scheduler.steps`` on the same noise and
+labels. Measures and their limits: [Note: quality metrics] in ``experiments/quality.py``.
+
+Samples are cached per point and chunk under ``study.cache`` (a rerun, or a larger
+``study.samples``, reuses them). Results go to ``study.out/<model>/<experiment>/``:
+``results.json``, ``results.csv``, ``table.md`` and plots.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
+from asyncdiff.emulate import Emulator
+from asyncdiff.inputs import model_env
+from asyncdiff.timeline import build_timeline
+from experiments import quality as Q
+from experiments.build import compiled_model, guidance_of
+from experiments.cli import checked, sweep_points
+from experiments.common import CONF_DIR, exit_on_bad_input, plain
+from experiments.metrics import macs_per_device
+from experiments.reference import model as R
+from experiments.validate import validate_config
+from partition import predict
+from schedulers import make_scheduler, sample
+
+log = logging.getLogger(__name__)
+
+POINT_KEYS = ("parallel.n", "parallel.stride", "parallel.warmup", "parallel.time_shift",
+              "parallel.stride_noise", "scheduler.steps")
+
+
+def points_of(cfg: DictConfig, sweep_params) -> list[list[str]]:
+    """The experiment's points: ``study.points``, then its sweep's cartesian product."""
+    pts = [list(p) for p in cfg.study.points or []]
+    pts += sweep_points([], sweep_params) if sweep_params else []
+    if not pts:
+        raise ValueError("study: no points; give hydra.sweeper.params or study.points "
+                         "(e.g. +experiment=quality_table1)")
+    return pts
+
+
+def point_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with one point's overrides applied (only :data:`POINT_KEYS` may vary)."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        if key not in POINT_KEYS:
+            raise ValueError(f"study point override {key!r}; allowed: {', '.join(POINT_KEYS)}")
+        OmegaConf.update(out, key, o.value(), merge=False)
+    validate_config(plain(out), entry="plan")
+    return out
+
+
+def describe(p: DictConfig) -> dict:
+    """A point as plain values; N = 1 is the sequential sampler (the other keys normalised)."""
+    par = p.parallel
+    if int(par.n) == 1:
+        return {"n": 1, "stride": 1, "warmup": 0, "time_shift": False,
+                "stride_noise": "fresh", "steps": int(p.scheduler.steps)}
+    return {"n": int(par.n), "stride": int(par.stride), "warmup": int(par.warmup),
+            "time_shift": bool(par.time_shift), "stride_noise": str(par.stride_noise),
+            "steps": int(p.scheduler.steps)}
+
+
+def label(d: dict) -> str:
+    if d["n"] == 1:
+        return f"sequential, {d['steps']} steps"
+    s = f"N={d['n']} S={d['stride']} W={d['warmup']}"
+    s += ", time shift" if d["time_shift"] else ""
+    s += ", reuse" if d["stride_noise"] == "reuse" else ""
+    return s + f", {d['steps']} steps"
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class Sampler:
+    """Samples chunks of a study's images for any point, with one capture of the model at
+    the chunk's batch (plans per N are cached)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, self.model_cfg = cfg, plain(cfg.model)
+        self.tokens = R.reference_tokens(self.model_cfg)
+        self.classes = self.tokens.null_class
+        self.schedule = dict(self.model_cfg["schedule"])
+        self.guidance = guidance_of(cfg)
+        self.chunk = int(cfg.study.chunk)
+        self._compiled: dict[int, object] = {}
+        self.shape = None
+
+    def compiled(self, n: int):
+        if n not in self._compiled:
+            c = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
+            OmegaConf.update(c, "parallel.n", n, merge=False)
+            OmegaConf.update(c, "batch", self.chunk, merge=False)
+            bundle, self._compiled[n] = compiled_model(c)
+            self.shape = next(s.shape for s in bundle.specs if s.role == "latent")[1:]
+        return self._compiled[n]
+
+    def labels(self, chunk: int) -> torch.Tensor:
+        return torch.arange(chunk * self.chunk, (chunk + 1) * self.chunk) % self.classes
+
+    def noise(self, chunk: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(self.cfg.seed) + chunk)
+        return torch.randn((self.chunk, *self.shape), generator=g)
+
+    def run(self, d: dict, chunk: int, recorder=None) -> torch.Tensor:
+        compiled = self.compiled(max(d["n"], 1))
+        scheduler = make_scheduler(self.cfg.scheduler.name, **self.schedule)
+        if d["n"] == 1:
+            denoiser = recorder or SequentialDenoiser(compiled.staged)
+        else:
+            scheduler.set_timesteps(d["steps"])
+            tl = build_timeline(d["n"], d["stride"], d["warmup"], d["steps"], d["time_shift"],
+                                d["stride_noise"])
+            denoiser = PipelineDenoiser(Emulator(compiled.staged, compiled.plan, tl,
+                                                 scheduler.timesteps))
+        cond, uncond = R.conditioning(self.tokens, self.labels(chunk))
+        return sample(denoiser, scheduler, self.noise(chunk), cond, steps=d["steps"],
+                      guidance_scale=self.guidance, uncond=uncond)
+
+
+def cached_samples(sampler: Sampler, d: dict, chunks: int, cache: Path) -> torch.Tensor:
+    """All chunks of point ``d``: from the cache, or sampled and then cached."""
+    key = json.dumps({**d, "model": sampler.model_cfg["name"], "seed": int(sampler.cfg.seed),
+                      "chunk": sampler.chunk, "guidance": sampler.guidance,
+                      "scheduler": sampler.cfg.scheduler.name,
+                      "strategy": sampler.cfg.partition.strategy,
+                      "cost_model": sampler.cfg.partition.cost_model}, sort_keys=True)
+    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+    out = []
+    for c in range(chunks):
+        path = cache / f"{tag}-{c}.pt"
+        if path.is_file():
+            out.append(torch.load(path))
+            continue
+        t0 = time.perf_counter()
+        x = sampler.run(d, c)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(x, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+        log.info("%s: chunk %d/%d in %.0f s", label(d), c + 1, chunks, time.perf_counter() - t0)
+        out.append(x)
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+class RecordingDenoiser:
+    """The sequential sampler's denoiser that also keeps, per step, every value crossing a
+    cut of ``plan`` (what stage n ≥ 1 reads: stale in the pipeline) and the latent."""
+
+    def __init__(self, staged, plan):
+        self.staged, self.plan = staged, plan
+        self.cross = [v.name for v in plan.values]
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, x, t, step, cond):
+        with torch.no_grad():
+            env = model_env(self.staged.specs, self.staged.placeholders, x, t, cond)
+            for seg in self.staged.segments:
+                env.update(seg(env))
+            rec = {name: env[name] for name in self.cross}
+            rec["<latent>"] = x
+            self.steps.append(rec)
+            return env[self.staged.output]
+
+
+def similarity(sampler: Sampler, n: int, steps: int) -> dict:
+    """Cosine similarity and relative change of each stage's input between consecutive steps
+    of the sequential sampler (one chunk; the CFG batch's cond half), for the plan at ``n``."""
+    compiled = sampler.compiled(n)
+    rec = RecordingDenoiser(compiled.staged, compiled.plan)
+    sampler.run({"n": 1, "steps": steps}, 0, recorder=rec)
+    plan = compiled.plan
+    inputs = {0: ["<latent>"]}
+    for st in plan.stages[1:]:
+        inputs[st.index] = list(st.inputs)
+    half = sampler.chunk  # CFG batch [uncond, cond]: rows half: are the conditional ones
+    per_stage = {}
+    for s, names in inputs.items():
+        def vec(k):
+            return torch.cat([rec.steps[k][nm][-half:].flatten(1).double() for nm in names], 1)
+        cos, rel = [], []
+        for k in range(1, steps):
+            a, b = vec(k - 1), vec(k)
+            cos.append(float(Q.cosine_per_sample(b, a).mean()))
+            rel.append(float(((b - a).norm(dim=1) / b.norm(dim=1)).mean()))
+        per_stage[s] = {"inputs": names, "cosine": cos, "relative_change": rel}
+    return {"n": n, "steps": steps, "samples": half, "stages": per_stage}
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def evaluate_point(images, ref, labels, real_feats, feats, d, plan, seq_plan, cfg) -> dict:
+    """One table row: predicted speedup; MACs of the busiest device per image over the whole
+    run (warm-up included, both halves of the CFG batch, as the paper's Table 1 counts them);
+    consistency with the sequential samples, FD, accuracy."""
+    st = cfg.study
+    full = sum(s.macs for s in seq_plan.stages)
+    images_per_forward = int(st.chunk)  # the plan's batch is [uncond, cond] x chunk
+    row = {"point": label(d), **d, "samples": len(images)}
+    if plan is not None:
+        pred = predict(plan, steps=d["steps"], warmup=d["warmup"], stride=d["stride"])
+        macs = macs_per_device(plan, d["n"] - 1 + d["stride"] if d["stride_noise"] == "fresh"
+                               else d["n"])
+        rounds = math.ceil((d["steps"] - d["warmup"]) / d["stride"])
+        per_image = (d["warmup"] * full + rounds * max(macs)) / images_per_forward
+        row.update(predicted_speedup=pred["speedup"], ideal_speedup=pred["ideal_speedup"],
+                   macs_per_device_g=per_image / 1e9, devices=len(macs))
+    else:  # the sequential sampler on one device: speedup over the configured step count
+        full_steps = int(cfg.scheduler.steps)
+        row.update(predicted_speedup=full_steps / d["steps"], ideal_speedup=full_steps / d["steps"],
+                   macs_per_device_g=d["steps"] * full / images_per_forward / 1e9, devices=1)
+    psnr = Q.psnr_per_sample(images, ref)
+    rel = Q.relative_l2_per_sample(images, ref)
+    row["psnr_db"] = Q.bootstrap_ci(psnr.numpy(), resamples=st.bootstrap)
+    row["psnr_capped_fraction"] = float((psnr >= Q.PSNR_CAP).double().mean())
+    row["relative_l2"] = Q.bootstrap_ci(rel.numpy(), resamples=st.bootstrap)
+    hit = (R.classify(cfg_classifier(cfg), images) == labels).double()
+    row["accuracy"] = Q.bootstrap_ci(hit.numpy(), resamples=st.bootstrap)
+    nfd = len(real_feats)
+    row["fd"] = Q.frechet_ci(feats[:nfd], real_feats, resamples=st.fd_bootstrap)
+    row["fd_samples"] = nfd
+    return row
+
+
+_CLASSIFIERS: dict[str, torch.nn.Module] = {}
+
+
+def cfg_classifier(cfg: DictConfig) -> torch.nn.Module:
+    name = cfg.model.name
+    if name not in _CLASSIFIERS:
+        _CLASSIFIERS[name] = R.reference_classifier(plain(cfg.model))
+    return _CLASSIFIERS[name]
+
+
+def write_outputs(rows: list[dict], floor, sim: dict | None, out: Path, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "fd_real_floor": floor,
+                                                  "similarity": sim}, indent=1) + "\n")
+    if rows:
+        flat = [{k: (v[0] if isinstance(v, (list, tuple)) and len(v) == 3 else v)
+                 for k, v in r.items()} for r in rows]
+        fields = list(dict.fromkeys(k for r in flat for k in r))
+        with open(out / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(flat)
+        (out / "table.md").write_text(markdown_table(rows, floor, title) + "\n")
+        plot_rows(rows, floor, out / "quality.png", title)
+    if sim:
+        plot_similarity(sim, out / "similarity.png", title)
+
+
+def markdown_table(rows: list[dict], floor, title: str) -> str:
+    head = ("| point | devices | predicted speedup | GMACs/device/image | PSNR dB [95% CI] | "
+            "rel. L2 [95% CI] | FD [95% CI] | accuracy [95% CI] |")
+    lines = [f"**{title}** — {rows[0]['samples']} samples per row; FD on "
+             f"{rows[0]['fd_samples']} samples, real-vs-real floor at the same n: "
+             f"{Q.fmt_ci(tuple(floor), 2)}", "", head, "|" + "---|" * 8]
+    for r in rows:
+        macs = f"{r['macs_per_device_g']:.3f}"
+        lines.append(f"| {r['point']} | {r['devices']} | {r['predicted_speedup']:.2f}x | {macs} | "
+                     f"{Q.fmt_ci(r['psnr_db'], 1)} | {Q.fmt_ci(r['relative_l2'], 4)} | "
+                     f"{Q.fmt_ci(r['fd'], 2)} | {Q.fmt_ci(r['accuracy'], 3)} |")
+    return "\n".join(lines)
+
+
+def plot_rows(rows, floor, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, name in ((axes[0], "psnr_db", "PSNR vs sequential (dB)"),
+                          (axes[1], "fd", "Fréchet distance to real")):
+        for r in rows:
+            if key == "psnr_db" and r["psnr_capped_fraction"] == 1.0:
+                continue
+            m, lo, hi = r[key]
+            marker = "s" if r["n"] == 1 else "o"
+            ax.errorbar(r["predicted_speedup"], m, yerr=[[m - lo], [hi - m]], fmt=marker,
+                        capsize=3)
+            ax.annotate(r["point"], (r["predicted_speedup"], m), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        if key == "fd":
+            ax.axhspan(floor[1], floor[2], color="grey", alpha=0.3, label="real-vs-real floor")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("predicted speedup (x)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_similarity(sim: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for s, v in sim["stages"].items():
+        name = "latent (stage 0)" if int(s) == 0 else f"stage {s} input"
+        k = range(1, len(v["cosine"]) + 1)
+        axes[0].plot(k, v["cosine"], label=name)
+        axes[1].semilogy(k, v["relative_change"], label=name)
+    axes[0].set_ylabel("cosine(step k, step k−1)")
+    axes[1].set_ylabel("‖v_k − v_{k−1}‖ / ‖v_k‖")
+    for ax in axes:
+        ax.set_xlabel("step k")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: inputs of each stage between consecutive sequential steps "
+                 f"(N={sim['n']}, {sim['samples']} samples)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="study", version_base="1.3")
+@exit_on_bad_input
+def hydra_main(cfg: DictConfig) -> None:
+    validate_config(plain(cfg), entry="plan")
+    st = cfg.study
+    torch.set_num_threads(int(st.threads))
+    model_cfg = plain(cfg.model)
+    if not R.is_reference(model_cfg):
+        raise ValueError(f"model={cfg.model.name}: the study needs a trained reference model; "
+                         "allowed: digits, patches")
+    samples, chunk = int(st.samples), int(st.chunk)
+    if samples % chunk:
+        raise ValueError(f"study.samples={samples}: must be a multiple of study.chunk={chunk}")
+    chunks = samples // chunk
+    params = HydraConfig.get().sweeper.get("params") if HydraConfig.initialized() else None
+    name = st.name or "study"
+    out = Path(st.out) / cfg.model.name / name
+    cache = Path(st.cache) / cfg.model.name
+    sampler = Sampler(cfg)
+    title = f"{cfg.model.name}: {name}"
+    sim = None
+    if st.similarity:
+        sim = similarity(sampler, int(st.similarity), int(cfg.scheduler.steps))
+    rows = []
+    floor = None
+    points = points_of(cfg, params) if (params or st.points) else []
+    if points:
+        ref_d = describe(point_config(cfg, ["parallel.n=1"]))
+        ref = cached_samples(sampler, ref_d, chunks, cache)
+        labels = torch.cat([sampler.labels(c) for c in range(chunks)])
+        reference = R.load(model_cfg)
+        nfd = min(int(st.fd_samples), samples)
+        real_feats = reference.features(reference.data.real(nfd, 0)).numpy()
+        floor = Q.frechet_ci(reference.features(reference.data.real(nfd, 1)).numpy(),
+                             real_feats, resamples=st.fd_bootstrap)
+        for overrides in points:
+            p = point_config(cfg, overrides)
+            d = describe(p)
+            images = ref if d == ref_d else cached_samples(sampler, d, chunks, cache)
+            plan = sampler.compiled(d["n"]).plan if d["n"] > 1 else None
+            row = evaluate_point(images, ref, labels, real_feats,
+                                 reference.features(images).numpy(), d, plan,
+                                 sampler.compiled(1).plan, cfg)
+            rows.append(row)
+            log.info("%s: PSNR %s dB, FD %s, accuracy %s", row["point"],
+                     Q.fmt_ci(row["psnr_db"], 1), Q.fmt_ci(row["fd"], 2),
+                     Q.fmt_ci(row["accuracy"], 3))
+    write_outputs(rows, floor, sim, out, title)
+    if rows:
+        print(markdown_table(rows, floor, title))
+    log.info("wrote %s", out)
+
+
+main = checked(hydra_main, "study")
+
+if __name__ == "__main__":
+    main()
