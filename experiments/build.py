@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
 from experiments.common import partition_request, plain
-from experiments.reference.model import conditioning, is_reference, reference_tokens
+from experiments.reference.model import (conditioning, is_reference, reference_tokens,
+                                         scheduler_kwargs)
 from partition import Compiled, compile_graph, zoo
 from partition.capture import capture
 from partition.cost import profile
@@ -94,13 +95,13 @@ def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[S
     With guidance (``scheduler.guidance``, or a reference model's own), the latent batch is
     half the example's and each step runs the [uncond, cond] batch (the example's shape,
     which the plan was captured for). A model YAML's ``schedule`` block (the training betas)
-    goes to the scheduler. A trained reference model is conditioned on its class tokens
+    and its ``scheduler_options`` for this scheduler go to the scheduler. A trained reference model is conditioned on its class tokens
     (:func:`job_labels`), otherwise on the example batch's conditioning.
     """
     jobs = []
     guidance = guidance_of(cfg)
     model_cfg = plain(cfg.model)
-    schedule = dict(model_cfg.get("schedule") or {})
+    schedule = scheduler_kwargs(model_cfg, cfg.scheduler.name)
     cond_names = [s.name for s in bundle.specs if s.role == "cond"]
     tokens = reference_tokens(model_cfg) if is_reference(model_cfg) else None
     for r in range(replicas):

@@ -13,7 +13,9 @@ How these stand in for the paper's (AsyncDiff Tables 1, 2, 7 report LPIPS, FID, 
   the reference model's classifier features (its penultimate layer, as FID uses Inception's
   pool layer) of the samples and of real images. FD is biased upwards by a finite sample, by
   an amount that depends on n, so it is only compared at equal n and always next to the
-  real-versus-real floor: two disjoint real sets of the same n.
+  real-versus-real floor: two disjoint real sets of the same n. Its uncertainty is given
+  for the difference to the sequential sampler's FD, by a paired bootstrap
+  (:func:`frechet_delta_ci`).
 * **Accuracy** (the paper's CLIP score, "does the image match its prompt"): the fraction of
   samples the classifier assigns to the class they were conditioned on. On the digits model it
   saturates near 100 % for every sampler, so it separates nothing there.
@@ -81,23 +83,29 @@ def frechet_distance(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
     return max(fd, 0.0)
 
 
-def frechet_ci(a: Tensor, b: Tensor, *, resamples: int = 200, level: float = 0.95,
-               seed: int = 0) -> tuple[float, float, float]:
-    """FD of ``a`` to ``b`` with a basic (reverse-percentile) bootstrap interval, resampling
-    the generated set ``a`` (the reference set ``b`` is held fixed: it is the same for every
-    row of a table).
+def frechet_delta_ci(a: Tensor | np.ndarray, ref: Tensor | np.ndarray,
+                     real: Tensor | np.ndarray, *, resamples: int = 200, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """FD(a, real) − FD(ref, real) with a paired percentile bootstrap interval.
 
-    A resampled set repeats samples, which inflates its FD (fewer distinct points), so the
-    percentile interval would sit above the estimate; the basic interval
-    [2·FD − q_high, 2·FD − q_low] reflects the bootstrap spread around the estimate instead
-    (clipped at 0)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ``a`` and ``ref`` are paired row by row (the same noise and label: an asynchronous
+    sample and its sequential one); each resample draws the same rows of both. A bootstrap
+    set repeats rows, which inflates its FD by an amount that depends on the set, so a
+    bootstrap interval of FD itself sits beside the estimate rather than around it; in the
+    paired difference that inflation largely cancels. ``real`` is held fixed.
+    """
+    a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    real = np.asarray(real, dtype=np.float64)
+    if a.shape != ref.shape:
+        raise ValueError(f"paired sets: shapes {a.shape} and {ref.shape} differ")
     rng = np.random.default_rng(seed)
-    boot = [frechet_distance(a[rng.integers(0, len(a), len(a))], b) for _ in range(resamples)]
+    boot = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(a), len(a))
+        boot.append(frechet_distance(a[idx], real) - frechet_distance(ref[idx], real))
     q = (1 - level) / 2
-    fd = frechet_distance(a, b)
-    lo, hi = float(np.quantile(boot, q)), float(np.quantile(boot, 1 - q))
-    return fd, max(0.0, 2 * fd - hi), max(0.0, 2 * fd - lo)
+    delta = frechet_distance(a, real) - frechet_distance(ref, real)
+    return delta, float(np.quantile(boot, q)), float(np.quantile(boot, 1 - q))
 
 
 def cosine_per_sample(a: Tensor, b: Tensor) -> Tensor:

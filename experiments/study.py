@@ -106,7 +106,7 @@ class Sampler:
         self.cfg, self.model_cfg = cfg, plain(cfg.model)
         self.tokens = R.reference_tokens(self.model_cfg)
         self.classes = self.tokens.null_class
-        self.schedule = dict(self.model_cfg["schedule"])
+        self.schedule = R.scheduler_kwargs(self.model_cfg, cfg.scheduler.name)
         self.guidance = guidance_of(cfg)
         self.chunk = int(cfg.study.chunk)
         self._compiled: dict[int, object] = {}
@@ -175,8 +175,8 @@ class RecordingDenoiser:
     """The sequential sampler's denoiser that also keeps, per step, every value crossing a
     cut of ``plan`` (what stage n ≥ 1 reads: stale in the pipeline) and the latent."""
 
-    def __init__(self, staged, plan):
-        self.staged, self.plan = staged, plan
+    def __init__(self, staged, plan, keep: int):
+        self.staged, self.plan, self.keep = staged, plan, keep
         self.cross = [v.name for v in plan.values]
         self.steps: list[dict[str, torch.Tensor]] = []
 
@@ -185,8 +185,9 @@ class RecordingDenoiser:
             env = model_env(self.staged.specs, self.staged.placeholders, x, t, cond)
             for seg in self.staged.segments:
                 env.update(seg(env))
-            rec = {name: env[name] for name in self.cross}
-            rec["<latent>"] = x
+            # the last ``keep`` rows: the conditional half of the CFG batch [uncond, cond]
+            rec = {name: env[name][-self.keep:].clone() for name in self.cross}
+            rec["<latent>"] = x[-self.keep:].clone()
             self.steps.append(rec)
             return env[self.staged.output]
 
@@ -195,17 +196,17 @@ def similarity(sampler: Sampler, n: int, steps: int) -> dict:
     """Cosine similarity and relative change of each stage's input between consecutive steps
     of the sequential sampler (one chunk; the CFG batch's cond half), for the plan at ``n``."""
     compiled = sampler.compiled(n)
-    rec = RecordingDenoiser(compiled.staged, compiled.plan)
+    half = sampler.chunk  # CFG batch [uncond, cond]: the last ``chunk`` rows are cond
+    rec = RecordingDenoiser(compiled.staged, compiled.plan, half)
     sampler.run({"n": 1, "steps": steps}, 0, recorder=rec)
     plan = compiled.plan
     inputs = {0: ["<latent>"]}
     for st in plan.stages[1:]:
         inputs[st.index] = list(st.inputs)
-    half = sampler.chunk  # CFG batch [uncond, cond]: rows half: are the conditional ones
     per_stage = {}
     for s, names in inputs.items():
         def vec(k):
-            return torch.cat([rec.steps[k][nm][-half:].flatten(1).double() for nm in names], 1)
+            return torch.cat([rec.steps[k][nm].flatten(1).double() for nm in names], 1)
         cos, rel = [], []
         for k in range(1, steps):
             a, b = vec(k - 1), vec(k)
@@ -218,7 +219,8 @@ def similarity(sampler: Sampler, n: int, steps: int) -> dict:
 # --------------------------------------------------------------------------- the study
 
 
-def evaluate_point(images, ref, labels, real_feats, feats, d, plan, seq_plan, cfg) -> dict:
+def evaluate_point(images, ref, labels, real_feats, feats, ref_feats, d, plan, seq_plan,
+                   cfg) -> dict:
     """One table row: predicted speedup; MACs of the busiest device per image over the whole
     run (warm-up included, both halves of the CFG batch, as the paper's Table 1 counts them);
     consistency with the sequential samples, FD, accuracy."""
@@ -246,7 +248,9 @@ def evaluate_point(images, ref, labels, real_feats, feats, d, plan, seq_plan, cf
     hit = (R.classify(cfg_classifier(cfg), images) == labels).double()
     row["accuracy"] = Q.bootstrap_ci(hit.numpy(), resamples=st.bootstrap)
     nfd = len(real_feats)
-    row["fd"] = Q.frechet_ci(feats[:nfd], real_feats, resamples=st.fd_bootstrap)
+    row["fd"] = Q.frechet_distance(feats[:nfd], real_feats)
+    row["fd_delta"] = Q.frechet_delta_ci(feats[:nfd], ref_feats[:nfd], real_feats,
+                                         resamples=st.fd_bootstrap)
     row["fd_samples"] = nfd
     return row
 
@@ -281,15 +285,16 @@ def write_outputs(rows: list[dict], floor, sim: dict | None, out: Path, title: s
 
 def markdown_table(rows: list[dict], floor, title: str) -> str:
     head = ("| point | devices | predicted speedup | GMACs/device/image | PSNR dB [95% CI] | "
-            "rel. L2 [95% CI] | FD [95% CI] | accuracy [95% CI] |")
+            "rel. L2 [95% CI] | FD | ΔFD vs sequential [95% CI] | accuracy [95% CI] |")
     lines = [f"**{title}** — {rows[0]['samples']} samples per row; FD on "
-             f"{rows[0]['fd_samples']} samples, real-vs-real floor at the same n: "
-             f"{Q.fmt_ci(tuple(floor), 2)}", "", head, "|" + "---|" * 8]
+             f"{rows[0]['fd_samples']} samples, real-vs-real floor at the same n: {floor:.2f}",
+             "", head, "|" + "---|" * 9]
     for r in rows:
         macs = f"{r['macs_per_device_g']:.3f}"
         lines.append(f"| {r['point']} | {r['devices']} | {r['predicted_speedup']:.2f}x | {macs} | "
                      f"{Q.fmt_ci(r['psnr_db'], 1)} | {Q.fmt_ci(r['relative_l2'], 4)} | "
-                     f"{Q.fmt_ci(r['fd'], 2)} | {Q.fmt_ci(r['accuracy'], 3)} |")
+                     f"{r['fd']:.2f} | {Q.fmt_ci(r['fd_delta'], 2)} | "
+                     f"{Q.fmt_ci(r['accuracy'], 3)} |")
     return "\n".join(lines)
 
 
@@ -300,18 +305,22 @@ def plot_rows(rows, floor, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, name in ((axes[0], "psnr_db", "PSNR vs sequential (dB)"),
-                          (axes[1], "fd", "Fréchet distance to real")):
+                          (axes[1], "fd", "Fréchet distance to real (bars: paired ΔFD CI)")):
         for r in rows:
             if key == "psnr_db" and r["psnr_capped_fraction"] == 1.0:
                 continue
-            m, lo, hi = r[key]
+            if key == "fd":  # the interval of the paired difference, around the estimate
+                d, lo, hi = r["fd_delta"]
+                m, lo, hi = r["fd"], r["fd"] - (d - lo), r["fd"] + (hi - d)
+            else:
+                m, lo, hi = r[key]
             marker = "s" if r["n"] == 1 else "o"
             ax.errorbar(r["predicted_speedup"], m, yerr=[[m - lo], [hi - m]], fmt=marker,
                         capsize=3)
             ax.annotate(r["point"], (r["predicted_speedup"], m), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         if key == "fd":
-            ax.axhspan(floor[1], floor[2], color="grey", alpha=0.3, label="real-vs-real floor")
+            ax.axhline(floor, color="grey", ls="--", label="real-vs-real floor (same n)")
             ax.legend(fontsize=7)
         ax.set_xlabel("predicted speedup (x)")
         ax.set_ylabel(name)
@@ -379,19 +388,20 @@ def hydra_main(cfg: DictConfig) -> None:
         reference = R.load(model_cfg)
         nfd = min(int(st.fd_samples), samples)
         real_feats = reference.features(reference.data.real(nfd, 0)).numpy()
-        floor = Q.frechet_ci(reference.features(reference.data.real(nfd, 1)).numpy(),
-                             real_feats, resamples=st.fd_bootstrap)
+        floor = Q.frechet_distance(reference.features(reference.data.real(nfd, 1)).numpy(),
+                                   real_feats)
+        ref_feats = reference.features(ref).numpy()
         for overrides in points:
             p = point_config(cfg, overrides)
             d = describe(p)
             images = ref if d == ref_d else cached_samples(sampler, d, chunks, cache)
             plan = sampler.compiled(d["n"]).plan if d["n"] > 1 else None
             row = evaluate_point(images, ref, labels, real_feats,
-                                 reference.features(images).numpy(), d, plan,
+                                 reference.features(images).numpy(), ref_feats, d, plan,
                                  sampler.compiled(1).plan, cfg)
             rows.append(row)
-            log.info("%s: PSNR %s dB, FD %s, accuracy %s", row["point"],
-                     Q.fmt_ci(row["psnr_db"], 1), Q.fmt_ci(row["fd"], 2),
+            log.info("%s: PSNR %s dB, FD %.2f (vs sequential %s), accuracy %s", row["point"],
+                     Q.fmt_ci(row["psnr_db"], 1), row["fd"], Q.fmt_ci(row["fd_delta"], 2),
                      Q.fmt_ci(row["accuracy"], 3))
     write_outputs(rows, floor, sim, out, title)
     if rows:

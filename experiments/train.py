@@ -167,7 +167,8 @@ def main(cfg: DictConfig) -> None:
         if step % 50 == 0:
             curve.append([step, round(running, 5)])
         if step % t["eval_every"] == 0 or step == t["iters"]:
-            rate = quick_check(ema, classifier, schedule, t["eval_quick"], evc["guidance"],
+            rate = quick_check(ema, classifier, R.scheduler_kwargs(model_cfg, "ddim"),
+                               t["eval_quick"], evc["guidance"],
                                data.image_shape)
             checks.append([step, rate, round(wall_s, 1)])
             bar.write(f"iter {step}: loss {running:.4f}, {t['eval_quick']['samples']} EMA "

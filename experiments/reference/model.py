@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,7 @@ class ReferenceModel:
     schedule: dict
     guidance: float
     data: Any  # digits.Digits | patches.Patches
+    options: dict = field(default_factory=dict)  # scheduler name -> extra kwargs
 
     @property
     def unet(self) -> nn.Module:
@@ -229,8 +230,9 @@ class ReferenceModel:
         return next(s.shape for s in self.bundle.specs if s.role == "latent")[1:]
 
     def scheduler(self, name: str = "ddim", **kw: Any):
-        """Scheduler ``name`` on the betas the model was trained with."""
-        return make_scheduler(name, **{**self.schedule, **kw})
+        """Scheduler ``name`` on the betas the model was trained with (and the model's
+        options for it, :func:`scheduler_kwargs`)."""
+        return make_scheduler(name, **{**self.schedule, **self.options.get(name, {}), **kw})
 
     def denoiser(self) -> ModuleDenoiser:
         return ModuleDenoiser(self.unet, latent_name(self.bundle.specs),
@@ -280,6 +282,13 @@ def evaluate(ref: ReferenceModel, *, samples: int = 200, steps: int = 50,
     }
 
 
+def scheduler_kwargs(cfg: Mapping[str, Any], name: str) -> dict:
+    """What scheduler ``name`` is built with for the model YAML ``cfg``: its training betas
+    (``schedule``) and its options for that scheduler (``scheduler_options.<name>``, e.g.
+    DDIM's ``clip_sample`` for a pixel-space model)."""
+    return {**(cfg.get("schedule") or {}), **((cfg.get("scheduler_options") or {}).get(name) or {})}
+
+
 def is_reference(cfg: Mapping[str, Any]) -> bool:
     """Whether a model YAML describes a trained reference model."""
     return isinstance(cfg.get("reference"), Mapping)
@@ -321,4 +330,4 @@ def load(model: str | Path | dict = "digits", variant: str = "tiny") -> Referenc
                               _get(ref, "classifier", "model.reference"))
     return ReferenceModel(bundle, tokens.eval(), classifier.eval(),
                           dict(_get(cfg, "schedule", "model")), float(ref.get("guidance", 3.0)),
-                          data)
+                          data, dict(cfg.get("scheduler_options") or {}))

@@ -54,11 +54,15 @@ def test_bootstrap_interval_covers_a_known_mean_at_its_level():
     assert 0.88 <= covered / 200 <= 0.99
 
 
-def test_frechet_interval_brackets_the_estimate():
+def test_paired_frechet_difference():
     rng = np.random.default_rng(4)
-    a, b = rng.normal(0.3, 1, size=(300, 4)), rng.normal(0, 1, size=(300, 4))
-    fd, lo, hi = Q.frechet_ci(a, b, resamples=100)
-    assert lo <= fd <= hi and fd == Q.frechet_distance(a, b)
+    real = rng.normal(0, 1, size=(300, 4))
+    ref = rng.normal(0, 1, size=(300, 4))
+    # a set against itself: exactly 0, in every resample
+    assert Q.frechet_delta_ci(ref, ref, real, resamples=50) == (0.0, 0.0, 0.0)
+    shifted = ref + 0.5  # FD grows by about |shift|² = 1
+    d, lo, hi = Q.frechet_delta_ci(shifted, ref, real, resamples=100)
+    assert lo <= d <= hi and 0.7 < d < 1.3 and lo > 0
 
 
 def test_cosine_per_sample():
@@ -97,7 +101,8 @@ def test_study_on_digits_writes_its_table(tmp_path, monkeypatch):
     assert rows["N=2 S=1 W=1, 4 steps"]["psnr_db"][0] < Q.PSNR_CAP
     assert rows["N=3 S=2 W=1, 4 steps"]["devices"] == 4
     assert all(r["samples"] == 8 and 0 <= r["accuracy"][0] <= 1 for r in rows.values())
-    assert res["fd_real_floor"][0] > 0
+    assert res["fd_real_floor"] > 0
+    assert rows["N=2 S=1 W=4, 4 steps"]["fd_delta"] == [0.0, 0.0, 0.0]
     assert set(res["similarity"]["stages"]) == {"0", "1"}
     assert len(res["similarity"]["stages"]["1"]["cosine"]) == 3
     for f in ("results.csv", "table.md", "quality.png", "similarity.png"):

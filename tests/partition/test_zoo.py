@@ -26,7 +26,8 @@ MODELS = zoo.model_names()
 # every block carries its own timestep/label embedding (the checkpoint loads one copy into each).
 FULL_PARAMS = {
     "animatediff": 1_312_730_244,
-    "digits": 3_276_257,  # the trained reference model (full == tiny)
+    "digits": 3_276_257,  # the trained reference models (full == tiny)
+    "patches": 8_478_467,
     "dit": 749_826_464,
     "flux": 11_901_408_320,
     "pixart": 611_349_152,
