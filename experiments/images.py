@@ -63,17 +63,17 @@ def save_latent_comparison(seq: torch.Tensor, par: torch.Tensor, path: Path,
 
 
 def save_image_grid(rows: dict[str, torch.Tensor], path: Path, title: str = "",
-                    captions: list[str] | None = None) -> Path:
+                    captions: list[str] | None = None, diff: bool = True) -> Path:
     """PNG: one row per entry of ``rows`` (name -> images ``[n, C, H, W]`` in [-1, 1], C = 1
     or 3), one column per sample, and a last row of |first − second| (scaled to its max)
-    when there are two rows. For models whose latent is the image (the trained reference
+    when there are two rows and ``diff`` (paired rows: the same noise and label). For models whose latent is the image (the trained reference
     models)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names, imgs = list(rows), [r.detach().float().cpu().clamp(-1, 1) for r in rows.values()]
-    if len(imgs) == 2:
+    if len(imgs) == 2 and diff:
         diff = (imgs[0] - imgs[1]).abs()
         peak = float(diff.max())
         names.append(f"|diff| (max {peak:.3g})")
