@@ -90,3 +90,62 @@ def device_timeline(rows: Sequence[dict], path: Path, title: str = "",
     ax.set_title(title or "per-device timeline (blue: compute, orange: wait/communicate)",
                  fontsize=10)
     return _save(fig, path)
+
+
+def study_quality(rows, floor, path: Path, title: str) -> None:
+    """The quality study (experiments/study.py): PSNR and FD against predicted speedup."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, name in ((axes[0], "psnr_db", "PSNR vs sequential (dB)"),
+                          (axes[1], "fd", "Fréchet distance to real (bars: paired ΔFD CI)")):
+        for r in rows:
+            if key == "psnr_db" and r["psnr_capped_fraction"] == 1.0:
+                continue
+            if key == "fd":  # the interval of the paired difference, around the estimate
+                d, lo, hi = r["fd_delta"]
+                m, lo, hi = r["fd"], r["fd"] - (d - lo), r["fd"] + (hi - d)
+            else:
+                m, lo, hi = r[key]
+            marker = "s" if r["n"] == 1 else "o"
+            ax.errorbar(r["predicted_speedup"], m, yerr=[[m - lo], [hi - m]], fmt=marker,
+                        capsize=3)
+            ax.annotate(r["point"], (r["predicted_speedup"], m), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        if key == "fd":
+            ax.axhline(floor, color="grey", ls="--", label="real-vs-real floor (same n)")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("predicted speedup (x)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def stage_similarity(sim: dict, path: Path, title: str) -> None:
+    """Each stage's input between consecutive sequential steps (experiments/study.py)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for s, v in sim["stages"].items():
+        name = "latent (stage 0)" if int(s) == 0 else f"stage {s} input"
+        k = range(1, len(v["cosine"]) + 1)
+        axes[0].plot(k, v["cosine"], label=name)
+        axes[1].semilogy(k, v["relative_change"], label=name)
+    axes[0].set_ylabel("cosine(step k, step k−1)")
+    axes[1].set_ylabel("‖v_k − v_{k−1}‖ / ‖v_k‖")
+    for ax in axes:
+        ax.set_xlabel("step k")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: inputs of each stage between consecutive sequential steps "
+                 f"(N={sim['n']}, {sim['samples']} samples)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
