@@ -31,6 +31,19 @@ def latent_rgb(x: torch.Tensor) -> torch.Tensor:
     return planes[idx].permute(1, 2, 0)
 
 
+def _finish(fig, path: Path, title: str) -> Path:
+    """Title, layout, write the PNG (creating its folder), close the figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def save_latent_comparison(seq: torch.Tensor, par: torch.Tensor, path: Path,
                            title: str = "") -> Path:
     """PNG: sequential | asynchronous | |difference|, one colour scale for the first two."""
@@ -53,13 +66,7 @@ def save_latent_comparison(seq: torch.Tensor, par: torch.Tensor, path: Path,
         ax.imshow(img, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title)
 
 
 def save_image_grid(rows: dict[str, torch.Tensor], path: Path, title: str = "",
@@ -93,10 +100,4 @@ def save_image_grid(rows: dict[str, torch.Tensor], path: Path, title: str = "",
                 ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
             if r == 0 and captions:
                 ax.set_title(captions[c], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title)
