@@ -22,11 +22,20 @@ that cross each cut. The model:
   both latencies gain the serial time (Amdahl).
 
 Printed for our balanced split and the paper's hand split (conf/partition/paper_sd21_n*.yaml).
+
+With ``--time-on cuda`` the UNet is captured on the GPU in ``--dtype`` (fp16, as the paper
+runs it) and each stage's segments are timed there with CUDA events (median of
+``--repeats``); the predictions are then printed a second time with each stage's measured
+time over the full forward's in place of its FLOP share (so the conditioning glue that
+several devices each run counts for every one of them):
+
+    python benchmarks/scaling_sd21.py --time-on cuda [--dtype float16] [--repeats 30]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -59,20 +68,33 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, nargs="+", default=[1])
     ap.add_argument("--serial-s", type=float, nargs="+", default=[0.0])
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--time-on", choices=("cuda", "cpu"), default=None,
+                    help="also time every stage on this device and predict from time shares")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--node-repeats", type=int, default=5,
+                    help="with --time-on: passes that time every node, for a split balanced on "
+                         "time (\"ours-t\")")
+    ap.add_argument("--variant", choices=("full", "tiny"), default="full",
+                    help="tiny: a quick check of this script, not a prediction")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = zoo.load_yaml("sd21")
     t0 = time.perf_counter()
-    bundle = zoo.build(cfg, variant="full", seed=0)
+    bundle = zoo.build(cfg, variant=args.variant, seed=0)
     inputs = bundle.inputs(0)
+    if args.time_on:
+        dtype = getattr(torch, args.dtype) if args.time_on == "cuda" else torch.float32
+        bundle.module.to(args.time_on, dtype)
+        inputs = {s.name: inputs[s.name].to(args.time_on, dtype if s.role != "timestep"
+                                             else inputs[s.name].dtype) for s in bundle.specs}
     with torch.no_grad():
         captured = capture(bundle.module, bundle.specs, inputs)
-        costs = profile(captured, inputs, repeats=0)
+        costs = profile(captured, inputs, repeats=args.node_repeats if args.time_on else 0)
     graph = build_graph(captured, costs, "flops")
-    print(f"full SD 2.1 UNet: {sum(p.numel() for p in bundle.module.parameters()) / 1e6:.0f}M "
+    print(f"SD 2.1 UNet ({args.variant}): {sum(p.numel() for p in bundle.module.parameters()) / 1e6:.0f}M "
           f"params, latent {tuple(inputs['sample'].shape)}; captured and counted in "
           f"{time.perf_counter() - t0:.0f} s")
-    bw, alpha = args.bandwidth_gbs * 1e9, args.latency_us * 1e-6
     plans = {}
     for (n, s), _ in PAPER.items():
         splits = {"ours": ("balanced", {})}
@@ -84,24 +106,97 @@ def main() -> None:
             if (n, name) not in plans:
                 plans[n, name] = compile_graph(
                     graph, PartitionRequest(n=n, depth=4, options=options), strategy=strategy,
-                    cost_model="flops", name="sd21/full", config_hash=bundle.config_hash).plan
+                    cost_model="flops", name="sd21/full", config_hash=bundle.config_hash)
+    if args.time_on:  # our strategy on the measured per-node times of this device
+        time_graph = build_graph(captured, costs, "time")
+        for (n, s), _ in PAPER.items():
+            if (n, "ours-t") not in plans:
+                plans[n, "ours-t"] = compile_graph(
+                    time_graph, PartitionRequest(n=n, depth=4), strategy="balanced",
+                    cost_model="time", name="sd21/full", config_hash=bundle.config_hash)
+    flop_shares = {k: shares_of([st.flops for st in c.plan.stages]) for k, c in plans.items()}
+    table(args, {k: c.plan for k, c in plans.items()}, flop_shares, "FLOP shares")
+    if args.time_on:
+        env = captured.env(inputs)
+        whole = timed(lambda: captured(inputs), args.repeats, args.time_on)
+        dtype_name = args.dtype if args.time_on == "cuda" else "float32"
+        print(f"\nmeasured on {device_name(args.time_on)}, {dtype_name}, median of "
+              f"{args.repeats}: full forward {whole:.2f} ms; its nodes timed one by one sum to "
+              f"{sum(costs.ms.values()):.2f} ms (median of {args.node_repeats})")
+        time_shares = {}
+        for key, c in plans.items():
+            ms = stage_ms(c.staged, env, args.repeats, args.time_on)
+            time_shares[key] = [m / whole for m in ms]  # glue run on several devices counts
+            print(f"N={key[0]} {key[1]:6s} stage ms {' '.join(f'{m:.2f}' for m in ms)} "
+                  f"(sum {sum(ms):.2f}, {sum(ms) / whole:.3f} of the full forward; FLOP shares "
+                  f"{' '.join(f'{x:.3f}' for x in flop_shares[key])})")
+        table(args, {k: c.plan for k, c in plans.items()}, time_shares,
+              f"stage time / full fwd")
+
+
+def shares_of(costs: list[float]) -> list[float]:
+    return [c / sum(costs) for c in costs]
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu (1 thread)"
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` (after 3 untimed calls)."""
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        out = []
+        for _ in range(repeats):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                out.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(out)
+
+
+def stage_ms(staged, env: dict, repeats: int, device: str) -> list[float]:
+    """Each stage's segments timed on the values a full forward computes (as its device runs
+    them: its own copy of the conditioning glue included)."""
+    with torch.no_grad():
+        full = dict(env)
+        for seg in staged.segments:
+            full.update(seg(full))
+
+    def run(segs):
+        local = dict(full)
+        for seg in segs:
+            local.update(seg(local))
+    return [timed(lambda i=i: run(staged.stage_segments(i)), repeats, device)
+            for i in range(staged.n)]
+
+
+def table(args, plans: dict, shares_by_plan: dict, what: str) -> None:
+    bw, alpha = args.bandwidth_gbs * 1e9, args.latency_us * 1e-6
     for warmup in args.warmup:
         for serial in args.serial_s:
             t_full = (PAPER_S - serial) / args.steps
             print(f"\nW = {warmup}; UNet step t_full = ({PAPER_S} − {serial:g}) s / {args.steps} "
                   f"= {t_full * 1e3:.1f} ms, serial {serial:g} s; B = {args.bandwidth_gbs:g} "
                   f"GB/s, α = {args.latency_us:g} µs")
-            head = (f"{'config':10s} {'split':6s} {'FLOP shares':24s} {'MiB in (fp16)':>13s} "
+            head = (f"{'config':10s} {'split':6s} {what:24s} {'MiB in (fp16)':>13s} "
                     f"{'ideal':>6s} {'overlapped':>10s} {'serial':>7s} {'paper':>6s}")
             print(head)
             print("-" * len(head))
             for (n, s), (paper_speedup, _) in PAPER.items():
-                for name in ("ours", "paper"):
+                for name in ("ours", "paper", "ours-t"):
                     plan = plans.get((n, name))
                     if plan is None:
                         continue
-                    total = sum(st.flops for st in plan.stages)
-                    shares = [st.flops / total for st in plan.stages]
+                    shares = shares_by_plan[n, name]
                     in_bytes = [sum(v.bytes for v in plan.values if st.index in v.consumers)
                                 + plan.output_bytes for st in plan.stages]
                     ideal = args.steps / (warmup + math.ceil((args.steps - warmup) / s) / n)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from threadpoolctl import threadpool_limits
 
 from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
 from asyncdiff.emulate import Emulator
@@ -110,6 +112,7 @@ class Sampler:
         self.schedule = R.scheduler_kwargs(self.model_cfg, cfg.scheduler.name)
         self.guidance = guidance_of(cfg)
         self.chunk = int(cfg.study.chunk)
+        self.device = torch.device(cfg.study.device)
         self._compiled: dict[int, object] = {}
         self.shape = None
 
@@ -119,6 +122,8 @@ class Sampler:
             OmegaConf.update(c, "parallel.n", n, merge=False)
             OmegaConf.update(c, "batch", self.chunk, merge=False)
             bundle, self._compiled[n] = compiled_model(c)
+            for seg in self._compiled[n].staged.segments:
+                seg.to(self.device)
             self.shape = next(s.shape for s in bundle.specs if s.role == "latent")[1:]
         return self._compiled[n]
 
@@ -140,9 +145,29 @@ class Sampler:
                                 d["stride_noise"])
             denoiser = PipelineDenoiser(Emulator(compiled.staged, compiled.plan, tl,
                                                  scheduler.timesteps))
-        cond, uncond = R.conditioning(self.tokens, self.labels(chunk))
-        return sample(denoiser, scheduler, self.noise(chunk), cond, steps=d["steps"],
-                      guidance_scale=self.guidance, uncond=uncond)
+        cond, uncond = (to(c, self.device) for c in R.conditioning(self.tokens, self.labels(chunk)))
+        return sample(denoiser, scheduler, self.noise(chunk).to(self.device), cond,
+                      steps=d["steps"], guidance_scale=self.guidance, uncond=uncond).cpu()
+
+
+def to(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(device) for k, v in tensors.items()}
+
+
+def use_device(name: str) -> None:
+    """Check ``study.device`` and make CUDA deterministic: no TF32 (the model is fp32 on CPU
+    too), no autotuned or nondeterministic kernels, so a W = T point still equals sequential."""
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"study.device={name!r}; allowed: cpu, cuda")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("study.device=cuda: no CUDA device here; allowed: cpu")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
 
 
 def cached_samples(sampler: Sampler, d: dict, chunks: int, cache: Path) -> torch.Tensor:
@@ -151,7 +176,8 @@ def cached_samples(sampler: Sampler, d: dict, chunks: int, cache: Path) -> torch
                       "chunk": sampler.chunk, "guidance": sampler.guidance,
                       "scheduler": sampler.cfg.scheduler.name,
                       "strategy": sampler.cfg.partition.strategy,
-                      "cost_model": sampler.cfg.partition.cost_model}, sort_keys=True)
+                      "cost_model": sampler.cfg.partition.cost_model,
+                      "device": sampler.device.type}, sort_keys=True)
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     out = []
     for c in range(chunks):
@@ -162,8 +188,9 @@ def cached_samples(sampler: Sampler, d: dict, chunks: int, cache: Path) -> torch
         t0 = time.perf_counter()
         x = sampler.run(d, c)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(x, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent studies share it
+        torch.save(x, tmp)
+        tmp.rename(path)
         log.info("%s: chunk %d/%d in %.0f s", label(d), c + 1, chunks, time.perf_counter() - t0)
         out.append(x)
     return torch.cat(out)
@@ -187,8 +214,8 @@ class RecordingDenoiser:
             for seg in self.staged.segments:
                 env.update(seg(env))
             # the last ``keep`` rows: the conditional half of the CFG batch [uncond, cond]
-            rec = {name: env[name][-self.keep:].clone() for name in self.cross}
-            rec["<latent>"] = x[-self.keep:].clone()
+            rec = {name: env[name][-self.keep:].to("cpu", copy=True) for name in self.cross}
+            rec["<latent>"] = x[-self.keep:].to("cpu", copy=True)
             self.steps.append(rec)
             return env[self.staged.output]
 
@@ -266,10 +293,12 @@ def cfg_classifier(cfg: DictConfig) -> torch.nn.Module:
     return _CLASSIFIERS[name]
 
 
-def write_outputs(rows: list[dict], floor, sim: dict | None, out: Path, title: str) -> None:
+def write_outputs(rows: list[dict], floor, sim: dict | None, out: Path, title: str,
+                  device: str = "cpu") -> None:
     out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "torch": torch.__version__}
     (out / "results.json").write_text(json.dumps({"rows": rows, "fd_real_floor": floor,
-                                                  "similarity": sim}, indent=1) + "\n")
+                                                  "similarity": sim, **meta}, indent=1) + "\n")
     if rows:
         flat = [{k: (v[0] if isinstance(v, (list, tuple)) and len(v) == 3 else v)
                  for k, v in r.items()} for r in rows]
@@ -305,6 +334,8 @@ def hydra_main(cfg: DictConfig) -> None:
     validate_config(plain(cfg), entry="plan")
     st = cfg.study
     torch.set_num_threads(int(st.threads))
+    threadpool_limits(int(st.threads))  # numpy's BLAS too (FD): studies run side by side
+    use_device(str(st.device))
     model_cfg = plain(cfg.model)
     if not R.is_reference(model_cfg):
         raise ValueError(f"model={cfg.model.name}: the study needs a trained reference model; "
@@ -347,7 +378,7 @@ def hydra_main(cfg: DictConfig) -> None:
             log.info("%s: PSNR %s dB, FD %.2f (vs sequential %s), accuracy %s", row["point"],
                      Q.fmt_ci(row["psnr_db"], 1), row["fd"], Q.fmt_ci(row["fd_delta"], 2),
                      Q.fmt_ci(row["accuracy"], 3))
-    write_outputs(rows, floor, sim, out, title)
+    write_outputs(rows, floor, sim, out, title, sampler.device.type)
     if rows:
         print(markdown_table(rows, floor, title))
     log.info("wrote %s", out)

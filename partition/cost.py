@@ -132,17 +132,37 @@ class _Profiler(fx.Interpreter):
 
 
 class _Timer(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    """Wall time per node; on CUDA, the time between events recorded around the node's
+    kernels (launches are asynchronous: a host clock would time the launch only)."""
+
+    def __init__(self, gm: fx.GraphModule, cuda: bool = False):
         super().__init__(gm)
-        self.ms: dict[str, float] = {}
+        self.cuda = cuda
+        self._ms: dict[str, float] = {}
+        self._events: dict[str, tuple] = {}
 
     def run_node(self, n: fx.Node):
         if n.op != "call_function":
             return super().run_node(n)
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = super().run_node(n)
+            end.record()
+            self._events[n.name] = (start, end)
+            return out
         t0 = time.perf_counter()
         out = super().run_node(n)
-        self.ms[n.name] = (time.perf_counter() - t0) * 1e3
+        self._ms[n.name] = (time.perf_counter() - t0) * 1e3
         return out
+
+    @property
+    def ms(self) -> dict[str, float]:
+        if self._events:
+            torch.cuda.synchronize()
+            self._ms.update({k: s.elapsed_time(e) for k, (s, e) in self._events.items()})
+            self._events.clear()
+        return self._ms
 
 
 def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int = 3,
@@ -153,8 +173,9 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
     FLOPs and bytes come from one pass over fake tensors (free even for full-size models).
     Time is the per-node median over the repeats (after one untimed warm-up pass unless
     ``warmup=False``), taken with ``threads`` intra-op threads (the thread count each worker
-    will run with). Measure once and share the result: timings are noisy, so two
-    measurements give two plans (research/feasibility.md §5.8).
+    will run with); on CUDA inputs, from events recorded around each node's kernels. Measure
+    once and share the result: timings are noisy, so two measurements give two plans
+    (research/feasibility.md §5.8).
     """
     args = [inputs[s.name] for s in captured.specs]
     old_threads = torch.get_num_threads()
@@ -165,11 +186,12 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 prof = _Profiler(captured.gm)
                 prof.run(*(mode.from_tensor(a) for a in args))
+            cuda = any(a.is_cuda for a in args)
             if repeats and warmup:
-                _Timer(captured.gm).run(*args)  # warm-up: first calls pay for kernel setup
+                _Timer(captured.gm, cuda).run(*args)  # warm-up: first calls pay for kernel setup
             samples: dict[str, list[float]] = {k: [] for k in prof.flops}
             for _ in range(repeats):
-                timer = _Timer(captured.gm)
+                timer = _Timer(captured.gm, cuda)
                 timer.run(*args)
                 for k, v in timer.ms.items():
                     samples[k].append(v)

@@ -72,7 +72,11 @@ def test_cosine_per_sample():
 
 
 @pytest.mark.timeout(600)
-def test_study_on_digits_writes_its_table(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_study_on_digits_writes_its_table(tmp_path, monkeypatch, device):
     from hydra import compose, initialize_config_dir
 
     from experiments import study
@@ -86,7 +90,7 @@ def test_study_on_digits_writes_its_table(tmp_path, monkeypatch):
             "scheduler.steps=4", "study.samples=8", "study.chunk=4", "study.fd_samples=8",
             "study.bootstrap=50", "study.fd_bootstrap=10",
             "study.similarity=2", "study.name=t", f"study.out={tmp_path / 'out'}",
-            f"study.cache={tmp_path / 'cache'}"])
+            f"study.cache={tmp_path / 'cache'}", f"study.device={device}"])
     cfg.study.points = points
     monkeypatch.setattr(study, "HydraConfig", type("H", (), {"initialized": staticmethod(lambda: False)}))
     study.hydra_main.__wrapped__(cfg)
@@ -101,7 +105,7 @@ def test_study_on_digits_writes_its_table(tmp_path, monkeypatch):
     assert rows["N=2 S=1 W=1, 4 steps"]["psnr_db"][0] < Q.PSNR_CAP
     assert rows["N=3 S=2 W=1, 4 steps"]["devices"] == 4
     assert all(r["samples"] == 8 and 0 <= r["accuracy"][0] <= 1 for r in rows.values())
-    assert res["fd_real_floor"] > 0
+    assert res["fd_real_floor"] > 0 and res["device"] == device
     assert rows["N=2 S=1 W=4, 4 steps"]["fd_delta"] == [0.0, 0.0, 0.0]
     assert set(res["similarity"]["stages"]) == {"0", "1"}
     assert len(res["similarity"]["stages"]["1"]["cosine"]) == 3
@@ -113,3 +117,9 @@ def test_study_on_digits_writes_its_table(tmp_path, monkeypatch):
     study.hydra_main.__wrapped__(cfg)
     assert sorted(p.name for p in (tmp_path / "cache" / "digits").iterdir()) == before
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+
+
+def test_study_device_must_be_cpu_or_cuda():
+    from experiments import study
+    with pytest.raises(ValueError, match="study.device='tpu'; allowed: cpu, cuda"):
+        study.use_device("tpu")
