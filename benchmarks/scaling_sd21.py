@@ -55,7 +55,7 @@ PAPER = {(2, 1): (1.8, 3.03), (3, 1): (2.3, 2.41), (4, 1): (2.6, 2.10), (2, 2): 
 
 def predict(shares, in_bytes, steps, warmup, stride, t_full, bw, alpha, overlap,
             serial_s=0.0) -> float:
-    comm = 0.0 if overlap else alpha + max(in_bytes) / 2 / bw  # fp16 on the GPU
+    comm = 0.0 if overlap else alpha + max(in_bytes) / bw  # fp16 bytes
     round_s = max(shares) * t_full + comm
     rounds = math.ceil((steps - warmup) / stride)
     return (steps * t_full + serial_s) / (warmup * t_full + rounds * round_s + serial_s)
@@ -181,6 +181,8 @@ def stage_ms(staged, env: dict, repeats: int, device: str) -> list[float]:
 
 def table(args, plans: dict, shares_by_plan: dict, what: str) -> None:
     bw, alpha = args.bandwidth_gbs * 1e9, args.latency_us * 1e-6
+    # the plan's bytes are the capture's: halve float32 ones to the fp16 the paper sends
+    per_fp16 = 2 if args.time_on != "cuda" or args.dtype == "float32" else 1
     for warmup in args.warmup:
         for serial in args.serial_s:
             t_full = (PAPER_S - serial) / args.steps
@@ -197,13 +199,13 @@ def table(args, plans: dict, shares_by_plan: dict, what: str) -> None:
                     if plan is None:
                         continue
                     shares = shares_by_plan[n, name]
-                    in_bytes = [sum(v.bytes for v in plan.values if st.index in v.consumers)
-                                + plan.output_bytes for st in plan.stages]
+                    in_bytes = [(sum(v.bytes for v in plan.values if st.index in v.consumers)
+                                 + plan.output_bytes) / per_fp16 for st in plan.stages]
                     ideal = args.steps / (warmup + math.ceil((args.steps - warmup) / s) / n)
                     over, ser = (predict(shares, in_bytes, args.steps, warmup, s, t_full, bw,
                                          alpha, overlap, serial) for overlap in (True, False))
                     print(f"N={n} S={s}    {name:6s} {' '.join(f'{x:.3f}' for x in shares):24s} "
-                          f"{max(in_bytes) / 2 / 2**20:13.1f} {ideal:5.2f}x {over:9.2f}x "
+                          f"{max(in_bytes) / 2**20:13.1f} {ideal:5.2f}x {over:9.2f}x "
                           f"{ser:6.2f}x {paper_speedup:5.1f}x", flush=True)
 
 
