@@ -124,7 +124,7 @@ def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[S
 
 
 @lru_cache(maxsize=2)
-def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads):
+def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads, device):
     model_cfg = json.loads(model_json)
     bundle = zoo.build(model_cfg, seed=seed)
     inputs = bundle.inputs(seed)
@@ -132,7 +132,7 @@ def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads
         captured = capture(bundle.module, bundle.specs, inputs)
         fv = bundle.module if cost_model == "fvcore" else None
         costs = profile(captured, inputs, repeats=repeats if cost_model == "time" or repeats else 0,
-                        threads=threads, fvcore_model=fv)
+                        threads=threads, fvcore_model=fv, device=device)
     return bundle, captured, costs
 
 
@@ -143,7 +143,7 @@ def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
     hit = _captured.cache_info().hits
     bundle, captured, costs = _captured(json.dumps(model_cfg, sort_keys=True), int(cfg.seed),
                                         part["cost_model"], int(part.get("repeats", 3)),
-                                        part.get("threads"))
+                                        part.get("threads"), part.get("device"))
     cached = _captured.cache_info().hits > hit
     graph = build_graph(captured, costs, part["cost_model"])
     with torch.no_grad():

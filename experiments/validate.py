@@ -16,6 +16,7 @@ from partition.spec import InputSpec, latent_name
 
 WANDB_MODES: tuple[str, ...] = ("offline", "online", "disabled")
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
+PROFILE_DEVICES: tuple[str, ...] = ("cpu", "cuda")  # where cost_model=time times the nodes
 STRIDE_NOISE: tuple[str, ...] = ("fresh", "reuse")
 
 
@@ -37,6 +38,11 @@ def _int(key: str, value, low: int, high: int | None = None, why: str = "") -> i
             return value
     allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
     raise ConfigError(f"{key}={value!r}; allowed: {allowed}{why}")
+
+
+def _cuda_available() -> bool:
+    import torch  # only here: validation runs before the heavy imports
+    return torch.cuda.is_available()
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -122,6 +128,9 @@ def validate_config(cfg: Mapping, env: Mapping[str, str] | None = None,
         _int("partition.depth", part["depth"], 0)
     if part.get("threads") is not None:
         _int("partition.threads", part["threads"], 1)
+    _choice("partition.device", part.get("device", "cpu"), PROFILE_DEVICES)
+    if part.get("device") == "cuda" and not _cuda_available():
+        raise ConfigError("partition.device=cuda: no CUDA device here; allowed: cpu")
 
     par = _section(cfg, "parallel")
     n = _int("parallel.n", par.get("n"), 1)

@@ -42,15 +42,17 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
                   request: PartitionRequest, *, strategy: str = "balanced",
                   cost_model: str = "time", name: str = "model", config_hash: str = "",
                   repeats: int = 3, threads: int | None = 1, captured: Captured | None = None,
-                  costs: NodeCosts | None = None) -> Compiled:
-    """Plan ``model`` into ``request.n`` stages; pass ``captured``/``costs`` to reuse them."""
+                  costs: NodeCosts | None = None, device: str | None = None) -> Compiled:
+    """Plan ``model`` into ``request.n`` stages; pass ``captured``/``costs`` to reuse them.
+    ``device``: where the time cost model times the nodes (default: where ``inputs`` are)."""
     if cost_model not in COST_MODELS:
         raise ValueError(f"cost_model={cost_model!r}; allowed: {', '.join(COST_MODELS)}")
     get_strategy(strategy)
     captured = captured or capture(model, specs, inputs)
     if costs is None:
         costs = profile(captured, inputs, repeats=repeats if cost_model == "time" or repeats else 0,
-                        threads=threads, fvcore_model=model if cost_model == "fvcore" else None)
+                        threads=threads, fvcore_model=model if cost_model == "fvcore" else None,
+                        device=device)
     graph = build_graph(captured, costs, cost_model)
     return compile_graph(graph, request, strategy=strategy, cost_model=cost_model, name=name,
                          config_hash=config_hash)

@@ -129,3 +129,16 @@ def _describe_failure(err: Exception, stack: list[str]) -> str:
             f"{type(err).__name__}: {first}. Make that code traceable, or give a manual split "
             f"(partition strategy 'manual', docs/partitioning.md) that cuts at module boundaries "
             f"the capture can reach.")
+
+
+def move_graph(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:
+    """Move ``gm`` to ``device`` in place: parameters and buffers, and the ``device=``
+    arguments export baked into the graph (``arange(..., device=cpu)`` and friends;
+    research/feasibility.md §5.5)."""
+    device = torch.device(device)
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device):
+            node.kwargs = {**node.kwargs, "device": device}
+    gm.recompile()
+    return gm.to(device)
+

@@ -11,6 +11,7 @@ The stock FlopCounterMode registers only the CUDA attention kernels; on CPU disp
 """
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -24,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from partition.capture import Captured, PositionalDenoiser
+from partition.capture import Captured, PositionalDenoiser, move_graph
 
 aten = torch.ops.aten
 COST_MODELS: tuple[str, ...] = ("time", "flops", "fvcore")
@@ -67,6 +68,7 @@ class NodeCosts:
     fvcore_flops: dict[str, float] | None = None
     threads: int = 1
     repeats: int = 0
+    device: str = "cpu"  # where ``ms`` was measured
 
     def weights(self, model: str) -> dict[str, float]:
         """Per-node weights that the partitioner balances under cost model ``model``."""
@@ -167,17 +169,23 @@ class _Timer(fx.Interpreter):
 
 def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int = 3,
             threads: int | None = None, fvcore_model: torch.nn.Module | None = None,
-            warmup: bool = True) -> NodeCosts:
+            warmup: bool = True, device: torch.device | str | None = None) -> NodeCosts:
     """Measure every compute node once for FLOPs and bytes, ``repeats`` times for time.
 
     FLOPs and bytes come from one pass over fake tensors (free even for full-size models).
     Time is the per-node median over the repeats (after one untimed warm-up pass unless
     ``warmup=False``), taken with ``threads`` intra-op threads (the thread count each worker
-    will run with); on CUDA inputs, from events recorded around each node's kernels. Measure
-    once and share the result: timings are noisy, so two measurements give two plans
+    will run with); on CUDA, from events recorded around each node's kernels. ``device``
+    times a copy of the graph moved there (the stages' target GPU: time shares on a GPU are
+    not those of a CPU, nor FLOP shares); by default, where ``inputs`` are. Measure once and
+    share the result: timings are noisy, so two measurements give two plans
     (research/feasibility.md §5.8).
     """
     args = [inputs[s.name] for s in captured.specs]
+    timed_gm, timed_args = captured.gm, args
+    if repeats and device is not None and torch.device(device).type != args[0].device.type:
+        timed_gm = move_graph(copy.deepcopy(captured.gm), device)
+        timed_args = [a.to(device) for a in args]
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -186,13 +194,13 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 prof = _Profiler(captured.gm)
                 prof.run(*(mode.from_tensor(a) for a in args))
-            cuda = any(a.is_cuda for a in args)
-            if repeats and warmup:
-                _Timer(captured.gm, cuda).run(*args)  # warm-up: first calls pay for kernel setup
+            cuda = any(a.is_cuda for a in timed_args)
+            if repeats and warmup:  # warm-up: first calls pay for kernel setup
+                _Timer(timed_gm, cuda).run(*timed_args)
             samples: dict[str, list[float]] = {k: [] for k in prof.flops}
             for _ in range(repeats):
-                timer = _Timer(captured.gm, cuda)
-                timer.run(*args)
+                timer = _Timer(timed_gm, cuda)
+                timer.run(*timed_args)
                 for k, v in timer.ms.items():
                     samples[k].append(v)
         ms = {k: statistics.median(v) for k, v in samples.items()} if repeats else {}
@@ -203,7 +211,7 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
     return NodeCosts(flops=prof.flops, ms=ms, out_bytes=prof.out_bytes,
                      uncounted=dict(sorted(prof.recorder.uncounted.items())), fvcore_flops=fv,
                      threads=torch.get_num_threads() if threads is None else threads,
-                     repeats=repeats)
+                     repeats=repeats, device=str(timed_args[0].device) if repeats else "cpu")
 
 
 def node_module(n: fx.Node) -> str:

@@ -70,6 +70,7 @@ class Measured:
     total_ms: float
     threads: int
     repeats: int
+    device: str = "cpu"  # where the nodes were timed
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
             stage_ms.append(round(sum(costs.ms.get(x, 0.0) for x in own)
                                   + sum(costs.ms.get(x, 0.0) for x in cond), 4))
         measured = Measured(stage_ms=tuple(stage_ms), total_ms=round(sum(costs.ms.values()), 4),
-                            threads=costs.threads, repeats=costs.repeats)
+                            threads=costs.threads, repeats=costs.repeats, device=costs.device)
     return Plan(
         model=model, config_hash=config_hash, graph_hash=graph.captured.graph_hash(),
         inputs=graph.captured.specs, n=n, strategy=assignment.strategy, cost_model=cost_model,

@@ -46,7 +46,8 @@ def format_plan(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1) -
                      f"{st.flops / 1e9:.4f}", f"{st.macs / 1e9:.4f}",
                      f"{st.params / 1e6:.3f}+{st.replicated_params / 1e6:.3f}",
                      len(st.inputs), f"{sum(v.bytes for v in plan.values if st.index in v.consumers) / 2**20:.3f}"])
-    head = ["stage", "modules", "ms", "GFLOPs", "GMACs", "params M (own+repl)",
+    head = ["stage", "modules", f"ms ({plan.measured.device})" if plan.measured else "ms",
+            "GFLOPs", "GMACs", "params M (own+repl)",
             "inputs", "MiB in"]
     p = predict(plan, steps, warmup, stride)
     lines = [f"plan for {plan.model}: N={plan.n}, strategy={plan.strategy}, "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from partition.capture import move_graph
 from partition.graph import TrunkGraph
 from partition.strategies.base import Assignment
 
@@ -38,12 +39,7 @@ class Segment:
     def to(self, device: torch.device | str) -> "Segment":
         """Move to ``device``: parameters, and the ``device=`` arguments export baked into
         the graph (``arange(..., device=cpu)`` and friends; research/feasibility.md §5.5)."""
-        device = torch.device(device)
-        for node in self.gm.graph.nodes:
-            if isinstance(node.kwargs.get("device"), torch.device):
-                node.kwargs = {**node.kwargs, "device": device}
-        self.gm.recompile()
-        self.gm.to(device)
+        move_graph(self.gm, device)
         return self
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 from exp_helpers import FAST, RUN_MAIN, compose_cfg, popen
@@ -121,6 +122,7 @@ BAD = [
     (["scheduler.guidance=abc"], "scheduler.guidance='abc'; allowed: null or a number >= 0"),
     (["wandb.mode=cloud"], "wandb.mode='cloud'; allowed: offline, online, disabled"),
     (["batch=0"], "batch=0; allowed: an integer >= 1"),
+    (["partition.device=tpu"], "partition.device='tpu'; allowed: cpu, cuda"),
     (["labels=[1,2]"], "labels=[1, 2]; allowed: null for model sd15 (class labels condition"),
     (["model=digits", "labels=[3,12]"],
      "labels=[3, 12]; allowed: null or a list of class labels in [0, 9]"),
@@ -150,6 +152,14 @@ def test_bad_input_is_one_line_and_exit_2(overrides, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir()), "nothing may be written"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_profiling_on_a_missing_gpu_is_bad_input():
+    cfg = plain(compose_cfg(*FAST, "partition.device=cuda"))
+    with pytest.raises(ConfigError, match=r"^partition.device=cuda: no CUDA device here; "
+                                          r"allowed: cpu$"):
+        validate_config(cfg, env={})
 
 
 def test_world_size_must_be_replicas_times_devices():

@@ -170,3 +170,31 @@ def test_sd15_flops_cover_the_graph(sd15):
     # conv_in by hand: 4 -> 32 channels, 3x3, 16x16, batch 2: 2 · (2·32·16·16) · (4·9)
     conv_in = [n for n in sd15.graph.trunk if sd15.graph.modules[sd15.graph.pos[n]] == "conv_in"]
     assert sum(costs.flops[n] for n in conv_in) == 2 * 2 * 32 * 16 * 16 * 4 * 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_time_profile_on_the_gpu_times_a_moved_copy():
+    """``profile(device='cuda')``: every counted node timed on the GPU (CUDA events), the
+    captured graph itself left on the CPU, and the plan says where it was timed."""
+    from partition import PartitionRequest, compile_graph
+    from partition import zoo
+    bundle = zoo.build(zoo.load_yaml("sd15"))
+    inputs = bundle.inputs(0)
+    with torch.no_grad():
+        captured = capture(bundle.module, bundle.specs, inputs)
+        costs = profile(captured, inputs, repeats=2, device="cuda")
+    assert costs.device.startswith("cuda") and set(costs.ms) == set(costs.flops)
+    assert all(v >= 0 for v in costs.ms.values()) and sum(costs.ms.values()) > 0
+    assert all(p.device.type == "cpu" for p in captured.gm.parameters())
+    plan = compile_graph(build_graph(captured, costs, "time"), PartitionRequest(n=2),
+                         strategy="balanced", cost_model="time", name="sd15/tiny",
+                         config_hash="").plan
+    assert plan.measured.device.startswith("cuda") and len(plan.measured.stage_ms) == 2
+
+
+def test_time_profile_on_a_named_cpu_is_the_default():
+    specs = (InputSpec("x", (2, 3, 6, 6), role="latent"),)
+    captured, inputs = _captured(ConvThenLinear(), specs)
+    costs = profile(captured, inputs, repeats=1, device="cpu")
+    assert costs.device == "cpu" and set(costs.ms) == set(costs.flops)
