@@ -27,7 +27,9 @@ With ``--time-on cuda`` the UNet is captured on the GPU in ``--dtype`` (fp16, as
 runs it) and each stage's segments are timed there with CUDA events (median of
 ``--repeats``); the predictions are then printed a second time with each stage's measured
 time over the full forward's in place of its FLOP share (so the conditioning glue that
-several devices each run counts for every one of them):
+several devices each run counts for every one of them). A third split joins them,
+``ours-t``: our balanced strategy on per-node times measured on the same device
+(``--node-repeats`` passes, CUDA events around each node):
 
     python benchmarks/scaling_sd21.py --time-on cuda [--dtype float16] [--repeats 30]
 """
@@ -92,8 +94,9 @@ def main() -> None:
         captured = capture(bundle.module, bundle.specs, inputs)
         costs = profile(captured, inputs, repeats=args.node_repeats if args.time_on else 0)
     graph = build_graph(captured, costs, "flops")
-    print(f"SD 2.1 UNet ({args.variant}): {sum(p.numel() for p in bundle.module.parameters()) / 1e6:.0f}M "
-          f"params, latent {tuple(inputs['sample'].shape)}; captured and counted in "
+    params = sum(p.numel() for p in bundle.module.parameters())
+    print(f"SD 2.1 UNet ({args.variant}): {params / 1e6:.0f}M params, latent "
+          f"{tuple(inputs['sample'].shape)}; captured and counted in "
           f"{time.perf_counter() - t0:.0f} s")
     plans = {}
     for (n, s), _ in PAPER.items():
@@ -106,14 +109,16 @@ def main() -> None:
             if (n, name) not in plans:
                 plans[n, name] = compile_graph(
                     graph, PartitionRequest(n=n, depth=4, options=options), strategy=strategy,
-                    cost_model="flops", name="sd21/full", config_hash=bundle.config_hash)
+                    cost_model="flops", name=f"sd21/{args.variant}",
+                    config_hash=bundle.config_hash)
     if args.time_on:  # our strategy on the measured per-node times of this device
         time_graph = build_graph(captured, costs, "time")
         for (n, s), _ in PAPER.items():
             if (n, "ours-t") not in plans:
                 plans[n, "ours-t"] = compile_graph(
                     time_graph, PartitionRequest(n=n, depth=4), strategy="balanced",
-                    cost_model="time", name="sd21/full", config_hash=bundle.config_hash)
+                    cost_model="time", name=f"sd21/{args.variant}",
+                    config_hash=bundle.config_hash)
     flop_shares = {k: shares_of([st.flops for st in c.plan.stages]) for k, c in plans.items()}
     table(args, {k: c.plan for k, c in plans.items()}, flop_shares, "FLOP shares")
     if args.time_on:
@@ -131,7 +136,7 @@ def main() -> None:
                   f"(sum {sum(ms):.2f}, {sum(ms) / whole:.3f} of the full forward; FLOP shares "
                   f"{' '.join(f'{x:.3f}' for x in flop_shares[key])})")
         table(args, {k: c.plan for k, c in plans.items()}, time_shares,
-              f"stage time / full fwd")
+              "stage time / full fwd")
 
 
 def shares_of(costs: list[float]) -> list[float]:
@@ -150,7 +155,8 @@ def timed(fn, repeats: int, device: str) -> float:
         out = []
         for _ in range(repeats):
             if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
                 end.record()

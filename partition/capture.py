@@ -141,4 +141,3 @@ def move_graph(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule
             node.kwargs = {**node.kwargs, "device": device}
     gm.recompile()
     return gm.to(device)
-
