@@ -12,6 +12,7 @@ from asyncdiff.dist.launch import launch
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import build_timeline
+from partition.capture import move_graph
 from schedulers import make_scheduler, sample
 
 pytestmark = pytest.mark.gpu
@@ -22,11 +23,7 @@ def test_stages_on_gpu_chain_like_the_whole_model():
     c = compiled(3)
     segs = [s.to("cuda") for s in c.staged.segments]
     env = {k: v.cuda() for k, v in graph.captured.env(inputs).items()}
-    whole = graph.captured.gm.to("cuda")
-    for n in whole.graph.nodes:
-        if isinstance(n.kwargs.get("device"), torch.device):
-            n.kwargs = {**n.kwargs, "device": torch.device("cuda")}
-    whole.recompile()
+    whole = move_graph(graph.captured.gm, "cuda")
     want = whole(*(env[graph.captured.placeholders[s.name]] for s in graph.captured.specs))
     for seg in segs:
         env.update(seg(env))
