@@ -3,22 +3,29 @@
 The compiler needs to know which input is the latent (everything that depends on it is the
 *trunk* and gets cut into stages) and which is the timestep (conditioning computed from it is
 replicated, never sent; see [Note: staleness] in ``asyncdiff/timeline.py``).
+
+Roles: ``latent`` (exactly one: x, what the scheduler updates), ``timestep``, ``cond``
+(conditioning that stays the same for a whole sampling run: text embeddings, class labels,
+a control image; what depends on it alone is computed once per run, see ``partition.graph``),
+and ``per_step`` (anything else the pipeline passes anew at every step, such as ControlNet
+residuals or a second latent: like the latent, what depends on it is trunk).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["latent", "timestep", "cond"]
-ROLES: tuple[str, ...] = ("latent", "timestep", "cond")
+Role = Literal["latent", "timestep", "cond", "per_step"]
+ROLES: tuple[str, ...] = ("latent", "timestep", "cond", "per_step")
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """One keyword input of a denoiser's ``forward``.
 
-    ``name`` is the keyword; a dotted name is a nested dict entry, so
-    ``added_cond_kwargs.text_embeds`` becomes ``added_cond_kwargs={"text_embeds": ...}``.
+    ``name`` is the keyword; a dotted name is a nested entry, so
+    ``added_cond_kwargs.text_embeds`` becomes ``added_cond_kwargs={"text_embeds": ...}`` and
+    ``image_rotary_emb.0``, ``image_rotary_emb.1`` become ``image_rotary_emb=(..., ...)``.
     ``init`` says how an example value is drawn: ``randn``, ``timestep`` (a value in
     [0, 1000)), ``randint:<high>``, ``zeros``, ``ones``, ``ids2d:<h>:<w>`` (Flux image ids) or
     ``ids_zeros`` (Flux text ids).
@@ -60,37 +67,44 @@ def timestep_name(specs: tuple[InputSpec, ...] | list[InputSpec]) -> str | None:
 
 
 def nest(flat: dict) -> dict:
-    """``{"a.b": v}`` -> ``{"a": {"b": v}}``: dotted input names become nested keyword dicts."""
+    """``{"a.b": v}`` -> ``{"a": {"b": v}}``: dotted input names become nested keyword inputs;
+    a level whose keys are exactly ``0 … n-1`` becomes a tuple (``{"r.0": c, "r.1": s}`` ->
+    ``{"r": (c, s)}``)."""
+    return {k: _tuples(v) for k, v in _nest_dicts(flat).items()}
+
+
+def _nest_dicts(flat: dict) -> dict:
     out: dict = {}
     for key, value in flat.items():
         head, *rest = key.split(".")
         if rest:
             out.setdefault(head, {})
-            out[head] = {**out[head], **nest({".".join(rest): value})}
+            out[head] = {**out[head], **_nest_dicts({".".join(rest): value})}
         else:
             out[head] = value
     return out
 
 
-def call_denoiser(module, inputs: dict):
+def _tuples(value):
+    if not isinstance(value, dict):
+        return value
+    value = {k: _tuples(v) for k, v in value.items()}
+    if value and sorted(value) == [str(i) for i in range(len(value))]:
+        return tuple(value[str(i)] for i in range(len(value)))
+    return value
+
+
+def call_denoiser(module, inputs: dict, contract=None, specs=()):
     """Call ``module`` with named (possibly dotted) inputs and return the noise prediction.
 
-    diffusers models get ``return_dict=False`` and return a tuple whose first entry is the
-    prediction; plain modules may return a tensor, a tuple or an object with ``.sample``.
+    ``contract`` (:class:`partition.contract.DenoiserContract`) says how the network is
+    called and which output is ε; by default diffusers models get ``return_dict=False`` and
+    the first entry of what they return (a tuple, an output dataclass, a tensor) is ε.
+    ``specs`` name the latent and timestep inputs the contract refers to.
     """
-    import inspect
+    from partition.contract import DenoiserContract
 
-    kwargs = nest(dict(inputs))
-    forward = getattr(module, "forward", module)
-    try:
-        params = inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "return_dict" in params:
-        kwargs["return_dict"] = False
-    out = module(**kwargs)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if hasattr(out, "sample"):
-        out = out.sample
-    return out
+    contract = contract or DenoiserContract()
+    latent = next((s.name for s in specs if s.role == "latent"), None)
+    timestep = next((s.name for s in specs if s.role == "timestep"), None)
+    return contract.call(module, nest(dict(inputs)), latent, timestep)

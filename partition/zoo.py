@@ -8,18 +8,11 @@ the constructor config and the ordered input specs (:class:`partition.spec.Input
 ``(cls=..., config=..., seed=..., pretrained=None, **other builder keys) -> nn.Module``, so a
 new architecture is one YAML file (STYLE 4); no Hydra is needed to read it (STYLE 5).
 
-[Note: denoiser contract]
-Every zoo model, called through :func:`partition.spec.call_denoiser` with the named inputs
-of its spec, returns ONE tensor: the noise prediction ε, with exactly the latent's shape, for
-a timestep in the scheduler's units. Where the released network's I/O differs, the optional
-``adapter`` block of the YAML says how, declaratively (see :func:`adapt`):
-
-* ``concat: {inputs: [...], dim: d}`` -- the network's latent input is the latent
-  concatenated with conditioning inputs (SVD's image latents), as the pipeline does;
-* ``narrow: {dim: d, length: n}`` -- the network predicts more than ε (DiT / PixArt with a
-  learned σ emit ``[ε, variance]`` along channels); ε is the first ``n`` channels, exactly
-  what the diffusers pipelines keep (the variance is never used by DDIM / DPM-Solver);
-* ``timestep_scale: s`` -- the network wants ``s · t`` (Flux takes t / 1000).
+The denoiser's call and output are declared by the optional ``contract`` block of the YAML
+(:class:`partition.contract.DenoiserContract`, [Note: denoiser contract]): SVD's image latents
+concatenated to the latent, a learned-σ half, Flux's t / 1000, fixed keyword arguments. The
+module itself is the released class, untouched: module paths and state-dict keys are the
+released model's, so a manual split written against them applies.
 
 Weights are re-drawn by :func:`reinit_` so that no output is identically zero (diffusers
 zero-initialises some output layers, which makes every equality test vacuous; DESIGN §2).
@@ -39,13 +32,13 @@ import torch
 import yaml
 from torch import nn
 
-from partition.spec import InputSpec, latent_name, timestep_name
+from partition.contract import DenoiserContract
+from partition.spec import InputSpec, call_denoiser, latent_name, timestep_name
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 VARIANTS: tuple[str, ...] = ("tiny", "full", "pretrained")
 INIT_KINDS: tuple[str, ...] = ("randn", "timestep", "randint:<high>", "zeros", "ones",
                                "ids2d:<h>:<w>", "ids_zeros")
-ADAPTER_KEYS: tuple[str, ...] = ("concat", "narrow", "timestep_scale")
 
 
 # --------------------------------------------------------------------------- YAML
@@ -112,11 +105,11 @@ def validate(cfg: dict, variant: str | None = None) -> str:
         timestep_name(specs)
     except ValueError as e:
         raise ValueError(f"model.{_section(variant)}.{e}") from None
-    adapter = cfg.get("adapter") or {}
-    unknown = sorted(set(adapter) - set(ADAPTER_KEYS))
-    if unknown:
-        raise ValueError(f"model.adapter: unknown key(s) {unknown}; "
-                         f"allowed: {', '.join(ADAPTER_KEYS)}")
+    contract = DenoiserContract.from_config(cfg.get("contract"))
+    missing = [n for n in contract.concat_inputs if n not in {s.name for s in specs}]
+    if missing:
+        raise ValueError(f"model.contract.concat.inputs: {missing} are not inputs of "
+                         f"model.{_section(variant)}.inputs")
     return variant
 
 
@@ -273,71 +266,6 @@ def example_inputs(specs: list[InputSpec] | tuple[InputSpec, ...],
     return out
 
 
-# --------------------------------------------------------------------------- adapter
-
-
-class _DenoiserAdapter:
-    """Mixin put in front of a model's class by :func:`adapt` (see [Note: denoiser contract]).
-
-    A mixin, not a wrapper module, so that module paths (``down_blocks.0`` ...) and
-    state-dict keys stay those of the released model and a manual split written against
-    them still applies.
-    """
-
-    _adapter: dict
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        a = self._adapter
-        if a["latent"] not in kwargs:
-            raise TypeError(f"{type(self).__name__}: pass the inputs by keyword "
-                            f"(partition.spec.call_denoiser); {a['latent']!r} is missing")
-        if "concat" in a:
-            extra = [kwargs.pop(n) for n in a["concat"]["inputs"]]
-            kwargs[a["latent"]] = torch.cat([kwargs[a["latent"]], *extra], dim=a["concat"]["dim"])
-        if "timestep_scale" in a:
-            kwargs[a["timestep"]] = kwargs[a["timestep"]] * a["timestep_scale"]
-        kwargs["return_dict"] = False
-        out = super().forward(*args, **kwargs)  # type: ignore[misc]
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        if "narrow" in a:
-            out = out.narrow(a["narrow"]["dim"], 0, a["narrow"]["length"])
-        return out
-
-
-_ADAPTED: dict[type, type] = {}
-
-
-def adapt(module: nn.Module, adapter: dict, specs: tuple[InputSpec, ...]) -> nn.Module:
-    """Make ``module`` obey the denoiser contract described by the YAML ``adapter`` block.
-
-    The module keeps its parameters, submodules and paths; only its class gains
-    :class:`_DenoiserAdapter` in front, whose ``forward`` takes the same keywords (the
-    latent unconcatenated, the timestep in scheduler units) and returns ε as one tensor.
-    """
-    if not adapter:
-        return module
-    state = dict(adapter, latent=latent_name(specs), timestep=timestep_name(specs))
-    if "concat" in adapter:
-        _require(adapter["concat"], "inputs", "model.adapter.concat")
-        _require(adapter["concat"], "dim", "model.adapter.concat")
-    if "narrow" in adapter:
-        _require(adapter["narrow"], "dim", "model.adapter.narrow")
-        _require(adapter["narrow"], "length", "model.adapter.narrow")
-    if "timestep_scale" in adapter and state["timestep"] is None:
-        raise ValueError("model.adapter.timestep_scale: no input has role 'timestep'")
-    cls = type(module)
-    if not issubclass(cls, _DenoiserAdapter):
-        if cls not in _ADAPTED:
-            # A name of its own: pickling the adapted module fails loudly instead of
-            # silently unpickling as the plain class (deepcopy works).
-            name = f"Adapted{cls.__name__}"
-            _ADAPTED[cls] = type(name, (_DenoiserAdapter, cls),
-                                 {"__module__": __name__, "__qualname__": name})
-        module.__class__ = _ADAPTED[cls]
-    module._adapter = state
-    return module
-
-
 # --------------------------------------------------------------------------- bundle
 
 
@@ -346,7 +274,7 @@ class ModelBundle:
     """A built denoiser with its input specs; what the compiler and the runtime start from.
 
     ``config_hash`` identifies the architecture and input shapes (sha256 of the canonical
-    JSON of the builder, adapter and chosen variant's section), not the seed: a plan made
+    JSON of the builder, contract and chosen variant's section), not the seed: a plan made
     on one set of random weights is valid for another.
     """
 
@@ -355,10 +283,15 @@ class ModelBundle:
     module: nn.Module
     specs: tuple[InputSpec, ...]
     config_hash: str
+    contract: DenoiserContract = DenoiserContract()
 
     @property
     def latent(self) -> str:
         return latent_name(self.specs)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ε of the eager model on named inputs, through its contract."""
+        return call_denoiser(self.module, inputs, self.contract, self.specs)
 
     def inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """Example inputs for this model (see :func:`example_inputs`)."""
@@ -367,7 +300,7 @@ class ModelBundle:
 
 def config_hash(cfg: dict, variant: str) -> str:
     """sha256 of the canonical JSON of what determines the built architecture."""
-    payload = {"builder": cfg["builder"], "adapter": cfg.get("adapter") or {},
+    payload = {"builder": cfg["builder"], "contract": cfg.get("contract") or {},
                "variant": variant, _section(variant): cfg[_section(variant)]}
     if variant == "pretrained":
         payload["pretrained"] = cfg["pretrained"]
@@ -389,5 +322,5 @@ def build(cfg: dict, variant: str | None = None, seed: int = 0) -> ModelBundle:
     if not isinstance(module, nn.Module):
         raise ValueError(f"model.builder._target_={cfg['builder']['_target_']!r} returned "
                          f"{type(module).__name__}, not an nn.Module")
-    module = adapt(module, cfg.get("adapter") or {}, specs)
-    return ModelBundle(cfg["name"], variant, module.eval(), specs, config_hash(cfg, variant))
+    return ModelBundle(cfg["name"], variant, module.eval(), specs, config_hash(cfg, variant),
+                       DenoiserContract.from_config(cfg.get("contract")))
