@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from asyncdiff.hoisted import OncePerRun, model_inputs_of
 from asyncdiff.inputs import model_env
 from asyncdiff.timeline import Round, Timeline
 from partition.stages import StagedModel
@@ -27,15 +28,25 @@ class RoundExecutor(Protocol):
 
 
 class SequentialDenoiser:
-    """The whole model, every step, fed τ_k: the reference every executor is compared with."""
+    """The whole model, every step, fed τ_k: the reference every executor is compared with.
+    Like them it computes the hoisted conditioning once per run (``asyncdiff/hoisted.py``),
+    so a speedup measured against it is the pipeline's alone."""
 
     def __init__(self, staged: StagedModel):
         self.staged = staged
+        self.once = OncePerRun(model_inputs_of(staged.prologues, staged.placeholders))
+        self.hoisted: dict[str, torch.Tensor] = {}
 
     def __call__(self, x, t, step, cond):
         with torch.no_grad():
-            return self.staged.run(model_env(self.staged.specs, self.staged.placeholders, x, t,
-                                             cond))
+            env = model_env(self.staged.specs, self.staged.placeholders, x, t, cond)
+            if self.staged.prologues and self.once.changed(env):
+                self.hoisted = {k: v for k, v in self.staged.prepare(env).items()
+                                if k not in env}
+            env.update(self.hoisted)
+            for seg in self.staged.segments:
+                env.update(seg(env))
+            return env[self.staged.output]
 
 
 class PipelineDenoiser:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from asyncdiff.hoisted import OncePerRun, model_inputs_of
 from asyncdiff.inputs import model_env
 from asyncdiff.timeline import Round, Timeline
 from partition.plan import Plan
@@ -45,10 +46,15 @@ class Emulator:
         self.published: dict[int, dict[str, torch.Tensor]] = {}  # round -> its values
         self.record = record
         self.log: list[RunRecord] = []
+        self.once = OncePerRun(model_inputs_of(staged.prologues, staged.placeholders))
+        self.hoisted: dict[str, torch.Tensor] = {}
 
     def _env(self, x, t_step: int, cond) -> dict[str, torch.Tensor]:
-        return model_env(self.staged.specs, self.staged.placeholders, x,
-                         self.timesteps[t_step], cond)
+        env = model_env(self.staged.specs, self.staged.placeholders, x,
+                        self.timesteps[t_step], cond)
+        if self.staged.prologues and self.once.changed(env):  # once per run (hoisted.py)
+            self.hoisted = {k: v for k, v in self.staged.prepare(env).items() if k not in env}
+        return {**env, **self.hoisted}
 
     def run_round(self, rnd: Round, x: torch.Tensor,
                   cond: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:

@@ -45,7 +45,7 @@ from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.weights import OFFLOAD, Parked
 from asyncdiff.timeline import build_timeline
 from partition import STRATEGIES
-from partition.capture import Captured, capture
+from partition.capture import capture
 from partition.cost import COST_MODELS
 
 MODES: tuple[str, ...] = ("emulate", "distributed")
@@ -193,24 +193,24 @@ class Handle:
                                    "capture, but this rank dropped the other stages' weights "
                                    "(offload='drop'); use offload='cpu', or one shape")
             self._parked.restore()  # the capture traces the whole model
-        if self.options.mode == "emulate":
-            captured, form = self._capture(call)
-            session = sessions.emulated(self.module, call, captured, form, self.options)
-        else:
-            session = sessions.distributed(self.module, call, lambda: self._capture(call),
-                                           self.options)
+        # capture, plan and verify with the original forward (the proxy out of the way): the
+        # verification calls the eager model, which must not come back here
+        seen: list[Any] = []
+        bound = with_static(self._original, call.static, seen.append)
+        with self._unpatched(bound):
+            if self.options.mode == "emulate":
+                captured = capture(self.module, call.specs(), call.tensors)
+                session = sessions.emulated(self.module, call, captured, output_form(seen[-1]),
+                                            self.options)
+            else:
+                session = sessions.distributed(
+                    self.module, call,
+                    lambda: (capture(self.module, call.specs(), call.tensors),
+                             output_form(seen[-1])), self.options)
         self.sessions[call.key] = session
         if self._parked is not None:  # keep what any session's stage holds
             self._parked.release([t for s in self.sessions.values() for t in s.tensors()])
         return session
-
-    def _capture(self, call: Call) -> tuple[Captured, Any]:
-        """Capture ``call`` with the original forward (the proxy is out of the way)."""
-        seen: list[Any] = []
-        bound = with_static(self._original, call.static, seen.append)
-        with self._unpatched(bound):
-            captured = capture(self.module, call.specs(), call.tensors)
-        return captured, output_form(seen[-1])
 
     @contextlib.contextmanager
     def _unpatched(self, forward):

@@ -80,6 +80,7 @@ def measured_stage_ms(staged, env, repeats: int) -> list[float]:
     """Run the stages in order on real values; per-stage median wall time."""
     per: dict[int, list[float]] = {}
     with torch.no_grad():
+        env = staged.prepare(env)  # once per run: not part of a step
         for _ in range(repeats):
             values = dict(env)
             acc: dict[int, float] = {}
@@ -113,7 +114,7 @@ def main() -> None:
     out_bytes = module_output_bytes(cfg, inputs, names)  # first: fails fast
     eps_bytes = inputs["sample"].numel() * 4
     t0 = time.perf_counter()
-    captured = capture(bundle.module, bundle.specs, inputs)
+    captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
     t_capture = time.perf_counter() - t0
     costs = profile(captured, inputs, repeats=args.repeats, threads=args.threads,
                     warmup=False)

@@ -91,7 +91,7 @@ def main() -> None:
         inputs = {s.name: inputs[s.name].to(args.time_on, dtype if s.role != "timestep"
                                              else inputs[s.name].dtype) for s in bundle.specs}
     with torch.no_grad():
-        captured = capture(bundle.module, bundle.specs, inputs)
+        captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
         costs = profile(captured, inputs, repeats=args.node_repeats if args.time_on else 0)
     graph = build_graph(captured, costs, "flops")
     params = sum(p.numel() for p in bundle.module.parameters())
@@ -171,9 +171,10 @@ def timed(fn, repeats: int, device: str) -> float:
 
 def stage_ms(staged, env: dict, repeats: int, device: str) -> list[float]:
     """Each stage's segments timed on the values a full forward computes (as its device runs
-    them: its own copy of the conditioning glue included)."""
+    them: its own copy of the per-step conditioning included; what is computed once per run
+    is computed first, not timed)."""
     with torch.no_grad():
-        full = dict(env)
+        full = staged.prepare(env)
         for seg in staged.segments:
             full.update(seg(full))
 

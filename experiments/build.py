@@ -129,9 +129,9 @@ def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads
     bundle = zoo.build(model_cfg, seed=seed)
     inputs = bundle.inputs(seed)
     with torch.no_grad():
-        captured = capture(bundle.module, bundle.specs, inputs)
+        captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
         fv = bundle.module if cost_model == "fvcore" else None
-        costs = profile(captured, inputs, repeats=repeats if cost_model == "time" or repeats else 0,
+        costs = profile(captured, inputs, repeats=repeats if cost_model == "time" else 0,
                         threads=threads, fvcore_model=fv, device=device)
     return bundle, captured, costs
 

@@ -141,7 +141,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     init_group(rank, world, par.backend, None, par.timeout_s * 4)
     bundle = zoo.build(model_config(cfg), seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
-    captured = capture(bundle.module, bundle.specs, inputs)
+    captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
     shared, compiled = [None], None
     if rank == 0:
         part = plain(cfg.partition)
@@ -150,7 +150,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
                                  cost_model=part["cost_model"], captured=captured,
                                  name=f"{bundle.name}/{bundle.variant}",
                                  config_hash=bundle.config_hash, repeats=part["repeats"],
-                                 threads=part["threads"])
+                                 threads=part["threads"], contract=bundle.contract)
         shared = [compiled.plan.to_json()]
         save_plan(cfg, out, compiled.plan)
     dist.broadcast_object_list(shared, src=0)
@@ -159,7 +159,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     staged = stages_from_plan(graph, plan)
     device = rank % par.devices
     jobs = sampling_jobs(bundle, cfg, par.replicas)
-    job = WorkerJob(plan=plan, segments=staged.stage_segments(stage_of_device(device, plan.n)),
+    job = WorkerJob(plan=plan, segments=staged.stage_parts(stage_of_device(device, plan.n)),
                     specs=staged.specs, placeholders=staged.placeholders,
                     output=staged.output, parallel=par, sampling=jobs,
                     progress=bool(cfg.progress))

@@ -122,8 +122,7 @@ class Sampler:
             OmegaConf.update(c, "parallel.n", n, merge=False)
             OmegaConf.update(c, "batch", self.chunk, merge=False)
             bundle, self._compiled[n] = compiled_model(c)
-            for seg in self._compiled[n].staged.segments:
-                seg.to(self.device)
+            self._compiled[n].staged.to(self.device)
             self.shape = next(s.shape for s in bundle.specs if s.role == "latent")[1:]
         return self._compiled[n]
 
@@ -210,7 +209,8 @@ class RecordingDenoiser:
 
     def __call__(self, x, t, step, cond):
         with torch.no_grad():
-            env = model_env(self.staged.specs, self.staged.placeholders, x, t, cond)
+            env = self.staged.prepare(model_env(self.staged.specs, self.staged.placeholders, x,
+                                                t, cond))
             for seg in self.staged.segments:
                 env.update(seg(env))
             # the last ``keep`` rows: the conditional half of the CFG batch [uncond, cond]

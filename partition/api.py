@@ -1,21 +1,31 @@
-"""The compiler in one call: capture → cost → graph → strategy → stages → plan."""
+"""The compiler in one call: capture → cost → graph → strategy → stages → verify → plan.
+
+Two backends feed the same Plan (DESIGN.md §1): ``graph`` (torch.export; stages are cut from
+the captured graph and hold only their own weights) and ``module`` (``partition/modular``:
+stages are sets of the network's own blocks, run eagerly), for networks torch.export cannot
+capture. ``backend="auto"`` (the default) takes the graph backend and falls back to the module
+backend when capture fails, saying so in the plan's notes.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from partition.capture import Captured, capture
+from partition.capture import Captured, CaptureError, capture
+from partition.contract import DenoiserContract
 from partition.cost import COST_MODELS, NodeCosts, profile
 from partition.graph import TrunkGraph, build_graph
 from partition.plan import Plan, make_plan
 from partition.spec import InputSpec
-from partition.stages import StagedModel, build_stages
+from partition.stages import Hoisted, StagedModel, build_stages
 from partition.strategies.balanced import balanced, equal_blocks
 from partition.strategies.base import Assignment, Partitioner, PartitionRequest
 from partition.strategies.manual import manual
 from partition.strategies.shell import shell_core
+from partition.verify import verify as verify_stages
 
 STRATEGIES: dict[str, Partitioner] = {
     "balanced": balanced,
@@ -23,13 +33,14 @@ STRATEGIES: dict[str, Partitioner] = {
     "manual": manual,
     "shell_core": shell_core,
 }
+BACKENDS: tuple[str, ...] = ("auto", "graph", "module")
 
 
 @dataclass
 class Compiled:
     plan: Plan
     staged: StagedModel
-    graph: TrunkGraph
+    graph: Any  # TrunkGraph (graph backend) or partition.modular.BlockGraph (module backend)
 
 
 def get_strategy(name: str) -> Partitioner:
@@ -40,40 +51,86 @@ def get_strategy(name: str) -> Partitioner:
 
 def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[str, torch.Tensor],
                   request: PartitionRequest, *, strategy: str = "balanced",
-                  cost_model: str = "time", name: str = "model", config_hash: str = "",
+                  cost_model: str = "flops", name: str = "model", config_hash: str = "",
                   repeats: int = 3, threads: int | None = 1, captured: Captured | None = None,
-                  costs: NodeCosts | None = None, device: str | None = None) -> Compiled:
+                  costs: NodeCosts | None = None, device: str | None = None,
+                  contract: DenoiserContract | None = None, verify: bool = True,
+                  backend: str = "auto") -> Compiled:
     """Plan ``model`` into ``request.n`` stages; pass ``captured``/``costs`` to reuse them.
-    ``device``: where the time cost model times the nodes (default: where ``inputs`` are)."""
+
+    ``contract``: how the model is called and which output is ε (partition/contract.py).
+    ``cost_model``: ``flops`` (default: deterministic, no timing), ``fvcore``, or ``time``
+    (``repeats`` timed forwards of the eager model at ``threads`` threads, on ``device``:
+    default where ``inputs`` are). ``verify``: check the stages against the eager model on
+    ``inputs`` (partition/verify.py); ``False`` skips it, and the plan says so.
+    ``backend``: ``auto``, ``graph`` or ``module`` (module docstring).
+    """
     if cost_model not in COST_MODELS:
         raise ValueError(f"cost_model={cost_model!r}; allowed: {', '.join(COST_MODELS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
     get_strategy(strategy)
-    captured = captured or capture(model, specs, inputs)
+    contract = contract or (captured.contract if captured is not None else DenoiserContract())
+    fallback = ""
+    if backend != "module" and captured is None:
+        try:
+            captured = capture(model, specs, inputs, contract)
+        except CaptureError as err:
+            if backend == "graph":
+                raise
+            fallback = f"module backend: torch.export could not capture the model ({err})"
+    if backend == "module" or fallback:
+        from partition.modular import compile_modular
+        return compile_modular(model, specs, inputs, request, strategy=strategy,
+                               cost_model=cost_model, name=name, config_hash=config_hash,
+                               repeats=repeats, threads=threads, contract=contract,
+                               verify=verify, note=fallback)
     if costs is None:
-        costs = profile(captured, inputs, repeats=repeats if cost_model == "time" or repeats else 0,
+        costs = profile(captured, inputs, repeats=repeats if cost_model == "time" else 0,
                         threads=threads, fvcore_model=model if cost_model == "fvcore" else None,
                         device=device)
     graph = build_graph(captured, costs, cost_model)
     return compile_graph(graph, request, strategy=strategy, cost_model=cost_model, name=name,
-                         config_hash=config_hash)
+                         config_hash=config_hash, inputs=inputs if verify else None,
+                         threads=threads, verify=verify)
 
 
 def compile_graph(graph: TrunkGraph, request: PartitionRequest, *, strategy: str,
-                  cost_model: str, name: str, config_hash: str) -> Compiled:
+                  cost_model: str, name: str, config_hash: str,
+                  inputs: dict[str, torch.Tensor] | None = None, threads: int | None = None,
+                  verify: bool = True) -> Compiled:
+    """Cut an already captured and costed graph; verified against the eager model when
+    ``inputs`` are given (``verify=False`` or no inputs: the plan says it is unverified)."""
     if request.n < 1:
         raise ValueError(f"n={request.n}; allowed: n >= 1")
     assignment = (Assignment((0,) * graph.size, 1, strategy) if request.n == 1
                   else get_strategy(strategy)(graph, request))
     staged = build_stages(graph, assignment)
+    checked, stage_ms = _check(graph, staged, inputs, threads, verify, name)
     plan = make_plan(graph, assignment, staged, model=name, config_hash=config_hash,
-                     cost_model=cost_model, depth=request.depth)
+                     cost_model=cost_model, depth=request.depth, verification=checked,
+                     stage_ms=stage_ms if graph.costs.ms else None)
     return Compiled(plan=plan, staged=staged, graph=graph)
+
+
+def _check(graph, staged, inputs, threads, verify: bool, name: str):
+    if not verify:
+        return "off: not verified (verify=False)", None
+    if inputs is None:
+        return "off: not verified (no example inputs given to compile_graph)", None
+    result = verify_stages(graph, staged, inputs, threads=threads, model=name)
+    return result.note, result.stage_ms
 
 
 def stages_from_plan(graph: TrunkGraph, plan: Plan) -> StagedModel:
     """Rebuild the stages of a saved plan from a fresh capture of the same model and shapes."""
+    if plan.backend == "module":
+        from partition.modular import stages_from_plan as modular_stages
+        return modular_stages(graph, plan)
     got = graph.captured.graph_hash()
     if got != plan.graph_hash:
         raise ValueError(f"plan graph_hash={plan.graph_hash} but this capture is {got}: "
                          "the plan was made for another model, shape or library version")
-    return build_stages(graph, plan.assignment())
+    placement = tuple(Hoisted(h.name, None if h.home < 0 else h.home, h.consumers)
+                      for h in plan.hoisted)
+    return build_stages(graph, plan.assignment(), placement)

@@ -3,34 +3,52 @@
 ``torch.fx.symbolic_trace`` fails on every diffusers model (their ``forward`` iterates over
 shapes and calls ``len``/``int`` on them); non-strict export specialises on the example shapes
 and is bit-exact with eager. One capture per input shape (batch, resolution, frames).
+
+Export's graph keeps in-place writes as side-effect nodes: ``grid[:, 0:1] = x`` on a tensor
+made inside ``forward`` becomes ``copy_(slice(grid), x)`` whose result nothing reads, and the
+later reads of ``grid`` point at the node that *made* it. Cut into stages such a write would
+be lost (nothing depends on it). So a graph with any mutating operator is functionalized
+(``ExportedProgram.run_decompositions({})``: every write becomes a value that its readers
+depend on; no operator is decomposed). Graphs without one are kept as captured (the pass
+re-traces the model: seconds even for tiny ones). A denoiser that mutates its own buffers or
+inputs on every call is stateful and is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
+from partition.contract import ContractError, DenoiserContract
 from partition.spec import InputSpec, call_denoiser, latent_name
 
 
 class CaptureError(RuntimeError):
-    """Raised when ``torch.export`` cannot capture a model; names the module and source line."""
+    """Raised when ``torch.export`` cannot capture a model; names the module and source line.
+    ``compile_model`` then falls back to the module backend (``partition/modular``)."""
 
 
 class PositionalDenoiser(nn.Module):
-    """``forward(*tensors)`` -> noise prediction, so no dicts or dataclasses reach the tracer."""
+    """``forward(*tensors)`` -> noise prediction, so no dicts or dataclasses reach the tracer;
+    the model is called through its contract ([Note: denoiser contract])."""
 
-    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+    def __init__(self, model: nn.Module, specs: tuple[InputSpec, ...],
+                 contract: DenoiserContract | None = None):
         super().__init__()
         self.model = model
-        self.names = names
+        self.specs = tuple(specs)
+        self.contract = contract or DenoiserContract()
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return call_denoiser(self.model, dict(zip(self.names, args)))
+        return call_denoiser(self.model, dict(zip((s.name for s in self.specs), args)),
+                             self.contract, self.specs)
 
 
 @dataclass
@@ -40,6 +58,9 @@ class Captured:
     gm: fx.GraphModule
     specs: tuple[InputSpec, ...]
     placeholders: dict[str, str]  # input name -> placeholder node name
+    contract: DenoiserContract = DenoiserContract()
+    functionalized: bool = False  # in-place writes were turned into values (module docstring)
+    model: nn.Module | None = None  # the eager module it was captured from
 
     @property
     def latent(self) -> str:
@@ -53,6 +74,10 @@ class Captured:
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.gm(*(inputs[s.name] for s in self.specs))
 
+    def eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The eager model on ``inputs``, called through the capture's contract."""
+        return call_denoiser(self.model, inputs, self.contract, self.specs)
+
     def graph_hash(self) -> str:
         """Structure of the graph (ops, wiring, shapes): equal captures hash equal."""
         h = hashlib.sha256()
@@ -64,31 +89,84 @@ class Captured:
 
 
 def capture(model: nn.Module, specs: tuple[InputSpec, ...] | list[InputSpec],
-            inputs: dict[str, torch.Tensor]) -> Captured:
-    """Export ``model`` called on ``inputs`` (keyed by ``specs`` names) to a GraphModule."""
+            inputs: dict[str, torch.Tensor], contract: DenoiserContract | None = None) -> Captured:
+    """Export ``model`` called on ``inputs`` (keyed by ``specs`` names) through ``contract``
+    to a GraphModule, functionalized where it writes in place (module docstring)."""
     specs = tuple(specs)
+    contract = contract or DenoiserContract()
     latent_name(specs)  # validates exactly one latent
     missing = [s.name for s in specs if s.name not in inputs]
     if missing:
         raise ValueError(f"inputs: missing example values for {missing}")
-    wrapper = PositionalDenoiser(model, tuple(s.name for s in specs)).eval()
+    wrapper = PositionalDenoiser(model, specs, contract).eval()
     args = tuple(inputs[s.name] for s in specs)
     stack: list[str] = []
     hooks = _track_module_stack(wrapper, stack)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_symbolic_shapes():
             ep = torch.export.export(wrapper, args, strict=False)
     except Exception as err:  # re-raised with the failing module and source line
+        cause = err
+        while cause is not None and not isinstance(cause, ContractError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # the call itself is wrong: no backend can run it
+            raise cause from None
         raise CaptureError(_describe_failure(err, stack)) from err
     finally:
         for h in hooks:
             h.remove()
+    _refuse_state_mutation(ep)
+    functionalized = False
+    if mutating_nodes(ep.graph):
+        with torch.no_grad():
+            ep = ep.run_decompositions({})
+        functionalized = True
+        left = mutating_nodes(ep.graph)
+        if left:
+            raise CaptureError(f"in-place operators {sorted({str(n.target) for n in left})} "
+                               "survive functionalization; the graph cannot be staged exactly")
     gm = ep.module()
     _drop_guards(gm)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(specs):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs, expected {len(specs)}")
-    return Captured(gm=gm, specs=specs, placeholders=dict(zip((s.name for s in specs), placeholders)))
+    return Captured(gm=gm, specs=specs, placeholders=dict(zip((s.name for s in specs), placeholders)),
+                    contract=contract, functionalized=functionalized, model=model)
+
+
+@contextlib.contextmanager
+def _quiet_symbolic_shapes():
+    """On a data-dependent guard torch prints the whole partial graph to stderr; the
+    CaptureError says where the capture failed in one line, so that dump is held back.
+    Anything else written to stderr meanwhile (warnings) is passed on."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    except Exception as err:
+        partial = str(getattr(err, "partial_fx_graph", "") or "")
+        sys.stderr.write(buf.getvalue().replace(partial, "").strip("\n") + "\n"
+                         if buf.getvalue().replace(partial, "").strip() else "")
+        raise
+    else:
+        sys.stderr.write(buf.getvalue())
+
+
+def mutating_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """Nodes of operators that write into one of their arguments (``copy_``, ``fill_``, …)."""
+    return [n for n in graph.nodes if n.op == "call_function"
+            and getattr(getattr(n.target, "_schema", None), "is_mutable", False)]
+
+
+def _refuse_state_mutation(ep) -> None:
+    sig = ep.graph_signature
+    written = {**sig.buffers_to_mutate, **sig.user_inputs_to_mutate}
+    if written:
+        names = sorted(str(v).removeprefix("model.") for v in written.values())
+        raise CaptureError(f"the denoiser writes into {names} on every call (a buffer or an "
+                           "input it keeps state in: a cache, a counter, a hook); a stateful "
+                           "network cannot be split into stages exactly. Disable the state "
+                           "(e.g. remove the caching hook) before compiling")
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:
@@ -115,7 +193,8 @@ def _track_module_stack(root: nn.Module, stack: list[str]) -> list:
 
 
 def _describe_failure(err: Exception, stack: list[str]) -> str:
-    module = stack[-1].removeprefix("model.") if stack else "<top level>"
+    module = stack[-1] if stack else ""
+    module = "" if module == "model" else module.removeprefix("model.")
     # The user's frames: not torch's, not this package's, not generated code. Compare whole
     # directories: a substring test ("/partition/") also drops a user's tests/partition/.
     internal = (os.path.dirname(torch.__file__) + os.sep,
@@ -126,9 +205,10 @@ def _describe_failure(err: Exception, stack: list[str]) -> str:
     where = f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else "unknown"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"torch.export could not capture module '{module or '<root>'}' at {where}: "
-            f"{type(err).__name__}: {first}. Make that code traceable, or give a manual split "
-            f"(partition strategy 'manual', docs/partitioning.md) that cuts at module boundaries "
-            f"the capture can reach.")
+            f"{type(err).__name__}: {first}. Make that code traceable (tensor code instead of "
+            f"data-dependent Python), or run the network with the module backend "
+            f"(backend='module': stages are sets of its own blocks, run eagerly; "
+            f"docs/partitioning.md), which compile_model picks by itself when capture fails.")
 
 
 def move_graph(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,7 +23,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from partition.capture import Captured, PositionalDenoiser, move_graph
+from partition.capture import Captured, PositionalDenoiser
+from partition.spec import call_denoiser
 
 aten = torch.ops.aten
 COST_MODELS: tuple[str, ...] = ("time", "flops", "fvcore")
@@ -57,9 +56,20 @@ _ZERO_BY_CONVENTION = {
 }
 
 
+class CostError(RuntimeError):
+    """The cost pass failed after capture; the message names the node and its module."""
+
+
 @dataclass
 class NodeCosts:
-    """Costs of every compute node of a captured graph, keyed by node name."""
+    """Costs of every compute node of a captured graph, keyed by node name.
+
+    ``counted_on``: ``fake`` (FLOPs and bytes from one pass over fake tensors, no arithmetic)
+    or ``real`` (a graph with data-dependent shapes, e.g. ``nonzero``, counted on the example
+    values). ``eager``: the eager model's output from the timed passes (at ``threads``,
+    under ``no_grad``), which the verification reuses instead of running the model again;
+    ``captured``: the captured graph's output where the count ran it.
+    """
 
     flops: dict[str, int]
     ms: dict[str, float]
@@ -69,6 +79,9 @@ class NodeCosts:
     threads: int = 1
     repeats: int = 0
     device: str = "cpu"  # where ``ms`` was measured
+    counted_on: str = "fake"
+    eager: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    captured: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def weights(self, model: str) -> dict[str, float]:
         """Per-node weights that the partitioner balances under cost model ``model``."""
@@ -133,77 +146,59 @@ class _Profiler(fx.Interpreter):
         return out
 
 
-class _Timer(fx.Interpreter):
-    """Wall time per node; on CUDA, the time between events recorded around the node's
-    kernels (launches are asynchronous: a host clock would time the launch only)."""
+def _count(gm: fx.GraphModule, args: list[torch.Tensor]) -> tuple[_Profiler, str, object]:
+    """FLOPs and bytes per node: over fake tensors, or on the real values where a shape
+    depends on data (fake tensors cannot say how many elements ``nonzero`` returns)."""
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            prof = _Profiler(gm)
+            prof.run(*(mode.from_tensor(a) for a in args))
+        return prof, "fake", None
+    except Exception:  # noqa: BLE001 - any fake-tensor failure: count on real values instead
+        pass
+    prof = _Profiler(gm)
+    try:
+        out = prof.run(*args)
+    except Exception as err:
+        node = _failed_node(gm, prof)
+        raise CostError(f"cost pass failed at node {node.name!r} ({node.target}) in module "
+                        f"'{node_module(node) or '<root>'}': {type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    return prof, "real", out
 
-    def __init__(self, gm: fx.GraphModule, cuda: bool = False):
-        super().__init__(gm)
-        self.cuda = cuda
-        self._ms: dict[str, float] = {}
-        self._events: dict[str, tuple] = {}
 
-    def run_node(self, n: fx.Node):
-        if n.op != "call_function":
-            return super().run_node(n)
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = super().run_node(n)
-            end.record()
-            self._events[n.name] = (start, end)
-            return out
-        t0 = time.perf_counter()
-        out = super().run_node(n)
-        self._ms[n.name] = (time.perf_counter() - t0) * 1e3
-        return out
-
-    @property
-    def ms(self) -> dict[str, float]:
-        if self._events:
-            torch.cuda.synchronize()
-            self._ms.update({k: s.elapsed_time(e) for k, (s, e) in self._events.items()})
-            self._events.clear()
-        return self._ms
+def _failed_node(gm: fx.GraphModule, prof: _Profiler) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.name not in prof.flops:
+            return n
+    return next(n for n in gm.graph.nodes if n.op == "output")
 
 
 def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int = 3,
             threads: int | None = None, fvcore_model: torch.nn.Module | None = None,
             warmup: bool = True, device: torch.device | str | None = None) -> NodeCosts:
-    """Measure every compute node once for FLOPs and bytes, ``repeats`` times for time.
+    """Count every compute node once for FLOPs and bytes; time the model ``repeats`` times.
 
-    FLOPs and bytes come from one pass over fake tensors (free even for full-size models).
-    Time is the per-node median over the repeats (after one untimed warm-up pass unless
-    ``warmup=False``), taken with ``threads`` intra-op threads (the thread count each worker
-    will run with); on CUDA, from events recorded around each node's kernels. ``device``
-    times a copy of the graph moved there (the stages' target GPU: time shares on a GPU are
+    FLOPs and bytes come from one pass over fake tensors (free even for full-size models; on
+    the real values where a shape depends on data). Time is each module's own time in the
+    eager model, median over the repeats (after one untimed warm-up pass unless
+    ``warmup=False``), spread over the nodes traced in it (``partition/timing.py``), taken
+    with ``threads`` intra-op threads (the thread count each worker will run with). ``device``
+    times a copy of the model moved there (the stages' target GPU: time shares on a GPU are
     not those of a CPU, nor FLOP shares); by default, where ``inputs`` are. Measure once and
     share the result: timings are noisy, so two measurements give two plans
     (research/feasibility.md §5.8).
     """
     args = [inputs[s.name] for s in captured.specs]
-    timed_gm, timed_args = captured.gm, args
-    if repeats and device is not None and torch.device(device).type != args[0].device.type:
-        timed_gm = move_graph(copy.deepcopy(captured.gm), device)
-        timed_args = [a.to(device) for a in args]
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                prof = _Profiler(captured.gm)
-                prof.run(*(mode.from_tensor(a) for a in args))
-            cuda = any(a.is_cuda for a in timed_args)
-            if repeats and warmup:  # warm-up: first calls pay for kernel setup
-                _Timer(timed_gm, cuda).run(*timed_args)
-            samples: dict[str, list[float]] = {k: [] for k in prof.flops}
-            for _ in range(repeats):
-                timer = _Timer(timed_gm, cuda)
-                timer.run(*timed_args)
-                for k, v in timer.ms.items():
-                    samples[k].append(v)
-        ms = {k: statistics.median(v) for k, v in samples.items()} if repeats else {}
+            prof, counted_on, captured_out = _count(captured.gm, args)
+            ms, eager, where = {}, None, "cpu"
+            if repeats:
+                ms, eager, where = _time_modules(captured, inputs, repeats, warmup, device)
         fv = (fvcore_node_flops(captured, fvcore_model, inputs, prof.flops)
               if fvcore_model is not None else None)
     finally:
@@ -211,7 +206,43 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
     return NodeCosts(flops=prof.flops, ms=ms, out_bytes=prof.out_bytes,
                      uncounted=dict(sorted(prof.recorder.uncounted.items())), fvcore_flops=fv,
                      threads=torch.get_num_threads() if threads is None else threads,
-                     repeats=repeats, device=str(timed_args[0].device) if repeats else "cpu")
+                     repeats=repeats, device=where, counted_on=counted_on, eager=eager,
+                     captured=captured_out)
+
+
+def _time_modules(captured: Captured, inputs: dict[str, torch.Tensor], repeats: int,
+                  warmup: bool, device) -> tuple[dict[str, float], torch.Tensor | None, str]:
+    """Per-node ms from the eager model's module times; the eager output when it ran where
+    the inputs are (the verification's reference)."""
+    from partition.timing import ModuleClock, own_times, spread_over_nodes
+
+    model = captured.model
+    if model is None:
+        raise ValueError("cost_model=time: this capture has no eager model to time")
+    here = captured_device(inputs, captured.specs)
+    where = torch.device(device) if device is not None else here
+    if where.type != here.type:
+        model = copy.deepcopy(model).to(where)
+        inputs = {k: v.to(where) for k, v in inputs.items()}
+
+    def forward():
+        return call_denoiser(model, inputs, captured.contract, captured.specs)
+
+    if warmup:  # first calls pay for kernel setup
+        forward()
+    clock = ModuleClock(model, cuda=where.type == "cuda")
+    try:
+        for _ in range(repeats):
+            out = forward()
+            clock.end_pass()
+    finally:
+        clock.remove()
+    ms = spread_over_nodes(own_times(clock.median_inclusive()), captured.gm, node_module)
+    return ms, (out if where.type == here.type else None), str(where)
+
+
+def captured_device(inputs: dict[str, torch.Tensor], specs) -> torch.device:
+    return inputs[specs[0].name].device
 
 
 def node_module(n: fx.Node) -> str:
@@ -240,7 +271,7 @@ def fvcore_node_flops(captured: Captured, model: torch.nn.Module, inputs: dict[s
     """
     from fvcore.nn import FlopCountAnalysis
 
-    wrapper = PositionalDenoiser(model, tuple(s.name for s in captured.specs)).eval()
+    wrapper = PositionalDenoiser(model, captured.specs, captured.contract).eval()
     args = tuple(inputs[s.name] for s in captured.specs)
     fca = FlopCountAnalysis(wrapper, args)
     fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)

@@ -1,9 +1,11 @@
 """The captured graph as data: trunk vs conditioning, costs, and what crosses every cut.
 
-The *trunk* is every compute node that depends on the latent input; it is what gets cut
-into stages. Every other compute node is *conditioning* (timestep embedding, text
-projections, added conditions, RoPE tables): it depends only on inputs every device holds,
-so it is replicated into each stage that uses it and is never sent (DESIGN.md §2).
+The *trunk* is every compute node that depends on the latent input (or on another input of
+role ``per_step``); it is what gets cut into stages. Every other compute node is
+*conditioning* (timestep embedding, text projections, added conditions, RoPE tables): it
+depends only on inputs every device holds, so it is never sent (DESIGN.md §2). Per-step
+conditioning is replicated into each stage that uses it; conditioning that depends on neither
+the latent nor the timestep is computed once per run (``partition/conditioning.py``).
 
 Positions: trunk node ``i`` sits at position ``i``; cut position ``p`` (0 < p < K) is the
 boundary between trunk nodes ``p-1`` and ``p``. The graph's output counts as a consumer at
@@ -20,6 +22,7 @@ import torch
 from torch import fx
 
 from partition.capture import Captured
+from partition.conditioning import Conditioning, classify
 from partition.cost import NodeCosts, node_module
 
 
@@ -31,7 +34,8 @@ class TrunkGraph:
     costs: NodeCosts
     nx: nx.DiGraph
     trunk: list[str]
-    conditioning: list[str]
+    conditioning: list[str]  # every non-trunk compute node (per-step and hoisted)
+    cond: Conditioning       # which conditioning is per step, which hoisted; who needs what
     weights: np.ndarray     # cost of each trunk node under the chosen cost model
     param_count: np.ndarray
     param_bytes: np.ndarray
@@ -68,7 +72,8 @@ class TrunkGraph:
 
     @cached_property
     def cuttable(self) -> np.ndarray:
-        """Cut positions where every value crossing is a single tensor (not a tuple)."""
+        """Cut positions where every value crossing is a single tensor of static shape (not a
+        tuple, not ``nonzero``'s data-dependent length)."""
         k = self.size
         bad = np.zeros(k + 2, dtype=np.int64)
         for i in range(k):
@@ -103,6 +108,32 @@ class TrunkGraph:
             cum = np.concatenate([[0], np.cumsum(self.out_bytes[before][keep][order])])
             out[a] = cum[np.searchsorted(f, q, side="left")]
         return np.triu(out, 1)
+
+    def stage_cost_matrix(self, q: np.ndarray) -> np.ndarray:
+        """``C[a, j]``: per-step cost of a stage spanning ``q[a] .. q[j]-1``: its trunk nodes
+        plus the per-step conditioning it replicates (each node once)."""
+        prefix = np.concatenate([[0.0], np.cumsum(self.weights)])
+        trunk = np.triu(prefix[q][None, :] - prefix[q][:, None], 1)
+        return trunk + self.cond.range_cost(q, self.size, self.cond.weights)
+
+    def stage_param_matrix(self, q: np.ndarray) -> np.ndarray:
+        """``P[a, j]``: parameter bytes a stage spanning ``q[a] .. q[j]-1`` may hold: its own
+        trunk parameters plus those of the conditioning it replicates or computes once per
+        run (an upper bound: a value sent from its home stage is held there only)."""
+        prefix = np.concatenate([[0], np.cumsum(self.param_bytes)]).astype(np.float64)
+        trunk = np.triu(prefix[q][None, :] - prefix[q][:, None], 1)
+        per_node = {k: float(v) for k, v in self.cond.param_bytes.items()}
+        return trunk + self.cond.range_cost(q, self.size, per_node, held=True)
+
+    def stage_costs(self, stage_of, n: int) -> np.ndarray:
+        """Per-step cost of each stage of any assignment (trunk + its per-step conditioning)."""
+        so = np.asarray(stage_of)
+        out = np.zeros(n)
+        for s in range(n):
+            own = np.flatnonzero(so == s)
+            out[s] = self.weights[own].sum() + sum(
+                self.cond.weights[c] for c in self.cond.step_closure(own))
+        return out
 
     def crossing(self, p: int) -> list[str]:
         """Trunk values produced before cut ``p`` and read at or after it."""
@@ -141,28 +172,21 @@ def build_graph(captured: Captured, costs: NodeCosts, cost_model: str) -> TrunkG
                    bytes=costs.out_bytes.get(n.name, 0))
         for a in n.all_input_nodes:
             g.add_edge(a.name, n.name)
-    trunk_set = nx.descendants(g, captured.latent)
+    roots = [captured.placeholders[s.name] for s in captured.specs
+             if s.role in ("latent", "per_step")]
+    trunk_set = set().union(*(nx.descendants(g, r) for r in roots))
     weights_all = costs.weights(cost_model)
     nodes = {n.name: n for n in gm.graph.nodes}
     trunk = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.name in trunk_set]
     cond = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.name not in trunk_set]
     pos = {name: i for i, name in enumerate(trunk)}
     k = len(trunk)
-    params = dict(gm.named_parameters(remove_duplicate=False))
-    buffers = dict(gm.named_buffers(remove_duplicate=False))
-    pc = np.zeros(k, dtype=np.int64)
-    pb = np.zeros(k, dtype=np.int64)
+    node_params, node_bytes = _node_params(gm)
+    pc = np.array([node_params.get(name, 0) for name in trunk], dtype=np.int64)
+    pb = np.array([node_bytes.get(name, 0) for name in trunk], dtype=np.int64)
     consumers, modules, out_b, is_t = [], [], np.zeros(k, dtype=np.int64), np.zeros(k, dtype=bool)
     for i, name in enumerate(trunk):
         n = nodes[name]
-        for a in n.all_input_nodes:
-            if a.op == "get_attr":
-                t = params.get(a.target, buffers.get(a.target))
-                if t is None:
-                    t = _fetch_attr(gm, a.target)
-                if isinstance(t, torch.Tensor):
-                    pc[i] += t.numel() if a.target in params else 0
-                    pb[i] += t.numel() * t.element_size()
         users = []
         for u in n.users:
             if u.op == "output":
@@ -172,11 +196,40 @@ def build_graph(captured: Captured, costs: NodeCosts, cost_model: str) -> TrunkG
         consumers.append(tuple(sorted(set(users))))
         modules.append(node_module(n))
         out_b[i] = costs.out_bytes.get(name, 0)
-        is_t[i] = isinstance(n.meta.get("val"), torch.Tensor)
+        is_t[i] = static_tensor(n.meta.get("val"))
     w = np.array([float(weights_all.get(name, 0.0)) for name in trunk], dtype=np.float64)
+    timestep = next((captured.placeholders[s.name] for s in captured.specs
+                     if s.role == "timestep"), None)
+    conditioning = classify(gm, trunk_set, timestep, node_params, node_bytes, weights_all, trunk)
     return TrunkGraph(captured=captured, costs=costs, nx=g, trunk=trunk, conditioning=cond,
-                      weights=w, param_count=pc, param_bytes=pb, modules=modules,
-                      consumers=consumers, out_bytes=out_b, is_tensor=is_t)
+                      cond=conditioning, weights=w, param_count=pc, param_bytes=pb,
+                      modules=modules, consumers=consumers, out_bytes=out_b, is_tensor=is_t)
+
+
+def static_tensor(val) -> bool:
+    """A tensor whose shape does not depend on data: the only kind a cut can carry (the
+    receiver allocates its buffer from the plan)."""
+    return isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in val.shape)
+
+
+def _node_params(gm: fx.GraphModule) -> tuple[dict[str, int], dict[str, int]]:
+    """Parameter elements and parameter+buffer bytes each compute node reads."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    count: dict[str, int] = {}
+    nbytes: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                t = params.get(a.target, buffers.get(a.target))
+                if t is None:
+                    t = _fetch_attr(gm, a.target)
+                if isinstance(t, torch.Tensor):
+                    count[n.name] = count.get(n.name, 0) + (t.numel() if a.target in params else 0)
+                    nbytes[n.name] = nbytes.get(n.name, 0) + t.numel() * t.element_size()
+    return count, nbytes
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):

@@ -1,8 +1,9 @@
 """The Plan: frozen, JSON round-trip, deterministic data describing a split (DESIGN.md §3).
 
-Everything except the ``measured`` block is a deterministic function of the model, its
-example inputs and the partition request when the cost model is deterministic (``flops``,
-``fvcore``); ``plan_hash`` covers exactly that part, and workers compare it before step 0.
+Everything except the ``measured`` block and the ``verification`` record is a deterministic
+function of the model, its example inputs and the partition request when the cost model is
+deterministic (``flops``, ``fvcore``); ``plan_hash`` covers exactly that part, and workers
+compare it before step 0.
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from partition.graph import TrunkGraph
+import torch
+
+from partition.cost import node_module
+from partition.graph import TrunkGraph, static_tensor
 from partition.spec import InputSpec
 from partition.stages import StagedModel
 from partition.strategies.base import Assignment
 
-SCHEMA = 1
+SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,21 @@ class ValuePlan:
     producer: int
     consumers: tuple[int, ...]
     position: int  # trunk position of the producing node (execution order)
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    module: str
+
+
+@dataclass(frozen=True)
+class HoistedPlan:
+    """A value computed once per sampling run (``partition/conditioning.py``): by ``home``,
+    which sends it to the other ``consumers`` once per run, or (``home`` -1) by every
+    consumer itself."""
+
+    name: str
+    home: int
+    consumers: tuple[int, ...]
     shape: tuple[int, ...]
     dtype: str
     bytes: int
@@ -50,16 +69,21 @@ class SegmentPlan:
 class StagePlan:
     index: int
     segments: tuple[SegmentPlan, ...]
-    params: int              # parameters of its own trunk nodes
-    replicated_params: int   # parameters of the conditioning nodes it replicates
-    param_bytes: int
-    flops: int               # 2 x MACs, trunk + replicated conditioning
+    params: int              # parameters it alone holds
+    replicated_params: int   # parameters it holds that other stages hold too (replicated)
+    param_bytes: int         # everything it holds (trunk, conditioning, prologue)
+    flops: int               # 2 x MACs per step: trunk + per-step conditioning
     macs: int
-    cost: float              # under the balancing cost model, trunk only
+    cost: float              # per step under the balancing cost model: trunk + conditioning
     inputs: tuple[str, ...]  # cross-stage values it reads
     outputs: tuple[str, ...]  # cross-stage values it sends
-    conditioning: int        # number of replicated conditioning nodes
+    conditioning: int        # number of per-step conditioning nodes it replicates
     nodes: int
+    cond_flops: int = 0      # of ``flops``: the per-step conditioning
+    cond_cost: float = 0.0   # of ``cost``: the per-step conditioning
+    hoisted_params: int = 0  # of those it holds: used only by its prologue (once per run)
+    hoisted_flops: int = 0   # once per run: its prologue
+    hoisted: tuple[str, ...] = ()  # hoisted values it reads
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,8 @@ class Measured:
     threads: int
     repeats: int
     device: str = "cpu"  # where the nodes were timed
+    source: str = "modules"  # stage_ms: "stages" (the stages themselves, timed while they
+    #                          were verified) or "modules" (the summed module times)
 
 
 @dataclass(frozen=True)
@@ -90,13 +116,20 @@ class Plan:
     imbalance: float          # max / mean stage cost under the balancing cost model
     flops_imbalance: float
     bytes_per_step: int       # cross-stage values (point-to-point) + ε to every other stage
-    total_flops: int
+    total_flops: int          # every node once: one step plus the hoisted conditioning
     total_params: int
     notes: tuple[str, ...] = ()
     uncounted_ops: tuple[tuple[str, int], ...] = ()
     versions: tuple[tuple[str, str], ...] = ()
     measured: Measured | None = None
     schema: int = SCHEMA
+    backend: str = "graph"    # "graph" (torch.export) or "module" (the network's own blocks)
+    output_shape: tuple[int, ...] = ()
+    output_dtype: str = "float32"
+    hoisted: tuple[HoistedPlan, ...] = ()
+    hoisted_bytes_per_run: int = 0
+    verification: str = ""    # what the compile checked on its example inputs (verify.py)
+    step_flops: int = 0       # one sequential step: every per-step node once (not hoisted)
 
     # --- derived -------------------------------------------------------------------------
     def stage_of(self) -> tuple[int, ...]:
@@ -121,8 +154,9 @@ class Plan:
     def to_dict(self, measured: bool = True) -> dict:
         d = dataclasses.asdict(self)
         d["inputs"] = [s.to_dict() for s in self.inputs]
-        if not measured:
+        if not measured:  # what this compile measured and checked, not what the split is
             d.pop("measured")
+            d.pop("verification")
         return d
 
     def to_json(self, measured: bool = True) -> str:
@@ -145,6 +179,12 @@ class Plan:
         d["values"] = tuple(ValuePlan(**{**v, "consumers": tuple(v["consumers"]),
                                          "shape": tuple(v["shape"])}) for v in d["values"])
         d["notes"] = tuple(d.get("notes", ()))
+        d["stages"] = tuple(dataclasses.replace(st, hoisted=tuple(st.hoisted))
+                            for st in d["stages"])
+        d["hoisted"] = tuple(HoistedPlan(**{**h, "consumers": tuple(h["consumers"]),
+                                            "shape": tuple(h["shape"])})
+                             for h in d.get("hoisted", ()))
+        d["output_shape"] = tuple(d.get("output_shape", ()))
         d["uncounted_ops"] = tuple(tuple(x) for x in d.get("uncounted_ops", ()))
         d["versions"] = tuple(tuple(x) for x in d.get("versions", ()))
         m = d.get("measured")
@@ -168,8 +208,12 @@ def _versions() -> tuple[tuple[str, str], ...]:
 
 
 def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *, model: str,
-              config_hash: str, cost_model: str, depth: int | None) -> Plan:
-    """Describe a materialised split: per-stage costs, parameters and crossing values."""
+              config_hash: str, cost_model: str, depth: int | None,
+              verification: str = "", stage_ms: tuple[float, ...] | None = None) -> Plan:
+    """Describe a materialised split: per-stage costs, parameters, crossing and hoisted values.
+
+    ``stage_ms``: each stage's measured time (the verification's run of the stages); without
+    it, measured times are the summed module times of its nodes."""
     from partition.validate import validate_assignment
 
     validate_assignment(graph, assignment)
@@ -186,30 +230,53 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
             name = graph.trunk[i]
             val = nodes[name].meta.get("val")
             values.append(ValuePlan(name=name, producer=stage_of[i], consumers=dst, position=i,
-                                    shape=tuple(val.shape), dtype=str(val.dtype).removeprefix("torch."),
+                                    shape=_shape(val), dtype=_dtype(val),
                                     bytes=int(graph.out_bytes[i]), module=graph.modules[i]))
+    hoisted = []
+    for h in staged.hoisted:
+        val = nodes[h.name].meta.get("val")
+        hoisted.append(HoistedPlan(
+            name=h.name, home=-1 if h.home is None else h.home, consumers=h.consumers,
+            shape=_shape(val) if static_tensor(val) else (),
+            dtype=_dtype(val) if isinstance(val, torch.Tensor) else type(val).__name__,
+            bytes=int(costs.out_bytes.get(h.name, 0)), module=node_module(nodes[h.name])))
+    weights = graph.cond.weights
+    hoisted_nodes = set(graph.cond.hoisted)
+    held_by = {s: _held(staged, s) for s in range(n)}
+    holders: dict[str, int] = {}
+    for held in held_by.values():
+        for key in held:
+            holders[key] = holders.get(key, 0) + 1
     stages = []
     for s in range(n):
         segs = staged.stage_segments(s)
+        prologues = staged.stage_prologues(s)
         own = [i for i in range(k) if stage_of[i] == s]
         cond = sorted({c for sg in segs for c in sg.conditioning})
-        flops = int(sum(costs.flops.get(graph.trunk[i], 0) for i in own)
-                    + sum(costs.flops.get(c, 0) for c in cond))
-        # by name: a shell stage's two segments both replicate the conditioning they read
-        held = {k: p for sg in segs for k, p in sg.gm.named_parameters()}
-        total_params = sum(p.numel() for p in held.values())
-        own_params = int(graph.param_count[own].sum())
+        trunk_flops = int(sum(costs.flops.get(graph.trunk[i], 0) for i in own))
+        cond_flops = int(sum(costs.flops.get(c, 0) for c in cond))
+        held = held_by[s]
+        shared = sum(t.numel() for key, t in held.items() if holders[key] > 1)
+        pro_params = {key for p in prologues for key, _ in p.gm.named_parameters()}
+        step_params = {key for sg in segs for key, _ in sg.gm.named_parameters()}
+        hoisted_params = sum(held[key].numel() for key in pro_params - step_params)
+        cond_cost = float(sum(weights[c] for c in cond))
         stages.append(StagePlan(
             index=s,
             segments=tuple(SegmentPlan(sg.start, sg.stop, graph.trunk[sg.start],
                                        graph.trunk[sg.stop - 1], graph.modules[sg.start],
                                        graph.modules[sg.stop - 1]) for sg in segs),
-            params=own_params, replicated_params=int(total_params - own_params),
+            params=int(sum(t.numel() for t in held.values()) - shared),
+            replicated_params=int(shared),
             param_bytes=int(sum(p.numel() * p.element_size() for p in held.values())),
-            flops=flops, macs=flops // 2, cost=float(graph.weights[own].sum()),
+            flops=trunk_flops + cond_flops, macs=(trunk_flops + cond_flops) // 2,
+            cost=float(graph.weights[own].sum()) + cond_cost,
             inputs=tuple(v.name for v in values if s in v.consumers),
             outputs=tuple(v.name for v in values if v.producer == s),
-            conditioning=len(cond), nodes=len(own)))
+            conditioning=len(cond), nodes=len(own), cond_flops=cond_flops, cond_cost=cond_cost,
+            hoisted_params=int(hoisted_params),
+            hoisted_flops=int(sum(costs.flops.get(c, 0) for p in prologues for c in p.conditioning)),
+            hoisted=tuple(h.name for h in staged.hoisted if s in h.consumers)))
     cost = np.array([st.cost for st in stages])
     fl = np.array([st.flops for st in stages], dtype=np.float64)
     out_name = staged.output
@@ -217,14 +284,17 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
     out_bytes = int(out_val.numel() * out_val.element_size())
     measured = None
     if costs.ms:
-        stage_ms = []
-        for s in range(n):
-            own = [graph.trunk[i] for i in range(k) if stage_of[i] == s]
-            cond = {c for sg in staged.stage_segments(s) for c in sg.conditioning}
-            stage_ms.append(round(sum(costs.ms.get(x, 0.0) for x in own)
-                                  + sum(costs.ms.get(x, 0.0) for x in cond), 4))
+        if stage_ms is None:
+            stage_ms = tuple(round(sum(costs.ms.get(graph.trunk[i], 0.0) for i in range(k)
+                                       if stage_of[i] == s)
+                                   + sum(costs.ms.get(c, 0.0) for sg in staged.stage_segments(s)
+                                         for c in sg.conditioning), 4) for s in range(n))
+            source = "modules"
+        else:
+            source = "stages"
         measured = Measured(stage_ms=tuple(stage_ms), total_ms=round(sum(costs.ms.values()), 4),
-                            threads=costs.threads, repeats=costs.repeats, device=costs.device)
+                            threads=costs.threads, repeats=costs.repeats, device=costs.device,
+                            source=source)
     return Plan(
         model=model, config_hash=config_hash, graph_hash=graph.captured.graph_hash(),
         inputs=graph.captured.specs, n=n, strategy=assignment.strategy, cost_model=cost_model,
@@ -236,4 +306,23 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
         total_flops=int(sum(costs.flops.values())),
         total_params=int(sum(p.numel() for p in gm.parameters())),
         notes=assignment.notes, uncounted_ops=tuple(sorted(costs.uncounted.items())),
-        versions=_versions(), measured=measured)
+        versions=_versions(), measured=measured, output_shape=_shape(out_val),
+        output_dtype=_dtype(out_val), hoisted=tuple(hoisted),
+        hoisted_bytes_per_run=int(sum(h.bytes * (len(h.consumers) - 1) for h in hoisted
+                                      if h.home >= 0)),
+        verification=verification,
+        step_flops=int(sum(v for name, v in costs.flops.items() if name not in hoisted_nodes)))
+
+
+def _held(staged: StagedModel, stage: int) -> dict:
+    """Parameters a stage holds, by name (a shell stage's two segments share theirs)."""
+    mods = [*staged.stage_segments(stage), *staged.stage_prologues(stage)]
+    return {key: t for m in mods for key, t in m.gm.named_parameters()}
+
+
+def _shape(val) -> tuple[int, ...]:
+    return tuple(int(d) for d in val.shape)
+
+
+def _dtype(val) -> str:
+    return str(val.dtype).removeprefix("torch.")

@@ -18,10 +18,14 @@ def comm_ms(nbytes: int, latency_ms: float = COMM_LATENCY_MS,
 
 
 def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1) -> dict:
-    """Latency ≈ W·t_full + ⌈(T−W)/S⌉·(max_n t(E^n) + t_comm); speedup over one device."""
+    """Latency ≈ W·t_full + ⌈(T−W)/S⌉·(max_n t(E^n) + t_comm); speedup over one device.
+
+    t_full (the sequential step) counts every node once (``Plan.step_flops``, or the measured
+    whole forward): the conditioning each stage replicates is extra work of the pipeline, not
+    of the sequential model. Each stage's time includes the conditioning it recomputes."""
     stage = (list(plan.measured.stage_ms) if plan.measured
              else [s.flops for s in plan.stages])  # FLOPs as a time proxy if nothing measured
-    full = sum(stage)
+    full = plan.measured.total_ms if plan.measured else plan.step_flops
     per_stage_in = [sum(v.bytes for v in plan.values if s in v.consumers) + plan.output_bytes
                     for s in range(plan.n)]
     comm = comm_ms(max(per_stage_in)) if plan.measured and plan.n > 1 else 0.0
@@ -43,25 +47,50 @@ def format_plan(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1) -
         span = "; ".join(f"{sg.first_module or '<glue>'} … {sg.last_module or '<glue>'}"
                          for sg in st.segments)
         rows.append([st.index, span, f"{t:.2f}" if t is not None else "-",
-                     f"{st.flops / 1e9:.4f}", f"{st.macs / 1e9:.4f}",
+                     f"{(st.flops - st.cond_flops) / 1e9:.4f}+{st.cond_flops / 1e9:.4f}",
                      f"{st.params / 1e6:.3f}+{st.replicated_params / 1e6:.3f}",
-                     len(st.inputs), f"{sum(v.bytes for v in plan.values if st.index in v.consumers) / 2**20:.3f}"])
-    head = ["stage", "modules", f"ms ({plan.measured.device})" if plan.measured else "ms",
-            "GFLOPs", "GMACs", "params M (own+repl)",
-            "inputs", "MiB in"]
+                     len(st.inputs),
+                     f"{sum(v.bytes for v in plan.values if st.index in v.consumers) / 2**20:.3f}",
+                     _hoisted_cell(plan, st.index)])
+    timed = f"ms ({plan.measured.device}, {plan.measured.source})" if plan.measured else "ms"
+    head = ["stage", "modules", timed, "GFLOPs/step own+cond", "params M own+replicated",
+            "inputs", "MiB in", "once per run"]
     p = predict(plan, steps, warmup, stride)
     lines = [f"plan for {plan.model}: N={plan.n}, strategy={plan.strategy}, "
-             f"cost model={plan.cost_model}, depth={plan.depth}, hash={plan.plan_hash}",
+             f"cost model={plan.cost_model}, depth={plan.depth}, backend={plan.backend}, "
+             f"hash={plan.plan_hash}",
              tabulate(rows, head, tablefmt="github"),
-             f"imbalance (max/mean, {plan.cost_model}): {plan.imbalance:.3f}"
+             f"imbalance (max/mean, {plan.cost_model}, conditioning included): "
+             f"{plan.imbalance:.3f}"
              + (f"   time: {plan.time_imbalance:.3f}" if plan.time_imbalance else "")
              + f"   FLOPs: {plan.flops_imbalance:.3f}",
              f"bytes crossing per step: {plan.bytes_per_step / 2**20:.3f} MiB "
              f"({len(plan.values)} tensors point-to-point + ε to {plan.n - 1} devices)",
              f"predicted (T={steps}, W={warmup}, S={stride}): step {p['step_ms']:.2f} "
              f"{p['unit']}, speedup {p['speedup']:.2f}x (ideal {p['ideal_speedup']:.2f}x)"]
+    if plan.hoisted:
+        sent = [h for h in plan.hoisted if h.home >= 0]
+        lines.append(f"computed once per run, not per step: {len(plan.hoisted)} value(s)"
+                     + (f"; {len(sent)} sent from their home stage "
+                        f"({plan.hoisted_bytes_per_run / 2**20:.3f} MiB per run)" if sent else ""))
+    lines.append(f"verified: {plan.verification or 'no'}")
     if plan.uncounted_ops:
         lines.append("ops counted as 0 FLOPs (not matmul/conv/attention or a known zero op): "
                      + ", ".join(f"{k}×{v}" for k, v in plan.uncounted_ops))
     lines += [f"note: {x}" for x in plan.notes]
     return "\n".join(lines)
+
+
+def _hoisted_cell(plan: Plan, stage: int) -> str:
+    home = [h for h in plan.hoisted if h.home == stage]
+    own = [h for h in plan.hoisted if h.home == -1 and stage in h.consumers]
+    got = [h for h in plan.hoisted if h.home not in (-1, stage) and stage in h.consumers]
+    st = plan.stages[stage]
+    parts = []
+    if own or home:
+        parts.append(f"computes {len(own) + len(home)} ({st.hoisted_flops / 1e9:.4f} GFLOPs)")
+    if home:
+        parts.append(f"sends {len(home)}")
+    if got:
+        parts.append(f"receives {len(got)}")
+    return ", ".join(parts) or "-"

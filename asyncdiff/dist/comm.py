@@ -14,6 +14,7 @@ import torch.distributed as dist
 TAG_VALUES = 1       # packed cross-stage values of a parallel round
 TAG_EPS = 16         # + copy index: ε of one step
 TAG_WARMUP = 1024    # + value index: one value sent fresh inside a warm-up round
+TAG_HOISTED = 1 << 20  # + hoisted value index: a value computed once per run, from its home
 
 
 class PeerError(RuntimeError):

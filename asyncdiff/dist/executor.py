@@ -11,6 +11,11 @@ Walks the same timeline as the emulator (``asyncdiff/emulate.py``) and follows
   runs on the values held from the previous round, then its outputs go to the devices that
   run their consumer stages next round, and ε to every device — so transfers overlap the
   compute of the other devices.
+
+Conditioning hoisted out of the loop (``partition/stages.py``) is computed before the first
+round, and again when its inputs change (``asyncdiff/hoisted.py``): the home device computes
+the values sent once per run and sends them to every device of a stage that reads them; then
+each device runs its own stage's prologue.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncdiff.dist.comm import TAG_EPS, TAG_VALUES, TAG_WARMUP, Pending, pack, recv_now, unpack
+from asyncdiff.dist.comm import (TAG_EPS, TAG_HOISTED, TAG_VALUES, TAG_WARMUP, Pending, pack,
+                                 recv_now, unpack)
+from asyncdiff.hoisted import OncePerRun, model_inputs_of
 from asyncdiff.inputs import DTYPES, model_env
 from asyncdiff.timeline import Round, Timeline
 from partition.plan import Plan, ValuePlan
@@ -49,19 +56,27 @@ class DistributedExecutor:
 
     def __init__(self, segments: list[Segment], plan: Plan, timeline: Timeline,
                  timesteps: Sequence[float], device: int, base_rank: int, specs, placeholders,
-                 output: str, torch_device: torch.device | str = "cpu",
-                 eps_shape: tuple[int, ...] | None = None):
+                 output: str, torch_device: torch.device | str = "cpu"):
         self.plan, self.timeline, self.d, self.base = plan, timeline, device, base_rank
         self.stage = stage_of_device(device, plan.n)
         if any(s.stage != self.stage for s in segments):
             raise ValueError(f"device {device} runs stage {self.stage}; got other stages' segments")
-        self.segments = sorted(segments, key=lambda s: s.start)
+        self.segments = sorted((s for s in segments if not s.prologue), key=lambda s: s.start)
+        self.sent = [(i, h) for i, h in enumerate(plan.hoisted) if h.home >= 0]
+        sent_names = {h.name for _, h in self.sent}
+        prologues = [s for s in segments if s.prologue]
+        self.sender = next((s for s in prologues if set(s.outputs) <= sent_names), None)
+        self.prologues = [s for s in prologues if s is not self.sender]
+        self.once = OncePerRun(model_inputs_of(prologues, placeholders) if prologues or
+                               self.sent else ())
+        self.hoisted: dict[str, torch.Tensor] = {}
         self.timesteps = [float(t) for t in timesteps]
         self.specs, self.placeholders, self.output = specs, placeholders, output
         self.torch_device = torch.device(torch_device)
-        # the prediction's shape where it is not the latent's: a learned-σ network (PixArt,
-        # DiT) emits [ε, variance] along channels and its pipeline keeps the first half
-        self.eps_shape = tuple(eps_shape) if eps_shape is not None else None
+        # the prediction as the plan recorded it: a learned-σ network's narrowed ε, token
+        # logits of another shape or dtype ([Note: denoiser contract])
+        self.eps_shape = tuple(plan.output_shape)
+        self.eps_dtype = DTYPES[plan.output_dtype]
         self.held: dict[str, torch.Tensor] = {}
         self.stats: list[RoundStats] = []
         self.t0 = time.perf_counter()
@@ -78,7 +93,37 @@ class DistributedExecutor:
         return self.base + device
 
     def _env(self, x, t_step: int, cond) -> dict[str, torch.Tensor]:
-        return model_env(self.specs, self.placeholders, x, self.timesteps[t_step], cond)
+        return {**model_env(self.specs, self.placeholders, x, self.timesteps[t_step], cond),
+                **self.hoisted}
+
+    def _prologue(self, x, cond) -> None:
+        """The hoisted values, once per run (module docstring)."""
+        if not (self.prologues or self.sent):
+            return
+        env = model_env(self.specs, self.placeholders, x, self.timesteps[0], cond)
+        if not self.once.changed(env):
+            return
+        pending = Pending(self.rank)
+        got: dict[str, torch.Tensor] = {}
+        home = self.sent[0][1].home if self.sent else None
+        if self.sent and self.d == home:  # the home stage's first device computes and sends
+            got = self.sender(env)
+            for i, h in self.sent:
+                for dev in range(self.timeline.devices):
+                    if dev != self.d and stage_of_device(dev, self.plan.n) in h.consumers:
+                        pending.send(got[h.name], self._rank(dev), TAG_HOISTED + i)
+        else:
+            for i, h in self.sent:
+                if self.stage in h.consumers:
+                    buf = torch.empty(h.shape, dtype=DTYPES[h.dtype], device=self.torch_device)
+                    pending.recv(buf, self._rank(home), TAG_HOISTED + i)
+                    got[h.name] = buf
+        pending.wait()
+        env.update(got)
+        for seg in self.prologues:
+            env.update(seg(env))
+        self.hoisted = {k: env[k] for k in got}
+        self.hoisted.update({k: env[k] for seg in self.prologues for k in seg.outputs})
 
     def _run_segment(self, seg: Segment, env: dict) -> None:
         env.update(seg(env))
@@ -93,15 +138,14 @@ class DistributedExecutor:
         return sorted(by.items())
 
     def _eps_buffer(self, x: torch.Tensor) -> torch.Tensor:
-        if self.eps_shape is None:
-            return torch.empty_like(x)
-        return torch.empty(self.eps_shape, dtype=x.dtype, device=x.device)
+        return torch.empty(self.eps_shape, dtype=self.eps_dtype, device=x.device)
 
     # ------------------------------------------------------------------ rounds
     def run_round(self, rnd: Round, x: torch.Tensor,
                   cond: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         start = time.perf_counter() - self.t0
         with torch.no_grad():
+            self._prologue(x, cond)
             if rnd.sequential:
                 eps, computed, sent = self._warmup(rnd, x, cond)
             else:
@@ -208,10 +252,10 @@ class DistributedExecutor:
                                      TAG_VALUES)
             if action.eps_steps:
                 out = env[self.output]
-                want = self.eps_shape or tuple(x.shape)
-                if tuple(out.shape) != want:
-                    raise RuntimeError(f"rank {self.rank}: prediction shape {tuple(out.shape)} "
-                                       f"differs from the expected {want}")
+                if tuple(out.shape) != self.eps_shape or out.dtype != self.eps_dtype:
+                    raise RuntimeError(f"rank {self.rank}: prediction {tuple(out.shape)} "
+                                       f"{out.dtype} differs from the plan's {self.eps_shape} "
+                                       f"{self.eps_dtype}")
                 for dev in range(self.timeline.devices):
                     if dev != self.d:
                         pending.send(out, self._rank(dev), TAG_EPS + action.copy)

@@ -107,7 +107,7 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
     for rank in range(world):
         device = rank % per
         stage = min(device, plan.n - 1)
-        job = WorkerJob(plan=(plans or {}).get(rank, plan), segments=staged.stage_segments(stage),
+        job = WorkerJob(plan=(plans or {}).get(rank, plan), segments=[p.stripped() for p in staged.stage_parts(stage)],
                         specs=staged.specs, placeholders=staged.placeholders,
                         output=staged.output, parallel=parallel, sampling=sampling, fault=fault,
                         progress=progress)

@@ -58,19 +58,18 @@ class Session:
     staged: StagedModel | None = None
     segments: tuple[Segment, ...] = ()
     rank: int = 0
-    eps_shape: tuple[int, ...] | None = None  # the prediction's, where not the latent's
 
     def executor(self, timeline: Timeline, timesteps: Sequence[float], device: torch.device):
         if self.staged is not None:
             return Emulator(self.staged, self.plan, timeline, timesteps)
         return DistributedExecutor(list(self.segments), self.plan, timeline, timesteps,
                                    self.rank, 0, self.specs, self.placeholders, self.output,
-                                   device, eps_shape=self.eps_shape)
+                                   device)
 
     def tensors(self) -> list[torch.Tensor]:
         """The parameters and buffers this session's segments hold."""
         mods = [s.gm for s in self.segments] if self.staged is None else \
-            [s.gm for s in self.staged.segments]
+            [s.gm for s in [*self.staged.segments, *self.staged.prologues]]
         return [t for m in mods for t in (*m.parameters(), *m.buffers())]
 
 
@@ -135,9 +134,6 @@ def distributed(module: nn.Module, call: Call, capture: Callable[[], tuple[Captu
     plan = Plan.from_json(shared[0]["plan"])
     check_plan_hash(plan, rank, world)
     staged = stages_from_plan(build_graph(captured, NodeCosts({}, {}, {}), "flops"), plan)
-    mine = tuple(staged.stage_segments(stage_of_device(rank, plan.n)))
-    out = next(n for n in captured.gm.graph.nodes if n.name == staged.output).meta["val"]
-    latent = call.tensors[call.latent]
+    mine = tuple(staged.stage_parts(stage_of_device(rank, plan.n)))
     return Session(call.key, plan, form, staged.specs, staged.placeholders, staged.output,
-                   segments=mine, rank=rank,
-                   eps_shape=None if out.shape == latent.shape else tuple(out.shape))
+                   segments=mine, rank=rank)

@@ -34,10 +34,8 @@ def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     k = graph.size
     coarse = [0, *graph.candidates(request.options.get("shell_depth", 2)), k]
     fine = graph.candidates(request.depth)
-    prefix = np.concatenate([[0.0], np.cumsum(graph.weights)])
-    total = prefix[-1]
+    total = float(graph.stage_costs([0] * k, 1)[0])
     slack = float(request.options.get("shell_slack", 0.05))
-    feasible = memory_feasible(graph, request.memory_cap)
     results = []  # (max stage cost, bytes, stage_of, a, b)
     for ia, a in enumerate(coarse[:-1]):
         for b in coarse[ia + 1:]:
@@ -46,23 +44,23 @@ def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
             inner = [p for p in fine if a < p < b]
             if len(inner) < n - 2:
                 continue
-            if feasible is not None and not _shell_fits(graph, a, b, request.memory_cap):
+            shell = [*range(a), *range(b, k)]
+            if request.memory_cap is not None and _shell_bytes(graph, shell) > request.memory_cap:
                 continue
-            sub = prefix[a:b + 1] - prefix[a]
+            q = np.array([a, *inner, b], dtype=np.int64)
+            cost = graph.stage_cost_matrix(q)
             try:
-                cuts = min_max_cuts(
-                    sub, [p - a for p in inner], n - 1,
-                    feasible=(lambda i, j: feasible(i + a, j + a)) if feasible else None,
-                    inbound=lambda q: graph.inbound_bytes(q + a), slack=request.slack)
+                cuts = min_max_cuts(cost, q, n - 1,
+                                    feasible=memory_feasible(graph, q, request.memory_cap),
+                                    inbound=graph.inbound_bytes(q), slack=request.slack)
             except ValueError:
                 continue
-            bounds = [a, *[c + a for c in cuts], b]
+            bounds = [a, *cuts, b]
             stage_of = [n - 1] * k
             for s in range(n - 1):
                 for i in range(bounds[s], bounds[s + 1]):
                     stage_of[i] = s
-            costs = [sub[bounds[s + 1] - a] - sub[bounds[s] - a] for s in range(n - 1)]
-            worst = max(max(costs), total - (prefix[b] - prefix[a]))
+            worst = float(graph.stage_costs(stage_of, n).max())
             results.append((worst, exact_bytes(graph, stage_of), tuple(stage_of), a, b))
     if not results:
         raise ValueError("shell_core: no placement found" + (
@@ -79,8 +77,11 @@ def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     return Assignment(chosen[2], n, "shell_core", tuple(notes))
 
 
-def _shell_fits(graph: TrunkGraph, a: int, b: int, cap: int) -> bool:
-    return int(graph.param_bytes[:a].sum() + graph.param_bytes[b:].sum()) <= cap
+def _shell_bytes(graph: TrunkGraph, positions: list[int]) -> int:
+    """Parameter bytes the shell may hold: its trunk and the conditioning it replicates or
+    computes once per run."""
+    held = set().union(*(graph.cond.holds[i] for i in positions)) if positions else set()
+    return int(graph.param_bytes[positions].sum()) + sum(graph.cond.param_bytes[c] for c in held)
 
 
 def _pareto(results):

@@ -25,7 +25,7 @@ def tiny():
     torch.set_num_threads(THREADS)
     bundle = zoo.build(zoo.load_yaml("sd15"), seed=0)
     inputs = bundle.inputs(0)
-    captured = capture(bundle.module, bundle.specs, inputs)
+    captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
     graph = build_graph(captured, profile(captured, inputs, repeats=0), "flops")
     return bundle, inputs, graph
 

@@ -131,12 +131,12 @@ def test_guidance_and_other_schedulers(scheduler):
 
 @pytest.mark.timeout(300)
 def test_learned_sigma_model_with_a_narrowed_prediction():
-    """DiT's adapter narrows [ε, σ] to ε: a non-contiguous tensor must still be sendable."""
+    """DiT's contract narrows [ε, σ] to ε: a non-contiguous tensor must still be sendable."""
     from partition import PartitionRequest, compile_model, zoo
     bundle = zoo.build(zoo.load_yaml("dit"), seed=0)
     inputs = bundle.inputs(0)
     c = compile_model(bundle.module, bundle.specs, inputs, PartitionRequest(n=2),
-                      cost_model="flops", repeats=0)
+                      contract=bundle.contract)
     cond = {s.name: inputs[s.name] for s in bundle.specs if s.role == "cond"}
     x = torch.randn(inputs[bundle.latent].shape, generator=torch.Generator().manual_seed(3))
     par = ParallelSpec(n=2, stride=1, warmup=1)

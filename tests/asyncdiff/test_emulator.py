@@ -81,8 +81,9 @@ class Hand:
         self.sched.set_timesteps(steps)
 
     def env(self, x, k):
+        """The model inputs of step k and the hoisted conditioning (once-per-run values)."""
         st = self.c.staged
-        return model_env(st.specs, st.placeholders, x, self.tau[k], self.cond)
+        return st.prepare(model_env(st.specs, st.placeholders, x, self.tau[k], self.cond))
 
     def full(self, x, k):
         """A warm-up step: every value fresh; returns (ε, all cross-stage values)."""

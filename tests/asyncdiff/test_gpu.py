@@ -21,11 +21,12 @@ pytestmark = pytest.mark.gpu
 def test_stages_on_gpu_chain_like_the_whole_model():
     _, inputs, graph = tiny()
     c = compiled(3)
-    segs = [s.to("cuda") for s in c.staged.segments]
+    staged = copy.deepcopy(c.staged).to("cuda")
     env = {k: v.cuda() for k, v in graph.captured.env(inputs).items()}
-    whole = move_graph(graph.captured.gm, "cuda")
+    whole = move_graph(copy.deepcopy(graph.captured.gm), "cuda")
     want = whole(*(env[graph.captured.placeholders[s.name]] for s in graph.captured.specs))
-    for seg in segs:
+    env = staged.prepare(env)
+    for seg in staged.segments:
         env.update(seg(env))
     assert torch.equal(env[c.staged.output], want)
 
@@ -35,9 +36,7 @@ def test_stages_on_gpu_chain_like_the_whole_model():
 def test_nccl_equals_emulator_on_gpu():
     c = compiled(2)
     cond, x = cond_and_noise()
-    staged = copy.deepcopy(c.staged)
-    for seg in staged.segments:
-        seg.to("cuda")
+    staged = copy.deepcopy(c.staged).to("cuda")
     sched = make_scheduler("ddim")
     sched.set_timesteps(STEPS)
     emu = Emulator(staged, c.plan, build_timeline(2, 1, 1, STEPS), sched.timesteps)

@@ -52,8 +52,8 @@ def build_tiny(name: str, seed: int = 0) -> Tiny:
     bundle = zoo.build(zoo.load_yaml(name), "tiny", seed=seed)
     inputs = bundle.inputs(seed)
     with torch.no_grad():
-        eager = call_denoiser(bundle.module, inputs)
-        captured = capture(bundle.module, bundle.specs, inputs)
+        eager = bundle(inputs)
+        captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
         costs = profile(captured, inputs, repeats=0, threads=1)
     graph = build_graph(captured, costs, "flops")
     return Tiny(name, bundle, inputs, captured, costs, graph, eager)

@@ -182,7 +182,7 @@ def test_time_profile_on_the_gpu_times_a_moved_copy():
     bundle = zoo.build(zoo.load_yaml("sd15"))
     inputs = bundle.inputs(0)
     with torch.no_grad():
-        captured = capture(bundle.module, bundle.specs, inputs)
+        captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
         costs = profile(captured, inputs, repeats=2, device="cuda")
     assert costs.device.startswith("cuda") and set(costs.ms) == set(costs.flops)
     assert all(v >= 0 for v in costs.ms.values()) and sum(costs.ms.values()) > 0

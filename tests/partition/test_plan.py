@@ -50,7 +50,7 @@ def test_json_round_trip(sd15, strategy, request_):
 def test_unknown_schema_is_an_error(sd15):
     d = json.loads(sd15.compile(PartitionRequest(n=2)).plan.to_json())
     d["schema"] = 99
-    with pytest.raises(ValueError, match="plan schema=99; allowed: 1"):
+    with pytest.raises(ValueError, match="plan schema=99; allowed: 2"):
         Plan.from_dict(d)
 
 
@@ -125,7 +125,14 @@ def test_time_cost_model(sd15):
     assert m.total_ms > 0 and plan.time_imbalance >= 1.0
     # the weights balanced were the measured times, on the same capture
     assert compiled.graph.costs.ms and compiled.graph.captured is sd15.captured
-    assert abs(sum(st.cost for st in plan.stages) - sum(compiled.graph.weights)) < 1e-6
+    # each stage's cost: its trunk nodes (every trunk node in exactly one stage) plus the
+    # per-step conditioning it replicates
+    assert sum(st.cost - st.cond_cost for st in plan.stages) == \
+        pytest.approx(sum(compiled.graph.weights), rel=1e-12)
+    cw = compiled.graph.cond.weights
+    for st in plan.stages:
+        repl = {c for seg in compiled.staged.stage_segments(st.index) for c in seg.conditioning}
+        assert st.cond_cost == pytest.approx(sum(cw[c] for c in repl), rel=1e-12)
     assert_round_trips(plan)
     # measured numbers are excluded from the hash
     assert plan.plan_hash == dataclasses.replace(plan, measured=None).plan_hash

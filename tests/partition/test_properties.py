@@ -45,8 +45,9 @@ def random_weights(graph, kind: str, seed: int) -> np.ndarray:
 
 
 def stage_max(graph, a) -> float:
-    so = np.asarray(a.stage_of)
-    return max(float(graph.weights[so == s].sum()) for s in range(a.n))
+    """The slowest stage: its trunk plus the per-step conditioning it replicates (what the
+    strategies balance)."""
+    return float(graph.stage_costs(a.stage_of, a.n).max())
 
 
 def check_common(graph, a, n: int) -> None:

@@ -14,8 +14,8 @@ from partition.strategies.shell import exact_bytes, shell_core
 
 
 def stage_costs(graph, a) -> np.ndarray:
-    so = np.asarray(a.stage_of)
-    return np.array([graph.weights[so == s].sum() for s in range(a.n)])
+    """Per-step cost of each stage: trunk + the per-step conditioning it replicates."""
+    return graph.stage_costs(a.stage_of, a.n)
 
 
 def own_param_bytes(graph, a) -> np.ndarray:
@@ -41,7 +41,8 @@ def test_memory_cap_bounds_every_stage(sd15):
     assert (own_param_bytes(g, capped) <= cap).all()
     assert stage_costs(g, capped).max() >= stage_costs(g, free).max()
     compiled = sd15.compile(PartitionRequest(n=3, memory_cap=cap))
-    assert all(4 * st.params <= cap for st in compiled.plan.stages)
+    # everything a stage holds (trunk, replicated conditioning, its once-per-run prologue)
+    assert all(st.param_bytes <= cap for st in compiled.plan.stages)
     assert compiled.plan.stage_of() == capped.stage_of
 
 
@@ -87,9 +88,11 @@ def test_slack_zero_is_the_min_max_optimum_over_module_boundaries(sd15):
     # brute force over every pair of depth-2 boundaries (few enough to enumerate)
     g = sd15.graph
     cands = g.candidates(2)
-    prefix = np.concatenate([[0.0], np.cumsum(g.weights)])
-    best = min(max(prefix[a], prefix[b] - prefix[a], prefix[-1] - prefix[b])
-               for i, a in enumerate(cands) for b in cands[i + 1:])
+
+    def worst(a: int, b: int) -> float:  # each stage: trunk + its per-step conditioning
+        stage_of = [0] * a + [1] * (b - a) + [2] * (g.size - b)
+        return float(g.stage_costs(stage_of, 3).max())
+    best = min(worst(a, b) for i, a in enumerate(cands) for b in cands[i + 1:])
     got = balanced(g, PartitionRequest(n=3, depth=2, slack=0.0))
     assert stage_costs(g, got).max() == best
     assert set(cuts_of(got)) <= set(cands)

@@ -1,0 +1,174 @@
+"""The module backend: for networks torch.export cannot capture (DESIGN.md §1).
+
+Stages are sets of the network's own blocks (``blocks.py``), run eagerly with a block owned
+elsewhere answered by the value its owner produced (``segment.py``). The same strategies cut
+them (balanced on measured per-block FLOPs or time, equal blocks, manual boundaries), the same
+verification checks them (stages chained == eager, bit for bit), and the same Plan describes
+them, with ``backend="module"`` and what this backend costs: the glue runs on every device, and
+a block's outputs go to every later stage (no graph says which of them it reads).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from partition.contract import DenoiserContract
+from partition.modular.blocks import BlockGraph, choose_units, mark_trunk, trace_calls
+from partition.modular.plan import make_module_plan
+from partition.modular.segment import OUTPUT, BlockSegment, UnitInfo
+from partition.stages import StagedModel
+from partition.strategies.balanced import min_max_cuts
+from partition.strategies.base import Assignment, PartitionRequest
+
+STRATEGIES: tuple[str, ...] = ("balanced", "equal_blocks", "manual")
+COST_MODELS: tuple[str, ...] = ("flops", "time")
+
+__all__ = ["BlockGraph", "BlockSegment", "compile_modular", "stages_from_plan"]
+
+
+def block_graph(model, specs, inputs, n: int, *, cost_model: str = "flops", repeats: int = 3,
+                threads: int | None = 1, contract: DenoiserContract | None = None) -> BlockGraph:
+    """Trace the eager model, tell trunk from glue, cost every call and choose the units."""
+    if cost_model not in COST_MODELS:
+        raise ValueError(f"cost_model={cost_model!r}: not available with the module backend; "
+                         f"allowed: {', '.join(COST_MODELS)}")
+    contract = contract or DenoiserContract()
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        calls, out, total = trace_calls(model, specs, inputs, contract, count_flops=True)
+        mark_trunk(model, specs, inputs, contract, calls)
+        if cost_model == "time":
+            runs = [trace_calls(model, specs, inputs, contract, count_flops=False)[0]
+                    for _ in range(max(repeats, 1))]
+            for i, c in enumerate(calls):
+                c.ms = float(np.median([r[i].ms for r in runs]))
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+    def weight(c) -> float:
+        return float(c.flops if cost_model == "flops" else c.ms)
+
+    units = choose_units(calls, n, weight)
+    if not units:
+        raise ValueError("module backend: no module's output depends on the latent; the "
+                         "network has no blocks to place on stages")
+    root = next(c for c in calls if c.parent is None)
+    w = np.array([weight(calls[i]) for i in units])
+    return BlockGraph(model=model, specs=tuple(specs), contract=contract, calls=calls,
+                      units=units, weights=w, glue_cost=max(weight(root) - float(w.sum()), 0.0),
+                      total_flops=total,
+                      glue_flops=max(total - sum(calls[i].flops for i in units), 0),
+                      cost_model=cost_model, threads=used, ms_measured=cost_model == "time",
+                      output=out)
+
+
+def assign(graph: BlockGraph, request: PartitionRequest, strategy: str) -> Assignment:
+    """Contiguous stages of units (every boundary between two units is a candidate cut)."""
+    n, k = request.n, graph.size
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: not available with the module backend; "
+                         f"allowed: {', '.join(STRATEGIES)}")
+    if n > k:
+        raise ValueError(f"n={n} stages but the module backend found {k} blocks; allowed: "
+                         f"n <= {k}")
+    if n == 1:
+        return Assignment((0,) * k, 1, strategy)
+    if strategy == "balanced":
+        q = np.arange(k + 1)
+        prefix = np.concatenate([[0.0], np.cumsum(graph.weights)])
+        cost = np.triu(prefix[None, :] - prefix[:, None], 1)
+        cuts = min_max_cuts(cost, q, n)
+    elif strategy == "equal_blocks":
+        cuts = [round(j * k / n) for j in range(1, n)]
+    else:
+        cuts = _manual(graph, request)
+    return Assignment.from_cuts(sorted(cuts), k, strategy)
+
+
+def _manual(graph: BlockGraph, request: PartitionRequest) -> list[int]:
+    bounds = request.options.get("boundaries")
+    if bounds is None or len(bounds) != request.n - 1:
+        raise ValueError("manual split with the module backend: give boundaries (exactly n-1 "
+                         "module paths); 'stages' lists need the graph backend")
+    cuts = []
+    for path in bounds:
+        hit = next((i for i, m in enumerate(graph.modules)
+                    if m == path or m.startswith(path + ".")), None)
+        if hit is None or hit == 0:
+            raise ValueError(f"boundaries: {path!r} is not a block of the module backend after "
+                             f"its first; blocks: {', '.join(graph.modules)}")
+        cuts.append(hit)
+    if cuts != sorted(set(cuts)):
+        raise ValueError(f"boundaries: {bounds} must be strictly increasing in execution order")
+    return cuts
+
+
+def build_block_stages(graph: BlockGraph, a: Assignment) -> StagedModel:
+    infos = []
+    for i in range(graph.size):
+        u = graph.unit(i)
+        names = tuple(f"{u.name}.{j}" if isinstance(v, torch.Tensor) else None
+                      for j, v in enumerate(u.leaves))
+        consts = tuple(None if isinstance(v, torch.Tensor) else v for v in u.leaves)
+        infos.append(UnitInfo(u.path, u.index, a.stage_of[i], names, consts, u.spec))
+    segments = [BlockSegment(stage=s, start=start, stop=stop, model=graph.model,
+                             units=tuple(infos), specs=graph.specs, contract=graph.contract,
+                             last=s == a.n - 1)
+                for s, start, stop in a.segments()]
+    return StagedModel(segments=segments, output=OUTPUT, n=a.n, specs=graph.specs,
+                       placeholders={s.name: s.name for s in graph.specs})
+
+
+def compile_modular(model, specs, inputs, request: PartitionRequest, *, strategy: str = "balanced",
+                    cost_model: str = "flops", name: str = "model", config_hash: str = "",
+                    repeats: int = 3, threads: int | None = 1,
+                    contract: DenoiserContract | None = None, verify: bool = True,
+                    note: str = ""):
+    from partition.api import Compiled
+
+    graph = block_graph(model, specs, inputs, request.n, cost_model=cost_model, repeats=repeats,
+                        threads=threads, contract=contract)
+    a = assign(graph, request, strategy)
+    staged = build_block_stages(graph, a)
+    checked, stage_ms = "off: not verified (verify=False)", None
+    if verify:
+        checked, stage_ms = verify_blocks(graph, staged, inputs, threads, name)
+    plan = make_module_plan(graph, a, staged, model=name, config_hash=config_hash,
+                            depth=request.depth, verification=checked, stage_ms=stage_ms,
+                            note=note)
+    return Compiled(plan=plan, staged=staged, graph=graph)
+
+
+def verify_blocks(graph: BlockGraph, staged: StagedModel, inputs, threads, name: str):
+    """Stages chained (a warm-up step) == the eager model, bit for bit."""
+    from partition.spec import call_denoiser
+    from partition.verify import VerificationError, max_diff, run_timed, same
+
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            want = call_denoiser(graph.model, inputs, graph.contract, graph.specs)
+            got, stage_ms = run_timed(staged, {s.name: inputs[s.name] for s in graph.specs})
+    finally:
+        torch.set_num_threads(old)
+    if not same(got, want):
+        raise VerificationError(
+            f"{name}: the module backend's stages differ from the eager model by "
+            f"{max_diff(got, want):.3g} (max abs): the network's blocks do not compose the way "
+            "its forward calls them (a block whose output is consumed inside another block, or "
+            "state kept between calls); the plan is refused")
+    used = torch.get_num_threads() if threads is None else threads
+    return f"exact: stages == eager (bit for bit, {used} thread(s))", stage_ms
+
+
+def stages_from_plan(graph: BlockGraph, plan) -> StagedModel:
+    """The stages of a saved module-backend plan, from a fresh trace of the same model."""
+    if graph.graph_hash() != plan.graph_hash:
+        raise ValueError(f"plan graph_hash={plan.graph_hash} but this trace is "
+                         f"{graph.graph_hash()}: the plan was made for another model or shape")
+    return build_block_stages(graph, plan.assignment())

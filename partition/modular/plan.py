@@ -1,0 +1,88 @@
+"""The Plan of a module-backend split: the same type the graph backend makes (DESIGN.md §3),
+with ``backend="module"`` and the costs particular to it in its notes."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from partition.modular.blocks import BlockGraph
+from partition.modular.segment import OUTPUT
+from partition.plan import Measured, Plan, SegmentPlan, StagePlan, ValuePlan, _versions
+from partition.stages import StagedModel
+from partition.strategies.base import Assignment
+
+
+def make_module_plan(graph: BlockGraph, a: Assignment, staged: StagedModel, *, model: str,
+                     config_hash: str, depth, verification: str,
+                     stage_ms: tuple[float, ...] | None, note: str = "") -> Plan:
+    n, k = a.n, graph.size
+    values = []
+    for i in range(k):
+        u = graph.unit(i)
+        owner = a.stage_of[i]
+        # every later stage runs the glue that reads it (no graph says which do)
+        consumers = tuple(range(owner + 1, n))
+        if not consumers:
+            continue
+        for j, leaf in enumerate(u.leaves):
+            if isinstance(leaf, torch.Tensor):
+                values.append(ValuePlan(name=f"{u.name}.{j}", producer=owner,
+                                        consumers=consumers, position=i,
+                                        shape=tuple(leaf.shape),
+                                        dtype=str(leaf.dtype).removeprefix("torch."),
+                                        bytes=leaf.numel() * leaf.element_size(), module=u.path))
+    glue_params = _glue_params(graph)
+    stages = []
+    for s, start, stop in a.segments():
+        seg = staged.segments[s]
+        own = sum(p.numel() for i in range(start, stop) for p in graph.unit_params(i).values())
+        flops = int(sum(graph.unit(i).flops for i in range(start, stop)) + graph.glue_flops)
+        stages.append(StagePlan(
+            index=s, segments=(SegmentPlan(start, stop, graph.unit(start).name,
+                                           graph.unit(stop - 1).name, graph.unit(start).path,
+                                           graph.unit(stop - 1).path),),
+            params=int(own), replicated_params=int(glue_params),
+            param_bytes=int(sum(t.numel() * t.element_size() for t in seg.tensors())),
+            flops=flops, macs=flops // 2,
+            cost=float(graph.weights[start:stop].sum() + graph.glue_cost),
+            inputs=tuple(v.name for v in values if s in v.consumers),
+            outputs=tuple(v.name for v in values if v.producer == s),
+            conditioning=0, nodes=stop - start, cond_flops=int(graph.glue_flops),
+            cond_cost=float(graph.glue_cost)))
+    cost = np.array([st.cost for st in stages])
+    fl = np.array([st.flops for st in stages], dtype=np.float64)
+    root = next(c for c in graph.calls if c.parent is None)
+    eps = graph.output
+    measured = None
+    if graph.ms_measured:  # as the graph backend: timings only with the time cost model
+        measured = Measured(stage_ms=tuple(stage_ms) if stage_ms else tuple(
+                                float(graph.weights[st.segments[0].start:st.segments[0].stop].sum()
+                                      + graph.glue_cost) for st in stages),
+                            total_ms=round(root.ms, 4), threads=graph.threads, repeats=1,
+                            device=str(eps.device), source="stages" if stage_ms else "modules")
+    glue_share = graph.glue_flops / graph.total_flops if graph.total_flops else 0.0
+    notes = [f"module backend: {k} blocks run eagerly; the glue between them "
+             f"({graph.glue_flops / 1e9:.4f} GFLOPs, {glue_share:.1%} of a step) runs on every "
+             f"device, and each block's outputs go to every later stage"]
+    if note:
+        notes.append(note)
+    return Plan(
+        model=model, config_hash=config_hash, graph_hash=graph.graph_hash(), inputs=graph.specs,
+        n=n, strategy=a.strategy, cost_model=graph.cost_model, depth=depth,
+        stages=tuple(stages), values=tuple(values), output=OUTPUT,
+        output_bytes=eps.numel() * eps.element_size(),
+        imbalance=round(float(cost.max() / cost.mean()), 6) if cost.mean() > 0 else 1.0,
+        flops_imbalance=round(float(fl.max() / fl.mean()), 6) if fl.mean() > 0 else 1.0,
+        bytes_per_step=int(sum(v.bytes * len(v.consumers) for v in values)
+                           + eps.numel() * eps.element_size() * (n - 1)),
+        total_flops=int(graph.total_flops), total_params=sum(p.numel() for p in
+                                                             graph.model.parameters()),
+        notes=tuple(notes), versions=_versions(), measured=measured, backend="module",
+        output_shape=tuple(eps.shape), output_dtype=str(eps.dtype).removeprefix("torch."),
+        verification=verification, step_flops=int(graph.total_flops))
+
+
+def _glue_params(graph: BlockGraph) -> int:
+    """Parameters outside every unit: every stage holds them (the glue runs everywhere)."""
+    in_units = {id(p) for i in range(graph.size) for p in graph.unit_params(i).values()}
+    return sum(p.numel() for p in graph.model.parameters() if id(p) not in in_units)

@@ -1,0 +1,90 @@
+"""Both capture backends obey one set of staleness rules ([Note: staleness]).
+
+The module backend (blocks run eagerly, a block owned elsewhere answered by its owner's value)
+is checked against the graph backend on a network both can run, with the same cuts: the
+asynchronous samples must be the same bit for bit. Then its own invariants: W ≥ T is the
+sequential sampler, and the multi-process executor equals the emulator."""
+from __future__ import annotations
+
+import functools
+
+import denoisers as D  # noqa: N812 (tests/denoisers.py, on the path by tests/conftest.py)
+import pytest
+import torch
+
+from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
+from asyncdiff.dist.launch import launch
+from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from asyncdiff.emulate import Emulator
+from asyncdiff.timeline import build_timeline
+from partition import PartitionRequest, compile_model
+from schedulers import make_scheduler, sample
+
+STEPS = 6
+BOUNDS = {2: ["blocks.3"], 3: ["blocks.2", "blocks.4"]}
+
+
+@functools.lru_cache(maxsize=None)
+def model():
+    torch.manual_seed(0)
+    m = D.SeqDenoiser(depth=6).eval()
+    specs = D.seq_specs()
+    return m, specs, D.example(specs)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(n: int, backend: str):
+    m, specs, inputs = model()
+    return compile_model(m, specs, inputs, PartitionRequest(
+        n=n, depth=1, options={"boundaries": BOUNDS[n]}), strategy="manual", backend=backend)
+
+
+def cond_and_noise():
+    _, _, inputs = model()
+    x = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(7))
+    return {"context": inputs["context"]}, x
+
+
+def emulate(c, par: ParallelSpec, x, cond):
+    sched = make_scheduler("ddim")
+    sched.set_timesteps(STEPS)
+    tl = build_timeline(par.n, par.stride, par.warmup, STEPS, par.time_shift, par.stride_noise)
+    emu = Emulator(c.staged, c.plan, tl, sched.timesteps)
+    return sample(PipelineDenoiser(emu), make_scheduler("ddim"), x, cond, steps=STEPS)
+
+
+CASES = [(2, 1, 1, False, "fresh"), (2, 2, 1, True, "fresh"), (3, 1, 2, False, "fresh"),
+         (3, 2, 1, False, "reuse"), (3, 1, 1, True, "fresh")]
+
+
+@pytest.mark.parametrize("n,stride,warmup,shift,noise", CASES)
+def test_module_backend_is_stale_exactly_as_the_graph_backend(n, stride, warmup, shift, noise):
+    graph, module = compiled(n, "graph"), compiled(n, "module")
+    assert (graph.plan.backend, module.plan.backend) == ("graph", "module")
+    cond, x = cond_and_noise()
+    par = ParallelSpec(n=n, stride=stride, warmup=warmup, time_shift=shift, stride_noise=noise)
+    a, b = emulate(graph, par, x, cond), emulate(module, par, x, cond)
+    assert torch.equal(a, b)
+    seq = sample(SequentialDenoiser(graph.staged), make_scheduler("ddim"), x, cond, steps=STEPS)
+    assert not torch.equal(a, seq)  # the staleness is there, and the same in both
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_module_backend_warmup_everything_is_sequential(n):
+    c = compiled(n, "module")
+    cond, x = cond_and_noise()
+    par = ParallelSpec(n=n, warmup=STEPS)
+    seq = sample(SequentialDenoiser(compiled(n, "graph").staged),
+                 make_scheduler("ddim"), x, cond, steps=STEPS)
+    assert torch.equal(emulate(c, par, x, cond), seq)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n,stride,warmup", [(2, 1, 1), (3, 2, 2)])
+def test_module_backend_distributed_equals_emulator(n, stride, warmup):
+    c = compiled(n, "module")
+    cond, x = cond_and_noise()
+    par = ParallelSpec(n=n, stride=stride, warmup=warmup)
+    want = emulate(c, par, x, cond)
+    got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
+    assert torch.equal(got.latents[0], want)
