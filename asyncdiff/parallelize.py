@@ -45,7 +45,11 @@ from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.weights import OFFLOAD, Parked
 from asyncdiff.timeline import build_timeline
 from partition import STRATEGIES
+from partition.api import BACKENDS
+from asyncdiff.dist.sharing import try_capture
 from partition.capture import capture
+from partition.contract import DenoiserContract
+from partition.spec import nest
 from partition.cost import COST_MODELS
 
 MODES: tuple[str, ...] = ("emulate", "distributed")
@@ -56,7 +60,8 @@ def parallelize(pipe: Any, *, n: int, stride: int = 1, warmup: int = 1,
                 time_shift: bool = False, stride_noise: str = "fresh",
                 strategy: str = "balanced", cost_model: str = "flops", depth: int | None = 4,
                 mode: Literal["emulate", "distributed"] = "emulate",
-                offload: Literal["cpu", "drop"] = "cpu", denoiser: str | None = None) -> "Handle":
+                offload: Literal["cpu", "drop"] = "cpu", denoiser: str | None = None,
+                verify: bool = True, backend: str = "auto") -> "Handle":
     """Run ``pipe``'s denoiser as an N-stage asynchronous pipeline until ``detach()``.
 
     ``n``, ``stride``, ``warmup``, ``time_shift``, ``stride_noise``: the timeline
@@ -65,10 +70,13 @@ def parallelize(pipe: Any, *, n: int, stride: int = 1, warmup: int = 1,
     docstring); ``offload`` (distributed only): what happens to the weights this rank's stage
     does not use, ``cpu`` (kept in host memory; ``detach()`` restores them exactly) or
     ``drop`` (freed; ``detach()`` then refuses). ``denoiser``: the pipeline attribute holding
-    the network (default: the first of ``unet``, ``transformer``).
+    the network (default: the first of ``unet``, ``transformer``). ``verify``: check each
+    compiled split against the denoiser on the first call's inputs (``partition/verify.py``;
+    ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the
+    module backend), ``graph`` or ``module``.
     """
     opts = Options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
-                   mode, offload)
+                   mode, offload, verify, backend)
     _check_options(opts)
     return Handle(pipe, _find_denoiser(pipe, denoiser), opts)
 
@@ -79,7 +87,8 @@ def _check_options(o: Options) -> None:
                    o.stride_noise)
     for key, value, allowed in (("strategy", o.strategy, tuple(STRATEGIES)),
                                 ("cost_model", o.cost_model, tuple(COST_MODELS)),
-                                ("mode", o.mode, MODES), ("offload", o.offload, OFFLOAD)):
+                                ("mode", o.mode, MODES), ("offload", o.offload, OFFLOAD),
+                                ("backend", o.backend, BACKENDS)):
         if value not in allowed:
             raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
     if o.mode == "distributed":
@@ -197,16 +206,24 @@ class Handle:
         # verification calls the eager model, which must not come back here
         seen: list[Any] = []
         bound = with_static(self._original, call.static, seen.append)
+
+        def runner(inputs):  # the module backend's stages run the original forward too
+            return DenoiserContract().prediction(bound(**nest(inputs)))
+
+        def capture_call():
+            return try_capture(lambda: capture(self.module, call.specs(), call.tensors),
+                               self.options.backend)
+
         with self._unpatched(bound):
+            if self.options.backend == "module":
+                capture_call = lambda: None  # noqa: E731
             if self.options.mode == "emulate":
-                captured = capture(self.module, call.specs(), call.tensors)
-                session = sessions.emulated(self.module, call, captured, output_form(seen[-1]),
-                                            self.options)
+                session = sessions.emulated(self.module, call, capture_call(), self.options,
+                                            runner)
             else:
-                session = sessions.distributed(
-                    self.module, call,
-                    lambda: (capture(self.module, call.specs(), call.tensors),
-                             output_form(seen[-1])), self.options)
+                session = sessions.distributed(self.module, call, capture_call, self.options,
+                                               runner)
+        session.form = output_form(seen[-1])
         self.sessions[call.key] = session
         if self._parked is not None:  # keep what any session's stage holds
             self._parked.release([t for s in self.sessions.values() for t in s.tensors()])

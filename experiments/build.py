@@ -21,8 +21,8 @@ from asyncdiff.dist.worker import ParallelSpec, SamplingJob
 from experiments.common import partition_request, plain
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
                                          scheduler_kwargs)
-from partition import Compiled, compile_graph, zoo
-from partition.capture import capture
+from partition import Compiled, compile_graph, compile_model, zoo
+from partition.capture import CaptureError, capture
 from partition.cost import profile
 from partition.graph import build_graph
 from partition.zoo import ModelBundle
@@ -124,35 +124,58 @@ def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[S
 
 
 @lru_cache(maxsize=2)
-def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads, device):
+def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads, device,
+              backend: str):
+    """Build, capture and cost a model once per process (a sweep re-plans on it); ``None``
+    for the capture when torch.export cannot capture it and the backend may fall back."""
     model_cfg = json.loads(model_json)
     bundle = zoo.build(model_cfg, seed=seed)
     inputs = bundle.inputs(seed)
+    if backend == "module":
+        return bundle, inputs, None, None
     with torch.no_grad():
-        captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
+        try:
+            captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
+        except CaptureError:
+            if backend == "graph":
+                raise
+            return bundle, inputs, None, None
         fv = bundle.module if cost_model == "fvcore" else None
         costs = profile(captured, inputs, repeats=repeats if cost_model == "time" else 0,
                         threads=threads, fvcore_model=fv, device=device)
-    return bundle, captured, costs
+    return bundle, inputs, captured, costs
 
 
 def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
-    """Build, capture, cost (cached) and plan the model ``cfg`` describes."""
+    """Build, capture, cost (cached), plan and verify the model ``cfg`` describes."""
     model_cfg, part, par = model_config(cfg), plain(cfg.partition), plain(cfg.parallel)
     t0 = time.perf_counter()
     hit = _captured.cache_info().hits
-    bundle, captured, costs = _captured(json.dumps(model_cfg, sort_keys=True), int(cfg.seed),
-                                        part["cost_model"], int(part.get("repeats", 3)),
-                                        part.get("threads"), part.get("device"))
+    backend = part.get("backend", "auto")
+    bundle, inputs, captured, costs = _captured(
+        json.dumps(model_cfg, sort_keys=True), int(cfg.seed), part["cost_model"],
+        int(part.get("repeats", 3)), part.get("threads"), part.get("device"), backend)
     cached = _captured.cache_info().hits > hit
-    graph = build_graph(captured, costs, part["cost_model"])
+    request = partition_request(part, par["n"])
+    name = f"{bundle.name}/{bundle.variant}"
+    verify = bool(part.get("verify", True))
     with torch.no_grad():
-        compiled = compile_graph(graph, partition_request(part, par["n"]),
-                                 strategy=part["strategy"], cost_model=part["cost_model"],
-                                 name=f"{bundle.name}/{bundle.variant}",
-                                 config_hash=bundle.config_hash)
-    log.info("planned %s/%s into N=%d stages in %.1f s%s", bundle.name, bundle.variant,
-             compiled.plan.n, time.perf_counter() - t0, " (capture reused)" if cached else "")
+        if captured is None:  # the module backend (asked for, or capture failed)
+            compiled = compile_model(bundle.module, bundle.specs, inputs, request,
+                                     strategy=part["strategy"], cost_model=part["cost_model"],
+                                     name=name, config_hash=bundle.config_hash,
+                                     repeats=int(part.get("repeats", 3)),
+                                     threads=part.get("threads"), contract=bundle.contract,
+                                     verify=verify, backend="module")
+        else:
+            graph = build_graph(captured, costs, part["cost_model"])
+            compiled = compile_graph(graph, request, strategy=part["strategy"],
+                                     cost_model=part["cost_model"], name=name,
+                                     config_hash=bundle.config_hash, inputs=inputs,
+                                     threads=part.get("threads"), verify=verify)
+    log.info("planned %s into N=%d stages (%s backend) in %.1f s%s; %s", name,
+             compiled.plan.n, compiled.plan.backend, time.perf_counter() - t0,
+             " (capture reused)" if cached else "", compiled.plan.verification)
     return bundle, compiled
 
 

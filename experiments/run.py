@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asyncdiff.dist.executor import stage_of_device
 from asyncdiff.dist.launch import launch
+from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0, try_capture
 from asyncdiff.dist.worker import WorkerJob, init_group, run_job
 from experiments.build import (compiled_model, job_labels, model_config, parallel_spec,
                                sampling_jobs, sequential_sample)
@@ -43,10 +44,8 @@ from experiments.plots import device_timeline
 from experiments.record import identity, run_metrics, timeline_rows, write_json
 from experiments.validate import validate_config
 from experiments.wandb_log import RunLogger
-from partition import Plan, compile_model, format_plan, stages_from_plan, zoo
+from partition import Plan, compile_model, format_plan, zoo
 from partition.capture import capture
-from partition.cost import NodeCosts
-from partition.graph import build_graph
 
 __all__ = ["main", "run_spawn", "run_torchrun", "parallel_spec", "sampling_jobs"]
 
@@ -138,32 +137,41 @@ def run_spawn(cfg: DictConfig, out: Path) -> dict:
 def run_torchrun(cfg: DictConfig, out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     par = parallel_spec(plain(cfg.parallel))
+    part = plain(cfg.partition)
     init_group(rank, world, par.backend, None, par.timeout_s * 4)
     bundle = zoo.build(model_config(cfg), seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
-    captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
-    shared, compiled = [None], None
-    if rank == 0:
-        part = plain(cfg.partition)
+    backend = part.get("backend", "auto")
+    captured = on_every_rank(lambda: None if backend == "module" else try_capture(
+        lambda: capture(bundle.module, bundle.specs, inputs, bundle.contract), backend),
+        "capture")
+    compiled = None
+
+    def make_plan():
+        nonlocal compiled
         compiled = compile_model(bundle.module, bundle.specs, inputs,
                                  partition_request(part, par.n), strategy=part["strategy"],
                                  cost_model=part["cost_model"], captured=captured,
                                  name=f"{bundle.name}/{bundle.variant}",
                                  config_hash=bundle.config_hash, repeats=part["repeats"],
-                                 threads=part["threads"], contract=bundle.contract)
-        shared = [compiled.plan.to_json()]
+                                 threads=part["threads"], contract=bundle.contract,
+                                 verify=bool(part.get("verify", True)),
+                                 backend="module" if captured is None else "graph")
         save_plan(cfg, out, compiled.plan)
-    dist.broadcast_object_list(shared, src=0)
-    plan = Plan.from_json(shared[0])
-    graph = build_graph(captured, NodeCosts({}, {}, {}), "flops")
-    staged = stages_from_plan(graph, plan)
+        return compiled.plan
+
+    plan = plan_from_rank0(make_plan)  # rank 0 plans (measured costs are taken once)
     device = rank % par.devices
+    parts = on_every_rank(lambda: own_stage(plan, captured, bundle.module, bundle.specs, inputs,
+                                            bundle.contract, stage_of_device(device, plan.n),
+                                            part["threads"]), "building this rank's stage")
     jobs = sampling_jobs(bundle, cfg, par.replicas)
-    job = WorkerJob(plan=plan, segments=staged.stage_parts(stage_of_device(device, plan.n)),
-                    specs=staged.specs, placeholders=staged.placeholders,
-                    output=staged.output, parallel=par, sampling=jobs,
+    job = WorkerJob(plan=plan, segments=parts, specs=bundle.specs,
+                    placeholders=captured.placeholders if captured is not None else
+                    {s.name: s.name for s in bundle.specs},
+                    output=plan.output, parallel=par, sampling=jobs,
                     progress=bool(cfg.progress))
-    del bundle, captured, graph, staged  # keep only this rank's stage (rank 0: and the plan's)
+    del bundle, captured  # keep only this rank's stage (rank 0: and the plan's)
     dist.barrier()
     t0 = time.perf_counter()
     latent, stats = run_job(job, rank, world)

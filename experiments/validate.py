@@ -129,6 +129,9 @@ def validate_config(cfg: Mapping, env: Mapping[str, str] | None = None,
     if part.get("threads") is not None:
         _int("partition.threads", part["threads"], 1)
     _choice("partition.device", part.get("device", "cpu"), PROFILE_DEVICES)
+    _choice("partition.verify", part.get("verify", True), (True, False))
+    from partition.api import BACKENDS as CAPTURE_BACKENDS
+    _choice("partition.backend", part.get("backend", "auto"), CAPTURE_BACKENDS)
     if part.get("device") == "cuda" and not _cuda_available():
         raise ConfigError("partition.device=cuda: no CUDA device here; allowed: cpu")
 

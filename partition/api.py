@@ -55,7 +55,7 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
                   repeats: int = 3, threads: int | None = 1, captured: Captured | None = None,
                   costs: NodeCosts | None = None, device: str | None = None,
                   contract: DenoiserContract | None = None, verify: bool = True,
-                  backend: str = "auto") -> Compiled:
+                  backend: str = "auto", runner=None) -> Compiled:
     """Plan ``model`` into ``request.n`` stages; pass ``captured``/``costs`` to reuse them.
 
     ``contract``: how the model is called and which output is ε (partition/contract.py).
@@ -63,7 +63,9 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
     (``repeats`` timed forwards of the eager model at ``threads`` threads, on ``device``:
     default where ``inputs`` are). ``verify``: check the stages against the eager model on
     ``inputs`` (partition/verify.py); ``False`` skips it, and the plan says so.
-    ``backend``: ``auto``, ``graph`` or ``module`` (module docstring).
+    ``backend``: ``auto``, ``graph`` or ``module`` (module docstring). ``runner``
+    (module backend): how its stages run the network at run time, when calling ``model``
+    itself is not the way (the drop-in, whose pipeline calls a patched forward).
     """
     if cost_model not in COST_MODELS:
         raise ValueError(f"cost_model={cost_model!r}; allowed: {', '.join(COST_MODELS)}")
@@ -84,7 +86,7 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
         return compile_modular(model, specs, inputs, request, strategy=strategy,
                                cost_model=cost_model, name=name, config_hash=config_hash,
                                repeats=repeats, threads=threads, contract=contract,
-                               verify=verify, note=fallback)
+                               verify=verify, note=fallback, runner=runner)
     if costs is None:
         costs = profile(captured, inputs, repeats=repeats if cost_model == "time" else 0,
                         threads=threads, fvcore_model=model if cost_model == "fvcore" else None,

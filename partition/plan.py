@@ -130,6 +130,7 @@ class Plan:
     hoisted_bytes_per_run: int = 0
     verification: str = ""    # what the compile checked on its example inputs (verify.py)
     step_flops: int = 0       # one sequential step: every per-step node once (not hoisted)
+    blocks: tuple[str, ...] = ()  # module backend: the block calls stages own, in order
 
     # --- derived -------------------------------------------------------------------------
     def stage_of(self) -> tuple[int, ...]:
@@ -185,6 +186,7 @@ class Plan:
                                             "shape": tuple(h["shape"])})
                              for h in d.get("hoisted", ()))
         d["output_shape"] = tuple(d.get("output_shape", ()))
+        d["blocks"] = tuple(d.get("blocks", ()))
         d["uncounted_ops"] = tuple(tuple(x) for x in d.get("uncounted_ops", ()))
         d["versions"] = tuple(tuple(x) for x in d.get("versions", ()))
         m = d.get("measured")

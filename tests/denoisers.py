@@ -272,3 +272,25 @@ class TokenLogits(SeqDenoiser):
 
     def forward(self, sample, timestep, context):
         return super().forward(sample, timestep, context).to(torch.float16)
+
+
+# --------------------------------------------------------------------------- kernel paths
+
+
+class FastPathAttention(SeqDenoiser):
+    """``nn.MultiheadAttention`` between blocks: under ``no_grad`` eager takes its fused
+    fast path, which torch.export does not capture (the captured graph equals eager with
+    autograd on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleList(nn.MultiheadAttention(D, 2, batch_first=True)
+                                  for _ in range(3))
+
+    def forward(self, sample, timestep, context):
+        h, temb, ctx = self.inp(sample), self.time(timestep), self.ctx(context)
+        for i, b in enumerate(self.blocks):
+            h = b(h, temb, ctx)
+            if i % 2 == 0:
+                h = h + self.attn[i // 2](h, h, h, need_weights=False)[0]
+        return self.out(h)

@@ -21,10 +21,8 @@ from asyncdiff.dist.executor import DistributedExecutor, stage_of_device
 from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import Timeline
-from partition import Compiled, PartitionRequest, Plan, compile_model, stages_from_plan
+from partition import Compiled, PartitionRequest, Plan, compile_model
 from partition.capture import Captured
-from partition.cost import NodeCosts
-from partition.graph import build_graph
 from partition.stages import Segment, StagedModel
 
 
@@ -42,6 +40,8 @@ class Options:
     depth: int | None
     mode: str
     offload: str
+    verify: bool = True
+    backend: str = "auto"
 
 
 @dataclass(eq=False)
@@ -68,9 +68,9 @@ class Session:
 
     def tensors(self) -> list[torch.Tensor]:
         """The parameters and buffers this session's segments hold."""
-        mods = [s.gm for s in self.segments] if self.staged is None else \
-            [s.gm for s in [*self.staged.segments, *self.staged.prologues]]
-        return [t for m in mods for t in (*m.parameters(), *m.buffers())]
+        parts = self.segments if self.staged is None else \
+            [*self.staged.segments, *self.staged.prologues]
+        return [t for p in parts for t in p.tensors()]
 
 
 def config_hash(module: nn.Module) -> str:
@@ -80,60 +80,45 @@ def config_hash(module: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def compile_call(module: nn.Module, call: Call, captured: Captured, opts: Options) -> Compiled:
-    """Plan the captured call into ``opts.n`` stages (the one place a plan is made)."""
-    return compile_model(module, captured.specs, call.tensors,
+def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts: Options,
+                 runner=None) -> Compiled:
+    """Plan the call into ``opts.n`` stages (the one place a plan is made): on its capture,
+    or with the module backend where there is none."""
+    return compile_model(module, call.specs(), call.tensors,
                          PartitionRequest(n=opts.n, depth=opts.depth),
                          strategy=opts.strategy, cost_model=opts.cost_model,
                          name=type(module).__name__, config_hash=config_hash(module),
                          repeats=3 if opts.cost_model == "time" else 0,
-                         threads=torch.get_num_threads(), captured=captured)
+                         threads=torch.get_num_threads(), captured=captured,
+                         verify=opts.verify, runner=runner,
+                         backend="module" if captured is None else "graph")
 
 
-def emulated(module: nn.Module, call: Call, captured: Captured, form: Any,
-             opts: Options) -> Session:
-    compiled = compile_call(module, call, captured, opts)
+def emulated(module: nn.Module, call: Call, captured: Captured | None, opts: Options,
+             runner=None) -> Session:
+    compiled = compile_call(module, call, captured, opts, runner)
     staged = compiled.staged
-    return Session(call.key, compiled.plan, form, staged.specs, staged.placeholders,
+    return Session(call.key, compiled.plan, None, staged.specs, staged.placeholders,
                    staged.output, staged=staged)
 
 
-def distributed(module: nn.Module, call: Call, capture: Callable[[], tuple[Captured, Any]],
-                opts: Options) -> Session:
-    """Every rank captures; rank 0 plans and broadcasts; each rank keeps its own stage.
+def distributed(module: nn.Module, call: Call, capture: Callable[[], Captured | None],
+                opts: Options, runner=None) -> Session:
+    """Every rank captures (or traces, for the module backend); rank 0 plans and broadcasts;
+    each rank keeps its own stage (``asyncdiff/dist/sharing.py``: a failure on any rank is
+    raised on every rank)."""
+    from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0
 
-    A failure on any rank (capture or planning) is raised on every rank, naming it, instead
-    of leaving the others waiting in a collective.
-    """
-    # imported here: asyncdiff.dist.worker pulls in the schedulers (diffusers), which
-    # ``import asyncdiff`` should not pay for
-    from asyncdiff.dist.worker import check_plan_hash
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    captured, form, error = None, None, None
-    try:
-        captured, form = capture()
-    except Exception as err:  # noqa: BLE001 - re-raised below on every rank
-        error = f"{type(err).__name__}: {err}"
-    errors: list[Any] = [None] * world
-    dist.all_gather_object(errors, error)
-    failed = {r: e for r, e in enumerate(errors) if e}
-    if failed:
-        raise RuntimeError(f"asyncdiff.parallelize: capture failed on rank(s) {sorted(failed)}: "
-                           f"{next(iter(failed.values()))}")
-    shared: list[Any] = [None]
-    if rank == 0:
-        try:
-            shared = [{"plan": compile_call(module, call, captured, opts).plan.to_json()}]
-        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
-            shared = [{"error": f"{type(err).__name__}: {err}"}]
-    dist.broadcast_object_list(shared, src=0)
-    if "error" in shared[0]:
-        raise RuntimeError(f"asyncdiff.parallelize: planning failed on rank 0: "
-                           f"{shared[0]['error']}")
-    plan = Plan.from_json(shared[0]["plan"])
-    check_plan_hash(plan, rank, world)
-    staged = stages_from_plan(build_graph(captured, NodeCosts({}, {}, {}), "flops"), plan)
-    mine = tuple(staged.stage_parts(stage_of_device(rank, plan.n)))
-    return Session(call.key, plan, form, staged.specs, staged.placeholders, staged.output,
-                   segments=mine, rank=rank)
+    rank = dist.get_rank()
+    captured = on_every_rank(capture, "asyncdiff.parallelize: capture")
+    plan = plan_from_rank0(lambda: compile_call(module, call, captured, opts, runner).plan,
+                           "asyncdiff.parallelize: planning")
+    mine = on_every_rank(lambda: own_stage(plan, captured, module, call.specs(), call.tensors,
+                                           None, stage_of_device(rank, plan.n),
+                                           torch.get_num_threads(), runner),
+                         "asyncdiff.parallelize: building this rank's stage")
+    specs = tuple(call.specs())
+    placeholders = captured.placeholders if captured is not None else {s.name: s.name
+                                                                       for s in specs}
+    return Session(call.key, plan, None, specs, placeholders, plan.output, segments=tuple(mine),
+                   rank=rank)

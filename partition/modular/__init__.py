@@ -27,8 +27,10 @@ __all__ = ["BlockGraph", "BlockSegment", "compile_modular", "stages_from_plan"]
 
 
 def block_graph(model, specs, inputs, n: int, *, cost_model: str = "flops", repeats: int = 3,
-                threads: int | None = 1, contract: DenoiserContract | None = None) -> BlockGraph:
-    """Trace the eager model, tell trunk from glue, cost every call and choose the units."""
+                threads: int | None = 1, contract: DenoiserContract | None = None,
+                blocks: tuple[str, ...] | None = None) -> BlockGraph:
+    """Trace the eager model, tell trunk from glue, cost every call and choose the units
+    (``blocks``: take these calls, by name, as a saved plan lists them)."""
     if cost_model not in COST_MODELS:
         raise ValueError(f"cost_model={cost_model!r}: not available with the module backend; "
                          f"allowed: {', '.join(COST_MODELS)}")
@@ -51,7 +53,15 @@ def block_graph(model, specs, inputs, n: int, *, cost_model: str = "flops", repe
     def weight(c) -> float:
         return float(c.flops if cost_model == "flops" else c.ms)
 
-    units = choose_units(calls, n, weight)
+    if blocks is not None:
+        by_name = {c.name: i for i, c in enumerate(calls)}
+        missing = [b for b in blocks if b not in by_name]
+        if missing:
+            raise ValueError(f"plan blocks {missing} are not calls of this model's forward: "
+                             "the plan was made for another model or shape")
+        units = [by_name[b] for b in blocks]
+    else:
+        units = choose_units(calls, n, weight)
     if not units:
         raise ValueError("module backend: no module's output depends on the latent; the "
                          "network has no blocks to place on stages")
@@ -106,7 +116,7 @@ def _manual(graph: BlockGraph, request: PartitionRequest) -> list[int]:
     return cuts
 
 
-def build_block_stages(graph: BlockGraph, a: Assignment) -> StagedModel:
+def build_block_stages(graph: BlockGraph, a: Assignment, runner=None) -> StagedModel:
     infos = []
     for i in range(graph.size):
         u = graph.unit(i)
@@ -116,7 +126,7 @@ def build_block_stages(graph: BlockGraph, a: Assignment) -> StagedModel:
         infos.append(UnitInfo(u.path, u.index, a.stage_of[i], names, consts, u.spec))
     segments = [BlockSegment(stage=s, start=start, stop=stop, model=graph.model,
                              units=tuple(infos), specs=graph.specs, contract=graph.contract,
-                             last=s == a.n - 1)
+                             last=s == a.n - 1, runner=runner)
                 for s, start, stop in a.segments()]
     return StagedModel(segments=segments, output=OUTPUT, n=a.n, specs=graph.specs,
                        placeholders={s.name: s.name for s in graph.specs})
@@ -126,13 +136,13 @@ def compile_modular(model, specs, inputs, request: PartitionRequest, *, strategy
                     cost_model: str = "flops", name: str = "model", config_hash: str = "",
                     repeats: int = 3, threads: int | None = 1,
                     contract: DenoiserContract | None = None, verify: bool = True,
-                    note: str = ""):
+                    note: str = "", runner=None):
     from partition.api import Compiled
 
     graph = block_graph(model, specs, inputs, request.n, cost_model=cost_model, repeats=repeats,
                         threads=threads, contract=contract)
     a = assign(graph, request, strategy)
-    staged = build_block_stages(graph, a)
+    staged = build_block_stages(graph, a, runner)
     checked, stage_ms = "off: not verified (verify=False)", None
     if verify:
         checked, stage_ms = verify_blocks(graph, staged, inputs, threads, name)
@@ -166,9 +176,16 @@ def verify_blocks(graph: BlockGraph, staged: StagedModel, inputs, threads, name:
     return f"exact: stages == eager (bit for bit, {used} thread(s))", stage_ms
 
 
-def stages_from_plan(graph: BlockGraph, plan) -> StagedModel:
-    """The stages of a saved module-backend plan, from a fresh trace of the same model."""
+def graph_for_plan(model, specs, inputs, plan, contract=None, threads: int | None = 1) -> BlockGraph:
+    """The blocks a saved module-backend plan names, from a fresh trace of the same model
+    (every rank of a torchrun job: rank 0 chose them)."""
+    return block_graph(model, specs, inputs, plan.n, threads=threads, contract=contract,
+                       blocks=plan.blocks)
+
+
+def stages_from_plan(graph: BlockGraph, plan, runner=None) -> StagedModel:
+    """The stages of a saved module-backend plan on a graph of the same blocks."""
     if graph.graph_hash() != plan.graph_hash:
         raise ValueError(f"plan graph_hash={plan.graph_hash} but this trace is "
                          f"{graph.graph_hash()}: the plan was made for another model or shape")
-    return build_block_stages(graph, plan.assignment())
+    return build_block_stages(graph, plan.assignment(), runner)

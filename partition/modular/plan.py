@@ -79,7 +79,8 @@ def make_module_plan(graph: BlockGraph, a: Assignment, staged: StagedModel, *, m
                                                              graph.model.parameters()),
         notes=tuple(notes), versions=_versions(), measured=measured, backend="module",
         output_shape=tuple(eps.shape), output_dtype=str(eps.dtype).removeprefix("torch."),
-        verification=verification, step_flops=int(graph.total_flops))
+        verification=verification, step_flops=int(graph.total_flops),
+        blocks=tuple(graph.unit(i).name for i in range(k)))
 
 
 def _glue_params(graph: BlockGraph) -> int:

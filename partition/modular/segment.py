@@ -62,7 +62,9 @@ class BlockSegment:
     outputs: tuple[str, ...] = ()
     conditioning: tuple[str, ...] = ()
     prologue: bool = False
-    _paths: dict = field(default_factory=dict, repr=False)
+    # how the network is run on the named inputs (default: the model through its contract);
+    # the drop-in passes the pipeline's original forward with its fixed arguments
+    runner: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         model_inputs = tuple(s.name for s in self.specs)
@@ -87,7 +89,8 @@ class BlockSegment:
             mod.__dict__["forward"] = self._proxy(path, mod, by_call, counts, env, produced,
                                                   last_mine)
         try:
-            out = call_denoiser(self.model, inputs, self.contract, self.specs)
+            out = self.runner(inputs) if self.runner is not None else \
+                call_denoiser(self.model, inputs, self.contract, self.specs)
         except _StageDone:
             out = None
         finally:

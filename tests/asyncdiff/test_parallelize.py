@@ -231,7 +231,8 @@ def same_state(module, saved: dict[str, torch.Tensor]) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def dropin(name: str, n: int = 2, stride: int = 1, time_shift: bool = False) -> dict:
+def dropin(name: str, n: int = 2, stride: int = 1, time_shift: bool = False,
+           backend: str = "auto") -> dict:
     """One handle on the pipeline: a run with every step warm, then (``set_timeline``, same
     capture) a run with W = 1, the reference, and the state after ``detach()``."""
     pipe, _ = pipeline(name)
@@ -239,14 +240,15 @@ def dropin(name: str, n: int = 2, stride: int = 1, time_shift: bool = False) -> 
     saved = snapshot(module)
     fam = FAMILIES[name]
     handle = asyncdiff.parallelize(pipe, n=n, stride=stride, warmup=STEPS + 3,  # clamped to T
-                                   time_shift=time_shift)
+                                   time_shift=time_shift, backend=backend)
     warm = fam.run(pipe)
     handle.set_timeline(warmup=1)
     got = fam.run(pipe)
     want = reference(name, handle, n=n, stride=stride, warmup=1, time_shift=time_shift)
     captures = len(handle.sessions)
+    backend = next(iter(handle.sessions.values())).plan.backend
     handle.detach()
-    return dict(warm=warm, got=got, want=want, captures=captures,
+    return dict(warm=warm, got=got, want=want, captures=captures, backend=backend,
                 restored=same_state(module, saved), forward="forward" in module.__dict__,
                 after=fam.run(pipe))
 
@@ -259,13 +261,16 @@ def _threads():
 # ------------------------------------------------------------------------------ emulate
 
 
-@pytest.mark.parametrize("name,n,stride,time_shift", [
-    ("sd15", 2, 1, False), ("sdxl", 2, 1, False), ("sd3", 2, 1, False), ("pixart", 2, 1, False),
-    ("sd3", 3, 2, False), ("pixart", 2, 2, True),
+@pytest.mark.parametrize("name,n,stride,time_shift,backend", [
+    ("sd15", 2, 1, False, "auto"), ("sdxl", 2, 1, False, "auto"), ("sd3", 2, 1, False, "auto"),
+    ("pixart", 2, 1, False, "auto"), ("sd3", 3, 2, False, "auto"), ("pixart", 2, 2, True, "auto"),
+    ("sd15", 3, 1, False, "module"), ("pixart", 2, 2, False, "module"),
 ])
-def test_dropin_equals_sequential_and_emulator_and_detaches(name, n, stride, time_shift):
+def test_dropin_equals_sequential_and_emulator_and_detaches(name, n, stride, time_shift,
+                                                            backend):
     _, sequential = pipeline(name)
-    r = dropin(name, n, stride, time_shift)
+    r = dropin(name, n, stride, time_shift, backend)
+    assert r["backend"] == ("graph" if backend == "auto" else backend)
     assert torch.equal(r["warm"], sequential)         # W >= T: the pipeline's own result
     assert torch.equal(r["got"], r["want"])           # W = 1: schedulers.sample + Emulator
     assert not torch.equal(r["got"], sequential)

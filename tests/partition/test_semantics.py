@@ -57,6 +57,21 @@ def test_a_dropped_write_is_refused_loudly(monkeypatch):
         compile_model(model, specs, inputs, PartitionRequest(n=2, depth=None), backend="graph")
 
 
+def test_a_known_kernel_path_difference_is_stated_with_its_size(caplog):
+    torch.manual_seed(0)
+    model, specs = D.FastPathAttention().eval(), D.seq_specs()
+    inputs = D.example(specs)
+    fast = eager(model, inputs, specs)
+    c = compile_model(model, specs, inputs, PartitionRequest(n=2, depth=None))
+    note = c.plan.verification
+    assert note.startswith("exact: stages == captured == eager with autograd enabled")
+    d = float(note.split("differs by ")[1].split(" ")[0])
+    assert d == pytest.approx(float((chained(c, inputs) - fast).abs().max()), rel=1e-2)
+    assert 0 < d < 1e-4
+    assert "nn.MultiheadAttention's fast path" in note
+    assert any("fused kernel path" in r.getMessage() for r in caplog.records)
+
+
 def test_a_clean_graph_is_not_re_traced(sd15):
     assert not sd15.captured.functionalized
 

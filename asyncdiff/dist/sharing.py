@@ -1,0 +1,85 @@
+"""One plan for every rank: rank 0 makes it, every rank keeps only its own stage.
+
+Used by every path that plans inside an initialised process group (``asyncdiff-run`` under
+torchrun, the drop-in's distributed mode). A failure on any rank — capture, planning,
+building the stages — is raised on every rank, naming the ranks and the cause, instead of
+leaving the others waiting in a collective.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from partition import CaptureError, Plan, stages_from_plan
+from partition.cost import NodeCosts
+from partition.graph import build_graph
+
+T = TypeVar("T")
+
+
+class RankError(RuntimeError):
+    """Something failed on some rank; raised on every rank."""
+
+
+def on_every_rank(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on every rank; if it raises anywhere, raise on every rank."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - re-raised below on every rank
+        error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = {r: e for r, e in enumerate(errors) if e}
+    if failed:
+        raise RankError(f"{what} failed on rank(s) {sorted(failed)}: {next(iter(failed.values()))}")
+    return result  # type: ignore[return-value]
+
+
+def plan_from_rank0(make: Callable[[], Plan], what: str = "planning") -> Plan:
+    """Rank 0 runs ``make``; every rank gets its plan (or its error) and checks the hash."""
+    from asyncdiff.dist.worker import check_plan_hash
+
+    shared: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            shared = [{"plan": make().to_json()}]
+        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
+            shared = [{"error": f"{type(err).__name__}: {err}"}]
+    dist.broadcast_object_list(shared, src=0)
+    if "error" in shared[0]:
+        raise RankError(f"{what} failed on rank 0: {shared[0]['error']}")
+    plan = Plan.from_json(shared[0]["plan"])
+    check_plan_hash(plan, dist.get_rank(), dist.get_world_size())
+    return plan
+
+
+def try_capture(capture: Callable[[], T], backend: str) -> T | None:
+    """The capture, or None when torch.export cannot capture and the backend may fall back
+    to the module backend (the plan then says which backend rank 0 chose)."""
+    try:
+        return capture()
+    except CaptureError:
+        if backend == "graph":
+            raise
+        return None
+
+
+def own_stage(plan: Plan, captured, model, specs, inputs, contract, stage: int,
+              threads: int | None = 1, runner=None) -> list:
+    """This rank's segments and prologues, rebuilt from its own capture (graph backend) or
+    trace (module backend) of the same model; only its own weights are kept in them."""
+    if plan.backend == "module":
+        from partition.modular import graph_for_plan
+        from partition.modular import stages_from_plan as module_stages
+
+        staged = module_stages(graph_for_plan(model, specs, inputs, plan, contract, threads),
+                               plan, runner)
+        return [p.stripped() for p in staged.stage_parts(stage)]
+    if captured is None:
+        raise RankError("rank 0 planned the graph backend, but this rank could not capture the "
+                        "model: all ranks must run the same model and library versions")
+    staged = stages_from_plan(build_graph(captured, NodeCosts({}, {}, {}), "flops"), plan)
+    return staged.stage_parts(stage)
