@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/python -m experiments.demo
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -43,7 +43,7 @@ from asyncdiff.dropin import session as sessions
 from asyncdiff.dropin.call import Call, answer, bind_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.weights import OFFLOAD, Parked
-from asyncdiff.timeline import build_timeline
+from asyncdiff.timeline import build_timeline, devices_needed
 from partition import STRATEGIES
 from partition.api import BACKENDS
 from asyncdiff.dist.sharing import try_capture
@@ -111,7 +111,7 @@ def _check_group(opts: Options) -> None:
         raise RuntimeError("mode='distributed' needs an initialised torch.distributed process "
                            "group (run under torchrun and call "
                            "torch.distributed.init_process_group() first)")
-    devices = opts.n - 1 + opts.stride if opts.stride_noise == "fresh" else opts.n
+    devices = devices_needed(opts.n, opts.stride, opts.stride_noise)
     if dist.get_world_size() != devices:
         raise ValueError(f"world size {dist.get_world_size()}; n={opts.n}, stride={opts.stride}, "
                          f"stride_noise={opts.stride_noise} need exactly {devices} ranks")
@@ -210,13 +210,13 @@ class Handle:
         def runner(inputs):  # the module backend's stages run the original forward too
             return DenoiserContract().prediction(bound(**nest(inputs)))
 
-        def capture_call():
+        def capture_call():  # None: the module backend (asked for, or capture failed)
+            if self.options.backend == "module":
+                return None
             return try_capture(lambda: capture(self.module, call.specs(), call.tensors),
                                self.options.backend)
 
         with self._unpatched(bound):
-            if self.options.backend == "module":
-                capture_call = lambda: None  # noqa: E731
             if self.options.mode == "emulate":
                 session = sessions.emulated(self.module, call, capture_call(), self.options,
                                             runner)

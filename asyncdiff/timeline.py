@@ -41,6 +41,17 @@ from typing import Literal
 STRIDE_NOISE: tuple[str, ...] = ("fresh", "reuse")
 
 
+def devices_needed(n: int, stride: int, stride_noise: str = "fresh") -> int:
+    """Devices one pipeline runs on: N−1+S (``fresh``: a copy of the last stage per step of a
+    batch), or N (``reuse``: one copy; see [Note: staleness])."""
+    return n - 1 + stride if stride_noise == "fresh" else n
+
+
+def stage_of_device(device: int, n: int) -> int:
+    """Device d < N−1 runs stage d; devices N−1 … run copies of stage N−1."""
+    return min(device, n - 1)
+
+
 @dataclass(frozen=True)
 class Action:
     """What one device does in one round (see [Note: staleness]).
@@ -213,7 +224,7 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
     for k0 in range(warmup, steps, stride):
         batch = tuple(range(k0, min(k0 + stride, steps)))
         rounds.append(_parallel_round(len(rounds), batch, n, time_shift, stride_noise))
-    devices = n - 1 + stride if stride_noise == "fresh" else n
+    devices = devices_needed(n, stride, stride_noise)
     timeline = Timeline(n=n, stride=stride, warmup=warmup, steps=steps, time_shift=time_shift,
                         stride_noise=stride_noise, devices=devices, rounds=tuple(rounds))
     validate(timeline)
@@ -233,7 +244,7 @@ def validate(tl: Timeline) -> None:
     def fail(r: int, msg: str) -> None:
         raise ValueError(f"timeline round {r}: {msg}")
 
-    want = tl.n - 1 + tl.stride if tl.stride_noise == "fresh" else tl.n
+    want = devices_needed(tl.n, tl.stride, tl.stride_noise)
     if tl.devices != want:
         raise ValueError(f"timeline: {tl.devices} devices, expected {want} for N={tl.n}, "
                          f"S={tl.stride}, stride_noise={tl.stride_noise}")

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks.handwritten import handwritten  # noqa: E402
-from partition import PartitionRequest, compile_model, zoo  # noqa: E402
+from experiments import zoo  # noqa: E402
+from partition import CaptureError, PartitionRequest, RequestError, capture  # noqa: E402
+from partition import compile_model  # noqa: E402
 
 NS = (2, 3, 4)
 
@@ -57,13 +59,16 @@ def _bundle(cfg):
     return b.module, b.specs, b.inputs(0), b.contract
 
 
-def compile_at(model, specs, inputs, contract, n: int):
+def compile_at(model, specs, inputs, contract, n: int, captured):
+    """Verified plan at depth 4, or finer where the model has too few blocks there; on the
+    model's one capture (``captured`` None: the module backend)."""
     for depth in (4, None):
         try:
             return compile_model(model, specs, inputs, PartitionRequest(n=n, depth=depth),
-                                 contract=contract, name="m"), depth
-        except ValueError as err:
-            if "blocks" not in str(err) or depth is None:
+                                 contract=contract, name="m", captured=captured,
+                                 backend="module" if captured is None else "graph"), depth
+        except RequestError:
+            if depth is None:
                 raise
     raise AssertionError("unreachable")
 
@@ -78,11 +83,20 @@ def row(name: str, make, description: str) -> dict:
         return rec
     rec["class"] = type(model).__name__
     rec["params"] = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    try:
+        captured = capture(model, specs, inputs, contract)
+    except CaptureError:
+        captured = None
+    except Exception as err:  # noqa: BLE001 - recorded in the table
+        rec["error"] = f"capture: {type(err).__name__}: {str(err).splitlines()[0]}"
+        return rec
+    rec["capture_s"] = round(time.perf_counter() - t0, 2)
     for n in NS:
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                c, depth = compile_at(model, specs, inputs, contract, n)
+                c, depth = compile_at(model, specs, inputs, contract, n, captured)
         except Exception as err:  # noqa: BLE001 - recorded in the table
             rec[f"n{n}"] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0]}",
                             "trace": traceback.format_exc(limit=3)}
@@ -114,8 +128,8 @@ def markdown(records: list[dict], command: str) -> str:
         "*imbalance*: slowest stage over the mean, each stage's per-step conditioning",
         "included; *MiB/step*: bytes sent per step (cross-stage values point-to-point, ε to",
         "every device); *params/stage*: thousands of parameters each stage holds;",
-        "*once/run*: values hoisted out of the loop (sent from one home stage); *s*: planning",
-        "time at N = 4.",
+        "*once/run*: values hoisted out of the loop (sent from one home stage); *s*: capture",
+        "(once per model) + planning and verification at N = 4.",
         "",
         "| model | class | backend | exact N=2,3,4 | imbalance N=2/3/4 | MiB/step N=4 | "
         "params/stage N=4 (k) | once/run | s |",
@@ -137,7 +151,8 @@ def markdown(records: list[dict], command: str) -> str:
         else:
             tail = (f"{last['bytes_per_step'] / 2**20:.3f} | "
                     f"{', '.join(str(round(x / 1e3)) for x in last['stage_params'])} | "
-                    f"{last['hoisted']} ({last['hoisted_sent']}) | {last['seconds']}")
+                    f"{last['hoisted']} ({last['hoisted_sent']}) | "
+                    f"{r.get('capture_s', 0)} + {last['seconds']}")
         lines.append(f"| {r['model']} | {r.get('class', '')} | {r.get('backend', '')} | {exact} "
                      f"| {imb} | {tail} |")
     errors = [f"- **{r['model']}** N={n}: {r[f'n{n}']['error']}" for r in records for n in NS

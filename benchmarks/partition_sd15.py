@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from partition import PartitionRequest, compile_graph, zoo
+from partition import PartitionRequest, compile_graph
+from experiments import zoo
 from partition.capture import capture
 from partition.cost import profile, tensor_bytes
 from partition.graph import build_graph

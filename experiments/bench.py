@@ -19,7 +19,6 @@ excluding worker start-up (process spawn, unpickling the stages); ``end_to_end_s
 """
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from pathlib import Path
@@ -30,13 +29,14 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from asyncdiff.dist.launch import launch
+from experiments import atomic
 from experiments import metrics as M
 from experiments.build import compiled_model, parallel_spec, sampling_jobs, sequential_sample
 from experiments.cli import checked
 from experiments.common import CONF_DIR, exit_on_bad_input, plain
 from experiments.record import identity, write_json
 from experiments.run import save_plan
-from experiments.validate import validate_config
+from experiments.checks import resolved
 from experiments.wandb_log import RunLogger
 from partition.report import predict
 
@@ -77,10 +77,7 @@ def bench(cfg: DictConfig, out: Path) -> dict:
         "predicted": predict(compiled.plan, cfg.scheduler.steps, par.warmup, par.stride),
         "summary": summary, "rows": rows, "plan_hash": compiled.plan.plan_hash,
     }
-    with open(out / "bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    atomic.write_csv(out / "bench.csv", rows, list(rows[0]))
     write_json(out / "bench.json", report)
     # the row a sweep's results table reads (experiments/sweep.py); no quality numbers here
     write_json(out / "metrics.json", {
@@ -107,7 +104,7 @@ def bench(cfg: DictConfig, out: Path) -> dict:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @exit_on_bad_input
 def hydra_main(cfg: DictConfig) -> None:
-    validate_config(plain(cfg), entry="bench")
+    cfg = resolved(cfg, "bench")
     bench(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

@@ -18,14 +18,15 @@ from tqdm.auto import tqdm
 
 from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
-from experiments.common import partition_request, plain
+from experiments.common import partition_request, plain, requested
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
                                          scheduler_kwargs)
-from partition import Compiled, compile_graph, compile_model, zoo
+from partition import Compiled, compile_graph, compile_model
+from experiments import zoo
 from partition.capture import CaptureError, capture
 from partition.cost import profile
 from partition.graph import build_graph
-from partition.zoo import ModelBundle
+from experiments.zoo import ModelBundle
 from schedulers import make_scheduler, sample
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
     request = partition_request(part, par["n"])
     name = f"{bundle.name}/{bundle.variant}"
     verify = bool(part.get("verify", True))
-    with torch.no_grad():
+    with torch.no_grad(), requested():
         if captured is None:  # the module backend (asked for, or capture failed)
             compiled = compile_model(bundle.module, bundle.specs, inputs, request,
                                      strategy=part["strategy"], cost_model=part["cost_model"],

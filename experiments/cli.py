@@ -1,61 +1,112 @@
-"""Check the whole command line before Hydra starts: bad input is one line, exit code 2,
-and nothing is written (Hydra makes the output directory before the task runs).
+"""Every job a command line describes, composed and checked before Hydra starts: bad input is
+one line, exit code 2, and nothing written (Hydra makes the output directory before the task
+runs, and reports its own composition errors on several lines with exit code 1).
 
-``checked(hydra_main)`` is what the console scripts call. It composes every job the
-command asks for (a ``-m`` sweep: each point of the cartesian product of the command
-line's and ``hydra.sweeper.params``' sweeps, combined as Hydra's basic sweeper does) through
-Hydra's compose API and validates each resolved config (``experiments/validate.py``).
-Hydra's own composition errors (``model=xyz``, a misspelt key) become one line too.
+Composition goes through Hydra's public compose API, so the schema (``experiments/schema.py``)
+checks types, allowed values and unknown keys; ``experiments/checks.py`` checks the rest. A
+``-m`` sweep is expanded as Hydra's basic sweeper does (``hydra.sweeper.params`` first, the
+command line after and winning, the cartesian product of every swept key), each point
+composed and checked. Only configuration errors (:class:`ConfigError`) exit with 2.
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import importlib
 import importlib.util
+import itertools
 import os
 import sys
-import warnings
 from collections.abc import Callable, Mapping
 
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException, ValidationError
 
+from experiments import schema
+from experiments.checks import check_config
 from experiments.common import CONF_DIR, ConfigError
-from experiments.validate import validate_config
 
-# Our hydra/launcher/basic.yaml (and submitit_slurm.yaml, with the plugin installed) has the
-# name of a launcher schema in Hydra's ConfigStore: Hydra validates it against that schema,
-# as intended, and warns that this matching is deprecated. Say it once here, not every run.
-warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against "
-                        "ConfigStore schema")
-
-# flags that print something instead of running a job
+# flags that print something instead of running a job (Hydra's own command line)
 _NO_RUN = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
 
 
+def argument_parser() -> argparse.ArgumentParser:
+    """Hydra's command line (hydra.main's flags), as far as a check needs it."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--help", "-h", action="store_true")
+    p.add_argument("--hydra-help", action="store_true")
+    p.add_argument("--cfg", "-c", choices=["job", "hydra", "all"])
+    p.add_argument("--resolve", action="store_true")
+    p.add_argument("--package", "-p")
+    p.add_argument("--run", "-r", action="store_true")
+    p.add_argument("--multirun", "-m", action="store_true")
+    p.add_argument("--shell-completion", "-sc", action="store_true")
+    p.add_argument("--config-path", "-cp")
+    p.add_argument("--config-name", "-cn")
+    p.add_argument("--config-dir", "-cd")
+    p.add_argument("--experimental-rerun")
+    p.add_argument("--info", "-i", const="all", nargs="?")
+    return p
+
+
 def one_line(err: BaseException) -> str:
-    """A composition error as one line; a missing config option lists the allowed ones."""
+    """A composition error as one line naming the key and what is allowed."""
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, name = err.missing_cfg_file.rpartition("/")
         return f"{group}={name}: unknown; allowed: {', '.join(err.options)}"
+    cause = err
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(cause, (ValidationError, ConfigAttributeError)) and cause.full_key:
+        return _schema_error(cause)
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
     while not str(err).strip() and err.__cause__ is not None:  # Hydra wraps the real error
         err = err.__cause__
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     return text.split(" Config search path:")[0] or type(err).__name__
 
 
+def _schema_error(err: OmegaConfBaseException) -> str:
+    first = str(err.msg).splitlines()[0]
+    key = err.full_key
+    if first.startswith("Invalid value"):  # an enum: "Invalid value 'x', expected one of [...]"
+        value = first.split("'")[1]
+        allowed = first.split("[", 1)[1].rsplit("]", 1)[0]
+        return f"{key}={value!r}; allowed: {allowed}"
+    if first.startswith("Key ") and " not in " in first:
+        fields = [f for f in getattr(err.object_type, "__dataclass_fields__", {})]
+        return f"{key}: unknown key; allowed: {', '.join(fields)}"
+    kinds = {"Integer": "an integer", "Float": "a number", "bool": "true, false"}
+    value = first.split("'")[1] if first.startswith("Value '") else "?"
+    kind = next((v for k, v in kinds.items() if k in first), first)
+    return f"{key}={value!r}; allowed: {kind}"
+
+
+def sweep_points(overrides: list[str], params: Mapping | None = None) -> list[list[str]]:
+    """The overrides of each job of a basic-sweeper sweep: ``hydra.sweeper.params`` first,
+    the command line after (and winning), cartesian product of every swept key."""
+    given = [f"{k}={v}" for k, v in (params or {}).items()]
+    by_key: dict[str, object] = {}
+    for o in OverridesParser.create().parse_overrides(given + list(overrides)):
+        by_key[o.get_key_element()] = o
+    choices = [[f"{k}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for k, o in by_key.items()]
+    return [list(point) for point in itertools.product(*choices)]
+
+
 def job_configs(overrides: list[str], multirun: bool, config_name: str = "config",
                 config_dir: str = CONF_DIR) -> list[DictConfig]:
     """Compose the config of every job the command line describes (with the hydra node)."""
+    schema.register()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         if not multirun:
             return [compose(config_name, overrides=overrides, return_hydra_config=True)]
-        parser = OverridesParser.create()
-        parsed = parser.parse_overrides(overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
         # the sweeper's own params are in the config: compose one point to read them
         first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
                  if o.is_sweep_override() else o.input_line for o in parsed]
@@ -63,16 +114,8 @@ def job_configs(overrides: list[str], multirun: bool, config_name: str = "config
         sweeper = head.hydra.sweeper
         if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return [head]  # another sweeper chooses its points itself
-        points = sweep_points(overrides, sweeper.get("params"))
-        return [compose(config_name, overrides=p, return_hydra_config=True) for p in points]
-
-
-def sweep_points(overrides: list[str], params: Mapping | None = None) -> list[list[str]]:
-    """The overrides of each job of a basic-sweeper sweep: ``hydra.sweeper.params`` first,
-    the command line after (and winning), cartesian product of every swept key."""
-    given = [f"{k}={v}" for k, v in (params or {}).items()]
-    parsed = OverridesParser.create().parse_overrides(given + list(overrides))
-    return BasicSweeper.split_arguments(parsed, None)[0]
+        return [compose(config_name, overrides=p, return_hydra_config=True)
+                for p in sweep_points(overrides, sweeper.get("params"))]
 
 
 def _check_launcher(cfg: DictConfig) -> None:
@@ -89,10 +132,27 @@ def _check_launcher(cfg: DictConfig) -> None:
                           f"{hint}; allowed without it: basic")
 
 
+def resolved_job(cfg: DictConfig) -> dict:
+    """A composed config without its ``hydra`` node, resolved to plain data (what the job's
+    ``plain(cfg)`` will be; ``${hydra:…}`` and ``${now:…}`` live only in the hydra node)."""
+    job = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    job.pop("hydra", None)
+    return _drop_missing(OmegaConf.to_container(OmegaConf.create(job), resolve=True))
+
+
+def _drop_missing(d):
+    """Mandatory values left unset (``???``) are absent keys to the checks."""
+    if isinstance(d, dict):
+        return {k: _drop_missing(v) for k, v in d.items() if v != "???"}
+    if isinstance(d, list):
+        return [_drop_missing(v) for v in d]
+    return d
+
+
 def check_command_line(argv: list[str], entry: str = "run",
                        env: Mapping[str, str] | None = None) -> int:
-    """Validate every job of the command line; return the number of jobs (0: nothing runs)."""
-    args = get_args_parser().parse_args(argv)
+    """Compose and check every job of the command line; return how many (0: nothing runs)."""
+    args, _ = argument_parser().parse_known_args(argv)
     if any(getattr(args, flag, None) for flag in _NO_RUN):
         return 0
     overrides = list(args.overrides)
@@ -103,26 +163,23 @@ def check_command_line(argv: list[str], entry: str = "run",
     for cfg in configs:
         if args.multirun:
             _check_launcher(cfg)
-        validate_config(resolved_job(cfg), env, entry)
+        check_config(resolved_job(cfg), env, entry)
     return len(configs)
-
-
-def resolved_job(cfg: DictConfig) -> dict:
-    """A composed config without its ``hydra`` node, resolved to plain data (what the job's
-    ``plain(cfg)`` will be; ``${hydra:…}`` and ``${now:…}`` live only in the hydra node)."""
-    job = OmegaConf.to_container(cfg, resolve=False)
-    job.pop("hydra", None)
-    return OmegaConf.to_container(OmegaConf.create(job), resolve=True)
 
 
 def check_or_exit(argv: list[str], entry: str) -> None:
     """:func:`check_command_line`; on bad input print one line and exit with code 2."""
     try:
         check_command_line(argv, entry)
-    except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as err:
-        msg = str(err) if isinstance(err, ConfigError) else one_line(err)
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as err:
+        _exit(str(err))
+    except (HydraException, OmegaConfBaseException) as err:  # composition: bad input too
+        _exit(one_line(err))
+
+
+def _exit(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def checked(hydra_main: Callable[[], None], entry: str = "run") -> Callable[[], None]:
@@ -154,3 +211,4 @@ def run_main() -> None:
 def bench_main() -> None:
     """Console script ``asyncdiff-bench``."""
     _console("experiments.bench", "bench")
+

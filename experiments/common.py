@@ -4,16 +4,27 @@ Hydra stays here (STYLE 5): library code gets plain dicts and frozen dataclasses
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.resources
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from partition import PartitionRequest
+from partition import PartitionRequest, RequestError
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+def conf_dir() -> Path:
+    """The configuration: ``experiments.conf`` (the repository's ``conf/``, which an install
+    ships as package data), or ``conf/`` beside the package in a checkout run in place."""
+    try:
+        return Path(str(importlib.resources.files("experiments.conf")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "conf"
+
+
+CONF_DIR = str(conf_dir())
 
 
 class ConfigError(ValueError):
@@ -21,7 +32,9 @@ class ConfigError(ValueError):
 
 
 def plain(cfg: DictConfig | Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    """A config as plain data: resolved, enums as their names (library code takes strings)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) \
+        if isinstance(cfg, DictConfig) else cfg
 
 
 def partition_request(part: dict, n: int) -> PartitionRequest:
@@ -33,13 +46,24 @@ def partition_request(part: dict, n: int) -> PartitionRequest:
                             options=options)
 
 
+@contextlib.contextmanager
+def requested(what: str = "partition"):
+    """A request the model cannot satisfy (``partition.RequestError``: too many stages for
+    its blocks, a boundary it does not have) is bad input: a :class:`ConfigError`."""
+    try:
+        yield
+    except RequestError as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
 def exit_on_bad_input(fn: Callable) -> Callable:
-    """Turn a ValueError from config validation into one line on stderr and exit code 2."""
+    """Turn a :class:`ConfigError` into one line on stderr and exit code 2. Every other
+    failure keeps its traceback and Hydra's non-zero exit code."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ValueError as err:
+        except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
     return wrapped

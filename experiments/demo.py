@@ -30,14 +30,14 @@ from experiments.common import CONF_DIR, exit_on_bad_input, plain
 from experiments.images import save_image_grid
 from experiments.reference.model import (classify, is_reference, reference_classifier,
                                          reference_tokens)
-from experiments.validate import validate_config
+from experiments.checks import resolved
 from partition import format_plan
 
 
 @hydra.main(config_path=CONF_DIR, config_name="demo", version_base="1.3")
 @exit_on_bad_input
 def hydra_main(cfg: DictConfig) -> None:
-    validate_config(plain(cfg), entry="demo")
+    cfg = resolved(cfg, "demo")
     spec = parallel_spec({**plain(cfg.parallel), "replicas": 1})
     bundle, compiled = compiled_model(cfg)
     print(format_plan(compiled.plan, steps=cfg.scheduler.steps, warmup=spec.warmup,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from experiments import atomic
+
 
 def latent_rgb(x: torch.Tensor) -> torch.Tensor:
     """One sample's latent as an ``[H, W, 3]`` image (unnormalised).
@@ -39,7 +41,7 @@ def _finish(fig, path: Path, title: str) -> Path:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

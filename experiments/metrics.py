@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from asyncdiff.timeline import stage_of_device
+
 PSNR_CAP_DB = 100.0
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -55,14 +57,9 @@ def speedup(baseline_s: float, parallel_s: float) -> float:
 # --------------------------------------------------------------------------- work and bytes
 
 
-def device_stage(device: int, n: int) -> int:
-    """Device d < N−1 runs stage d; devices N−1 … run copies of the last stage (stride)."""
-    return min(device, n - 1)
-
-
 def macs_per_device(plan, devices: int) -> list[int]:
     """MACs of one forward of the stage each of ``devices`` pipeline devices runs."""
-    return [int(plan.stages[device_stage(d, plan.n)].macs) for d in range(devices)]
+    return [int(plan.stages[stage_of_device(d, plan.n)].macs) for d in range(devices)]
 
 
 def bytes_sent(rows: Iterable[Mapping]) -> dict[int, int]:

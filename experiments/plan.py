@@ -14,11 +14,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from experiments import atomic
 from experiments.cli import checked
-from experiments.common import CONF_DIR, exit_on_bad_input, partition_request, plain
-from experiments.validate import validate_config
+from experiments.common import (CONF_DIR, exit_on_bad_input, partition_request, plain,
+                                requested)
+from experiments.checks import resolved
 from partition import compile_model, format_plan
-from partition import zoo
+from experiments import zoo
 
 
 def plan_from_config(cfg: DictConfig, out_dir: Path | None):
@@ -28,7 +30,7 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
     bundle = zoo.build(model_cfg, seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
     t_build = time.perf_counter() - t0
-    with torch.no_grad():
+    with torch.no_grad(), requested():
         compiled = compile_model(
             bundle.module, bundle.specs, inputs, request, strategy=part["strategy"],
             cost_model=part["cost_model"], name=f"{bundle.name}/{bundle.variant}",
@@ -42,7 +44,7 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
         print(f"build {t_build:.1f} s, plan {t_plan:.1f} s")
     if out_dir is not None:
         path = out_dir / cfg.out
-        path.write_text(compiled.plan.to_json())
+        atomic.write_text(path, compiled.plan.to_json())
         print(f"wrote {path}")
     return compiled
 
@@ -50,7 +52,7 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @exit_on_bad_input
 def hydra_main(cfg: DictConfig) -> None:
-    validate_config(plain(cfg), entry="plan")
+    cfg = resolved(cfg, "plan")
     plan_from_config(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

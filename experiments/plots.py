@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from experiments import atomic
+
 
 def _plt():
     import matplotlib
@@ -22,7 +24,7 @@ def _plt():
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic.save_figure(fig, path, dpi=100)
     fig.clf()
     _plt().close(fig)
     return path
@@ -122,7 +124,7 @@ def study_quality(rows, floor, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -147,5 +149,5 @@ def stage_similarity(sim: dict, path: Path, title: str) -> None:
     fig.suptitle(f"{title}: inputs of each stage between consecutive sequential steps "
                  f"(N={sim['n']}, {sim['samples']} samples)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -10,10 +10,11 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from experiments import atomic
 
 import torch
 
@@ -86,6 +87,4 @@ def write_json(path: Path, data) -> None:
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return _finite(x)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(data), indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, clean(data), allow_nan=False)

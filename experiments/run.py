@@ -29,22 +29,25 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from asyncdiff.dist.executor import stage_of_device
 from asyncdiff.dist.launch import launch
 from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0, try_capture
 from asyncdiff.dist.worker import WorkerJob, init_group, run_job
+from asyncdiff.timeline import stage_of_device
+from experiments import atomic
 from experiments.build import (compiled_model, job_labels, model_config, parallel_spec,
                                sampling_jobs, sequential_sample)
 from experiments.cli import checked
-from experiments.common import CONF_DIR, exit_on_bad_input, partition_request, plain
+from experiments.common import (CONF_DIR, exit_on_bad_input, partition_request, plain,
+                                requested)
 from experiments.images import save_image_grid, save_latent_comparison
 from experiments.reference.model import (classify, is_reference, reference_classifier,
                                          reference_tokens)
 from experiments.plots import device_timeline
 from experiments.record import identity, run_metrics, timeline_rows, write_json
-from experiments.validate import validate_config
+from experiments.checks import resolved
 from experiments.wandb_log import RunLogger
-from partition import Plan, compile_model, format_plan, zoo
+from partition import Plan, compile_model, format_plan
+from experiments import zoo
 from partition.capture import capture
 
 __all__ = ["main", "run_spawn", "run_torchrun", "parallel_spec", "sampling_jobs"]
@@ -55,11 +58,11 @@ log = logging.getLogger(__name__)
 def save_plan(cfg: DictConfig, out: Path, plan: Plan) -> None:
     """The resolved config and the plan (JSON and its table) go first into the run dir."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (out / "plan.json").write_text(plan.to_json())
+    atomic.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic.write_text(out / "plan.json", plan.to_json())
     table = format_plan(plan, steps=cfg.scheduler.steps, warmup=cfg.parallel.warmup,
                         stride=cfg.parallel.stride)
-    (out / "plan.txt").write_text(table + "\n")
+    atomic.write_text(out / "plan.txt", table + "\n")
     if cfg.print_report:
         log.info("plan:\n%s", table)
 
@@ -73,8 +76,8 @@ def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tens
                **run_metrics(plan=plan, par=par, steps=cfg.scheduler.steps, latency_s=wall,
                              sequential_s=t_seq, out=latents[0], ref=ref, rows=rows,
                              peak_rss=peak_rss, weights_dir=cfg.metrics.weights_dir)}
-    torch.save(latents, out / "result.pt")
-    torch.save(ref, out / "sequential.pt")
+    atomic.save_torch(latents, out / "result.pt")
+    atomic.save_torch(ref, out / "sequential.pt")
     write_json(out / "timeline.json", rows)
     write_json(out / "metrics.json", metrics)
     label = (f"{metrics['model']} N={par.n} S={par.stride} W={par.warmup}, "
@@ -149,14 +152,14 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
 
     def make_plan():
         nonlocal compiled
-        compiled = compile_model(bundle.module, bundle.specs, inputs,
-                                 partition_request(part, par.n), strategy=part["strategy"],
-                                 cost_model=part["cost_model"], captured=captured,
-                                 name=f"{bundle.name}/{bundle.variant}",
-                                 config_hash=bundle.config_hash, repeats=part["repeats"],
-                                 threads=part["threads"], contract=bundle.contract,
-                                 verify=bool(part.get("verify", True)),
-                                 backend="module" if captured is None else "graph")
+        with requested():
+            compiled = compile_model(
+                bundle.module, bundle.specs, inputs, partition_request(part, par.n),
+                strategy=part["strategy"], cost_model=part["cost_model"], captured=captured,
+                name=f"{bundle.name}/{bundle.variant}", config_hash=bundle.config_hash,
+                repeats=part["repeats"], threads=part["threads"], contract=bundle.contract,
+                verify=bool(part.get("verify", True)),
+                backend="module" if captured is None else "graph")
         save_plan(cfg, out, compiled.plan)
         return compiled.plan
 
@@ -171,13 +174,13 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
                     {s.name: s.name for s in bundle.specs},
                     output=plan.output, parallel=par, sampling=jobs,
                     progress=bool(cfg.progress))
-    del bundle, captured  # keep only this rank's stage (rank 0: and the plan's)
+    bundle = captured = None  # keep only this rank's stage (rank 0: and the plan's)
     dist.barrier()
     t0 = time.perf_counter()
     latent, stats = run_job(job, rank, world)
     wall = time.perf_counter() - t0
     if device == 0:
-        torch.save(latent, out / f"result_replica{rank // par.devices}.pt")
+        atomic.save_torch(latent, out / f"result_replica{rank // par.devices}.pt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = [None] * world if rank == 0 else None
     dist.gather_object((stats, peak), gathered, dst=0)
@@ -193,7 +196,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @exit_on_bad_input
 def hydra_main(cfg: DictConfig) -> None:
-    validate_config(plain(cfg))  # again: also when called without the command-line check
+    cfg = resolved(cfg, "run")  # again: also when called without the command-line check
     out = Path(HydraConfig.get().runtime.output_dir)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         run_torchrun(cfg, out)

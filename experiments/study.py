@@ -19,7 +19,7 @@ Samples are cached per point and chunk under ``study.cache`` (a rerun, or a larg
 """
 from __future__ import annotations
 
-import csv
+import functools
 import hashlib
 import json
 import logging
@@ -38,16 +38,18 @@ from threadpoolctl import threadpool_limits
 from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
 from asyncdiff.emulate import Emulator
 from asyncdiff.inputs import model_env
-from asyncdiff.timeline import build_timeline
+from asyncdiff.timeline import build_timeline, devices_needed
+from experiments import atomic
 from experiments import quality as Q
-from experiments.build import compiled_model, guidance_of
+from experiments.build import compiled_model, guidance_of, model_config
+from experiments.checks import check_config, resolved
 from experiments.cli import checked, sweep_points
-from experiments.common import CONF_DIR, exit_on_bad_input, plain
+from experiments.common import CONF_DIR, ConfigError, exit_on_bad_input, plain
 from experiments.metrics import macs_per_device
 from experiments.plots import stage_similarity, study_quality
 from experiments.reference import model as R
-from experiments.validate import validate_config
 from partition import predict
+from experiments import zoo
 from schedulers import make_scheduler, sample
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,8 @@ def points_of(cfg: DictConfig, sweep_params) -> list[list[str]]:
     pts = [list(p) for p in cfg.study.points or []]
     pts += sweep_points([], sweep_params) if sweep_params else []
     if not pts:
-        raise ValueError("study: no points; give hydra.sweeper.params or study.points "
-                         "(e.g. +experiment=quality_table1)")
+        raise ConfigError("study: no points; give hydra.sweeper.params or study.points "
+                          "(e.g. +experiment=quality_table1)")
     return pts
 
 
@@ -72,9 +74,9 @@ def point_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.key_or_group
         if key not in POINT_KEYS:
-            raise ValueError(f"study point override {key!r}; allowed: {', '.join(POINT_KEYS)}")
+            raise ConfigError(f"study point override {key!r}; allowed: {', '.join(POINT_KEYS)}")
         OmegaConf.update(out, key, o.value(), merge=False)
-    validate_config(plain(out), entry="plan")
+    check_config(plain(out), entry="plan")
     return out
 
 
@@ -115,6 +117,16 @@ class Sampler:
         self.device = torch.device(cfg.study.device)
         self._compiled: dict[int, object] = {}
         self.shape = None
+
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        """sha256 of the model's parameters and buffers as built (the shipped weights)."""
+        h = hashlib.sha256()
+        module = zoo.build(model_config(self.cfg), seed=int(self.cfg.seed)).module
+        for k, t in sorted(module.state_dict().items()):
+            h.update(k.encode())
+            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def compiled(self, n: int):
         if n not in self._compiled:
@@ -157,10 +169,10 @@ def use_device(name: str) -> None:
     """Check ``study.device`` and make CUDA deterministic: no TF32 (the model is fp32 on CPU
     too), no autotuned or nondeterministic kernels, so a W = T point still equals sequential."""
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"study.device={name!r}; allowed: cpu, cuda")
+        raise ConfigError(f"study.device={name!r}; allowed: cpu, cuda")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("study.device=cuda: no CUDA device here; allowed: cpu")
+            raise ConfigError("study.device=cuda: no CUDA device here; allowed: cpu")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -169,14 +181,24 @@ def use_device(name: str) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def cache_key(sampler: Sampler, d: dict) -> dict:
+    """Everything that changes a point's samples: the point, the model's weights (their hash),
+    the split (the plan's hash covers strategy, boundaries, depth, slack, cost model and the
+    captured graph), the sampler and its schedule options, the device and the library
+    versions. A retrained model or another split never reuses old samples."""
+    import diffusers
+
+    plan = sampler.compiled(max(d["n"], 1)).plan
+    return {**d, "model": sampler.model_cfg["name"], "weights": sampler.weights_hash,
+            "split": plan.plan_hash, "seed": int(sampler.cfg.seed), "chunk": sampler.chunk,
+            "guidance": sampler.guidance, "scheduler": sampler.cfg.scheduler.name,
+            "schedule": sampler.schedule, "device": sampler.device.type,
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
 def cached_samples(sampler: Sampler, d: dict, chunks: int, cache: Path) -> torch.Tensor:
     """All chunks of point ``d``: from the cache, or sampled and then cached."""
-    key = json.dumps({**d, "model": sampler.model_cfg["name"], "seed": int(sampler.cfg.seed),
-                      "chunk": sampler.chunk, "guidance": sampler.guidance,
-                      "scheduler": sampler.cfg.scheduler.name,
-                      "strategy": sampler.cfg.partition.strategy,
-                      "cost_model": sampler.cfg.partition.cost_model,
-                      "device": sampler.device.type}, sort_keys=True)
+    key = json.dumps(cache_key(sampler, d), sort_keys=True, default=str)
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     out = []
     for c in range(chunks):
@@ -186,10 +208,7 @@ def cached_samples(sampler: Sampler, d: dict, chunks: int, cache: Path) -> torch
             continue
         t0 = time.perf_counter()
         x = sampler.run(d, c)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent studies share it
-        torch.save(x, tmp)
-        tmp.rename(path)
+        atomic.save_torch(x, path)  # per-process temporary: concurrent studies share the cache
         log.info("%s: chunk %d/%d in %.0f s", label(d), c + 1, chunks, time.perf_counter() - t0)
         out.append(x)
     return torch.cat(out)
@@ -258,8 +277,7 @@ def evaluate_point(images, ref, labels, real_feats, feats, ref_feats, d, plan, s
     row = {"point": label(d), **d, "samples": len(images)}
     if plan is not None:
         pred = predict(plan, steps=d["steps"], warmup=d["warmup"], stride=d["stride"])
-        macs = macs_per_device(plan, d["n"] - 1 + d["stride"] if d["stride_noise"] == "fresh"
-                               else d["n"])
+        macs = macs_per_device(plan, devices_needed(d["n"], d["stride"], d["stride_noise"]))
         rounds = math.ceil((d["steps"] - d["warmup"]) / d["stride"])
         per_image = (d["warmup"] * full + rounds * max(macs)) / images_per_forward
         row.update(predicted_speedup=pred["speedup"], ideal_speedup=pred["ideal_speedup"],
@@ -297,17 +315,14 @@ def write_outputs(rows: list[dict], floor, sim: dict | None, out: Path, title: s
                   device: str = "cpu") -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__}
-    (out / "results.json").write_text(json.dumps({"rows": rows, "fd_real_floor": floor,
-                                                  "similarity": sim, **meta}, indent=1) + "\n")
+    atomic.write_json(out / "results.json", {"rows": rows, "fd_real_floor": floor,
+                                             "similarity": sim, **meta})
     if rows:
         flat = [{k: (v[0] if isinstance(v, (list, tuple)) and len(v) == 3 else v)
                  for k, v in r.items()} for r in rows]
         fields = list(dict.fromkeys(k for r in flat for k in r))
-        with open(out / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(flat)
-        (out / "table.md").write_text(markdown_table(rows, floor, title) + "\n")
+        atomic.write_csv(out / "results.csv", flat, fields)
+        atomic.write_text(out / "table.md", markdown_table(rows, floor, title) + "\n")
         study_quality(rows, floor, out / "quality.png", title)
     if sim:
         stage_similarity(sim, out / "similarity.png", title)
@@ -331,18 +346,18 @@ def markdown_table(rows: list[dict], floor, title: str) -> str:
 @hydra.main(config_path=CONF_DIR, config_name="study", version_base="1.3")
 @exit_on_bad_input
 def hydra_main(cfg: DictConfig) -> None:
-    validate_config(plain(cfg), entry="plan")
+    cfg = resolved(cfg, "plan")
     st = cfg.study
     torch.set_num_threads(int(st.threads))
     threadpool_limits(int(st.threads))  # numpy's BLAS too (FD): studies run side by side
     use_device(str(st.device))
     model_cfg = plain(cfg.model)
     if not R.is_reference(model_cfg):
-        raise ValueError(f"model={cfg.model.name}: the study needs a trained reference model; "
+        raise ConfigError(f"model={cfg.model.name}: the study needs a trained reference model; "
                          "allowed: digits, patches")
     samples, chunk = int(st.samples), int(st.chunk)
     if samples % chunk:
-        raise ValueError(f"study.samples={samples}: must be a multiple of study.chunk={chunk}")
+        raise ConfigError(f"study.samples={samples}: must be a multiple of study.chunk={chunk}")
     chunks = samples // chunk
     params = HydraConfig.get().sweeper.get("params") if HydraConfig.initialized() else None
     name = st.name or "study"

@@ -14,13 +14,14 @@ Also shows a progress bar over the sweep's jobs (basic launcher: jobs run in thi
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+
+from experiments import atomic
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,9 @@ def collect(sweep_dir: Path) -> list[dict]:
 def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
     cols = TABLE_COLUMNS + sorted({k for r in rows for k in r} - set(TABLE_COLUMNS))
     csv_path, json_path = sweep_dir / "results.csv", sweep_dir / "results.json"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
-                        for k, v in r.items()})
-    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    atomic.write_csv(csv_path, [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                                 for k, v in r.items()} for r in rows], cols)
+    atomic.write_json(json_path, rows)
     return csv_path, json_path
 
 

@@ -18,6 +18,7 @@ reload them through the model YAML and measure -> results JSON next to the weigh
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -27,13 +28,15 @@ import diffusers
 import hydra
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from partition import zoo
+from experiments import zoo
+from experiments import atomic
 from experiments.reference import model as R
-from experiments.reference.training import (EMA, diffusion_loss, fit_classifier, load_checkpoint,
+from experiments.reference.training import (diffusion_loss, fit_classifier, load_checkpoint,
                                 save_checkpoint, warmup_cosine)
 from schedulers import make_scheduler
 
@@ -51,12 +54,19 @@ def check_resumable(ckpt: dict, c: dict) -> None:
                          f"{', '.join(diff)}; pass resume=false to start over")
 
 
-def quick_check(ema: EMA, classifier: nn.Module, schedule: dict, q: dict, guidance: float,
+def averaged(model: nn.Module, ema: EMAModel) -> nn.Module:
+    """A copy of ``model`` holding the exponential moving average of its weights."""
+    out = copy.deepcopy(model).eval().requires_grad_(False)
+    ema.copy_to(out.parameters())
+    return out
+
+
+def quick_check(ema: nn.Module, classifier: nn.Module, schedule: dict, q: dict, guidance: float,
                 image_shape) -> float:
     """Fraction of a few EMA samples the classifier recognises (progress, not the result)."""
-    tokens = ema.module["tokens"]
+    tokens = ema["tokens"]
     labels = torch.arange(q["samples"]) % tokens.null_class
-    images = R.generate(ema.module["unet"], tokens, make_scheduler("ddim", **schedule), labels,
+    images = R.generate(ema["unet"], tokens, make_scheduler("ddim", **schedule), labels,
                         steps=q["steps"], guidance=guidance, seed=1, image_shape=image_shape)
     return float((R.classify(classifier, images) == labels).float().mean())
 
@@ -116,7 +126,7 @@ def main(cfg: DictConfig) -> None:
     model = nn.ModuleDict({"unet": unet.train(),
                            "tokens": R.class_tokens_for(model_cfg, data.num_classes)})
     t = c["train"]
-    ema = EMA(model, t["ema"])
+    ema = EMAModel(model.parameters(), decay=t["ema"])
     opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, t["iters"], t["warmup"], t["lr_floor"]))
@@ -157,7 +167,7 @@ def main(cfg: DictConfig) -> None:
         nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         opt.step()
         sched.step()
-        ema.update(model)
+        ema.step(model.parameters())
         step += 1
         wall_s += time.perf_counter() - w0
         cpu_s += time.process_time() - c0
@@ -167,7 +177,8 @@ def main(cfg: DictConfig) -> None:
         if step % 50 == 0:
             curve.append([step, round(running, 5)])
         if step % t["eval_every"] == 0 or step == t["iters"]:
-            rate = quick_check(ema, classifier, R.scheduler_kwargs(model_cfg, "ddim"),
+            rate = quick_check(averaged(model, ema), classifier,
+                               R.scheduler_kwargs(model_cfg, "ddim"),
                                t["eval_quick"], evc["guidance"],
                                data.image_shape)
             checks.append([step, rate, round(wall_s, 1)])
@@ -180,8 +191,9 @@ def main(cfg: DictConfig) -> None:
 
     # ---- ship: the EMA weights in fp16, where the model YAML says
     meta = {"config": unet_cfg, "schedule": schedule, "iterations": step}
-    R.save_weights(ema.module["unet"], model_cfg["builder"]["weights"], meta)
-    R.save_weights(ema.module["tokens"], ref_paths["class_tokens"],
+    shipped = averaged(model, ema)
+    R.save_weights(shipped["unet"], model_cfg["builder"]["weights"], meta)
+    R.save_weights(shipped["tokens"], ref_paths["class_tokens"],
                    {"null_class": model["tokens"].null_class, "iterations": step})
     R.save_weights(classifier, ref_paths["classifier"], {"heldout_accuracy": acc})
 
@@ -208,7 +220,7 @@ def main(cfg: DictConfig) -> None:
                      "data": data_cfg, "python": platform.python_version()},
     }
     path = R.resolve(ref_paths["results"])
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    atomic.write_json(path, record)
     print(f"wrote {path}")
 
 

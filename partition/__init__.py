@@ -7,11 +7,11 @@ from partition.plan import Plan
 from partition.report import format_plan, predict
 from partition.spec import InputSpec
 from partition.stages import Segment, StagedModel
-from partition.strategies.base import Assignment, PartitionRequest
+from partition.strategies.base import Assignment, PartitionRequest, RequestError
 
 __all__ = [
     "Assignment", "COST_MODELS", "CaptureError", "Captured", "Compiled", "InputSpec",
-    "NodeCosts", "PartitionRequest", "Plan", "STRATEGIES", "Segment", "StagedModel",
+    "NodeCosts", "PartitionRequest", "Plan", "RequestError", "STRATEGIES", "Segment", "StagedModel",
     "TrunkGraph", "build_graph", "capture", "compile_graph", "compile_model", "format_plan",
     "predict", "profile", "stages_from_plan",
 ]

@@ -22,7 +22,7 @@ from partition.plan import Plan, make_plan
 from partition.spec import InputSpec
 from partition.stages import Hoisted, StagedModel, build_stages
 from partition.strategies.balanced import balanced, equal_blocks
-from partition.strategies.base import Assignment, Partitioner, PartitionRequest
+from partition.strategies.base import Assignment, Partitioner, PartitionRequest, RequestError
 from partition.strategies.manual import manual
 from partition.strategies.shell import shell_core
 from partition.verify import verify as verify_stages
@@ -45,7 +45,7 @@ class Compiled:
 
 def get_strategy(name: str) -> Partitioner:
     if name not in STRATEGIES:
-        raise ValueError(f"strategy={name!r}; allowed: {', '.join(STRATEGIES)}")
+        raise RequestError(f"strategy={name!r}; allowed: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]
 
 
@@ -68,9 +68,9 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
     itself is not the way (the drop-in, whose pipeline calls a patched forward).
     """
     if cost_model not in COST_MODELS:
-        raise ValueError(f"cost_model={cost_model!r}; allowed: {', '.join(COST_MODELS)}")
+        raise RequestError(f"cost_model={cost_model!r}; allowed: {', '.join(COST_MODELS)}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+        raise RequestError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
     get_strategy(strategy)
     contract = contract or (captured.contract if captured is not None else DenoiserContract())
     fallback = ""
@@ -104,7 +104,7 @@ def compile_graph(graph: TrunkGraph, request: PartitionRequest, *, strategy: str
     """Cut an already captured and costed graph; verified against the eager model when
     ``inputs`` are given (``verify=False`` or no inputs: the plan says it is unverified)."""
     if request.n < 1:
-        raise ValueError(f"n={request.n}; allowed: n >= 1")
+        raise RequestError(f"n={request.n}; allowed: n >= 1")
     assignment = (Assignment((0,) * graph.size, 1, strategy) if request.n == 1
                   else get_strategy(strategy)(graph, request))
     staged = build_stages(graph, assignment)

@@ -21,6 +21,7 @@ import io
 import os
 import sys
 import traceback
+import types
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,7 @@ def capture(model: nn.Module, specs: tuple[InputSpec, ...] | list[InputSpec],
     args = tuple(inputs[s.name] for s in specs)
     stack: list[str] = []
     hooks = _track_module_stack(wrapper, stack)
+    saved = _module_state(model)
     try:
         with torch.no_grad(), _quiet_symbolic_shapes():
             ep = torch.export.export(wrapper, args, strict=False)
@@ -115,6 +117,7 @@ def capture(model: nn.Module, specs: tuple[InputSpec, ...] | list[InputSpec],
     finally:
         for h in hooks:
             h.remove()
+        _restore_module_state(model, saved)
     _refuse_state_mutation(ep)
     functionalized = False
     if mutating_nodes(ep.graph):
@@ -150,6 +153,47 @@ def _quiet_symbolic_shapes():
         raise
     else:
         sys.stderr.write(buf.getvalue())
+
+
+_MODULE_SLOTS = {"_parameters", "_buffers", "_modules"}
+
+
+def _module_state(model: nn.Module) -> dict[int, tuple[object, dict]]:
+    """Every module's plain attributes (not its parameters, buffers or children), and those
+    of the plain Python objects it holds (a rotary helper object): object id -> (object, a
+    shallow copy of its ``__dict__``)."""
+    saved: dict[int, tuple[object, dict]] = {}
+    for m in model.modules():
+        attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS}
+        saved[id(m)] = (m, attrs)
+        for v in attrs.values():
+            if _plain_object(v) and id(v) not in saved:
+                saved[id(v)] = (v, dict(vars(v)))
+    return saved
+
+
+def _plain_object(v) -> bool:
+    return hasattr(v, "__dict__") and not isinstance(
+        v, (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType))
+
+
+def _restore_module_state(model: nn.Module, saved: dict[int, tuple[object, dict]]) -> None:
+    """Undo what tracing left in the model's Python state: a table a module (or a helper
+    object it holds) fills lazily on its first call (``self.freqs_cis = …``), or a
+    ``functools.lru_cache`` on a method, filled during the trace, would hold traced values
+    that break every later eager call."""
+    for obj, before in saved.values():
+        now = vars(obj)
+        for k in [k for k in now if k not in _MODULE_SLOTS and k not in before]:
+            delattr(obj, k)
+        for k, v in before.items():
+            if now.get(k) is not v:
+                setattr(obj, k, v)
+    for m in model.modules():
+        for name in dir(type(m)):
+            attr = getattr(type(m), name, None)
+            if callable(getattr(attr, "cache_clear", None)):
+                attr.cache_clear()
 
 
 def mutating_nodes(graph: fx.Graph) -> list[fx.Node]:

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

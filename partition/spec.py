@@ -89,7 +89,7 @@ def _tuples(value):
     if not isinstance(value, dict):
         return value
     value = {k: _tuples(v) for k, v in value.items()}
-    if value and sorted(value) == [str(i) for i in range(len(value))]:
+    if value and set(value) == {str(i) for i in range(len(value))}:
         return tuple(value[str(i)] for i in range(len(value)))
     return value
 

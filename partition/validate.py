@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from partition.graph import TrunkGraph
-from partition.strategies.base import Assignment
+from partition.strategies.base import Assignment, RequestError
 
 
 def validate_assignment(graph: TrunkGraph, a: Assignment) -> None:
@@ -16,7 +16,7 @@ def validate_assignment(graph: TrunkGraph, a: Assignment) -> None:
         raise ValueError(f"assignment uses stages {bad}; allowed: 0..{a.n - 1}")
     empty = sorted(set(range(a.n)) - set(a.stage_of))
     if empty:
-        raise ValueError(f"stages {empty} are empty: too many stages for this model/depth")
+        raise RequestError(f"stages {empty} are empty: too many stages for this model/depth")
     producers = [i for i, c in enumerate(graph.consumers) if graph.size in c]
     if any(a.stage_of[i] != a.n - 1 for i in producers):
         raise ValueError("the stage emitting the output must be the last stage (n-1)")

@@ -4,6 +4,8 @@ conditioning, unusual call signatures). Every one is *sensitive*: its output dep
 input, on the timestep and on every block (DESIGN.md §2, invariants)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,7 @@ def seq_specs(batch: int = 2, cond: bool = True, **extra) -> tuple[InputSpec, ..
 
 
 def example(specs, seed: int = 0) -> dict[str, torch.Tensor]:
-    from partition.zoo import example_inputs
+    from experiments.zoo import example_inputs
     return example_inputs(list(specs), seed)
 
 
@@ -293,4 +295,40 @@ class FastPathAttention(SeqDenoiser):
             h = b(h, temb, ctx)
             if i % 2 == 0:
                 h = h + self.attn[i // 2](h, h, h, need_weights=False)[0]
+        return self.out(h)
+
+
+# --------------------------------------------------------------------------- lazy caches
+
+
+class _Rope:
+    """A plain helper object (not a module) that fills its table on first use."""
+
+    def __init__(self):
+        self.table = None
+
+    def __call__(self, n: int) -> torch.Tensor:
+        if self.table is None:
+            self.table = torch.sin(torch.arange(n, dtype=torch.float32)[:, None] / 3
+                                   + torch.arange(D, dtype=torch.float32)[None])
+        return self.table
+
+
+class LazyTables(SeqDenoiser):
+    """Tables filled lazily on the first call: on a helper object and in an
+    ``functools.lru_cache`` of a method. Traced first, they would hold traced values."""
+
+    def __init__(self):
+        super().__init__()
+        self.rope = _Rope()
+
+    @functools.lru_cache(maxsize=8)
+    def _bias(self, n: int) -> torch.Tensor:
+        return torch.cos(torch.arange(n * D, dtype=torch.float32).reshape(n, D) / 7)
+
+    def forward(self, sample, timestep, context):
+        h = self.inp(sample) * self.rope(sample.shape[1]) + self._bias(sample.shape[1])
+        temb, ctx = self.time(timestep), self.ctx(context)
+        for b in self.blocks:
+            h = b(h, temb, ctx)
         return self.out(h)

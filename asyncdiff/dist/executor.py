@@ -29,7 +29,7 @@ from asyncdiff.dist.comm import (TAG_EPS, TAG_HOISTED, TAG_VALUES, TAG_WARMUP, P
                                  recv_now, unpack)
 from asyncdiff.hoisted import OncePerRun, model_inputs_of
 from asyncdiff.inputs import DTYPES, model_env
-from asyncdiff.timeline import Round, Timeline
+from asyncdiff.timeline import Round, Timeline, stage_of_device
 from partition.plan import Plan, ValuePlan
 from partition.stages import Segment
 
@@ -44,11 +44,6 @@ class RoundStats:
     done: float
     bytes_sent: int
     stage: int | None
-
-
-def stage_of_device(device: int, n: int) -> int:
-    """Device d < N−1 runs stage d; devices N−1 … run copies of stage N−1."""
-    return min(device, n - 1)
 
 
 class DistributedExecutor:
@@ -213,7 +208,6 @@ class DistributedExecutor:
         return {k: eps}, computed, pending.bytes_sent
 
     def _parallel(self, rnd: Round, x, cond):
-        n = self.plan.n
         action = rnd.on(self.d)
         nxt = self._next_round(rnd)
         pending = Pending(self.rank)

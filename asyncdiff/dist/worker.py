@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dist.executor import DistributedExecutor
-from asyncdiff.timeline import build_timeline
+from asyncdiff.timeline import build_timeline, devices_needed
 from partition.plan import Plan
 from partition.stages import Segment
 from schedulers import make_scheduler, sample
@@ -49,7 +49,7 @@ class ParallelSpec:
 
     @property
     def devices(self) -> int:
-        return self.n - 1 + self.stride if self.stride_noise == "fresh" else self.n
+        return devices_needed(self.n, self.stride, self.stride_noise)
 
 
 @dataclass

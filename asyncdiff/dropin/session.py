@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from asyncdiff.dist.executor import DistributedExecutor, stage_of_device
+from asyncdiff.dist.executor import DistributedExecutor
 from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
-from asyncdiff.timeline import Timeline
+from asyncdiff.timeline import Timeline, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_model
 from partition.capture import Captured
 from partition.stages import Segment, StagedModel

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from partition import zoo
+from experiments import zoo
 from partition.spec import call_denoiser, latent_name, timestep_name
 from schedulers import make_scheduler, sample
 

@@ -1,18 +1,18 @@
-"""Training pieces for the reference models: the ε-prediction loss with label dropout, an
-exponential moving average of the weights, the learning-rate schedule, a classifier fit, and
-atomic checkpoints. Plain functions of modules, tensors and a ``torch.Generator`` (every draw
+"""Training pieces for the reference models: the ε-prediction loss with label dropout, the
+learning-rate schedule, a classifier fit, and atomic checkpoints (the moving average of the
+weights is diffusers' ``EMAModel``). Plain functions of modules, tensors and a ``torch.Generator`` (every draw
 comes from it, so a resumed run continues the same random stream)."""
 from __future__ import annotations
 
-import copy
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from experiments import atomic
 
 
 def diffusion_loss(unet: nn.Module, tokens: nn.Module, x0: Tensor, labels: Tensor,
@@ -38,35 +38,6 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> flo
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class EMA:
-    """An exponential moving average of a module's parameters (buffers are copied).
-
-    The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates, so the average is
-    not dominated by the initial weights in a short run.
-    """
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = float(decay)
-        self.updates = 0
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, p in zip(self.module.parameters(), module.parameters()):
-            avg.lerp_(p.detach(), 1 - d)
-        for avg, b in zip(self.module.buffers(), module.buffers()):
-            avg.copy_(b)
-        self.updates += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, "module": self.module.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay, self.updates = float(state["decay"]), int(state["updates"])
-        self.module.load_state_dict(state["module"])
 
 
 def random_shift(x: Tensor, pixels: int, g: torch.Generator, fill: float = -1.0) -> Tensor:
@@ -103,13 +74,8 @@ def fit_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then rename: an interrupted save leaves the previous
-    checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Written whole or not at all: an interrupted save leaves the previous checkpoint."""
+    atomic.save_torch(state, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:

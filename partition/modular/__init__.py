@@ -18,7 +18,7 @@ from partition.modular.plan import make_module_plan
 from partition.modular.segment import OUTPUT, BlockSegment, UnitInfo
 from partition.stages import StagedModel
 from partition.strategies.balanced import min_max_cuts
-from partition.strategies.base import Assignment, PartitionRequest
+from partition.strategies.base import Assignment, PartitionRequest, RequestError
 
 STRATEGIES: tuple[str, ...] = ("balanced", "equal_blocks", "manual")
 COST_MODELS: tuple[str, ...] = ("flops", "time")
@@ -32,7 +32,7 @@ def block_graph(model, specs, inputs, n: int, *, cost_model: str = "flops", repe
     """Trace the eager model, tell trunk from glue, cost every call and choose the units
     (``blocks``: take these calls, by name, as a saved plan lists them)."""
     if cost_model not in COST_MODELS:
-        raise ValueError(f"cost_model={cost_model!r}: not available with the module backend; "
+        raise RequestError(f"cost_model={cost_model!r}: not available with the module backend; "
                          f"allowed: {', '.join(COST_MODELS)}")
     contract = contract or DenoiserContract()
     old = torch.get_num_threads()
@@ -63,7 +63,7 @@ def block_graph(model, specs, inputs, n: int, *, cost_model: str = "flops", repe
     else:
         units = choose_units(calls, n, weight)
     if not units:
-        raise ValueError("module backend: no module's output depends on the latent; the "
+        raise RequestError("module backend: no module's output depends on the latent; the "
                          "network has no blocks to place on stages")
     root = next(c for c in calls if c.parent is None)
     w = np.array([weight(calls[i]) for i in units])
@@ -79,10 +79,10 @@ def assign(graph: BlockGraph, request: PartitionRequest, strategy: str) -> Assig
     """Contiguous stages of units (every boundary between two units is a candidate cut)."""
     n, k = request.n, graph.size
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}: not available with the module backend; "
+        raise RequestError(f"strategy={strategy!r}: not available with the module backend; "
                          f"allowed: {', '.join(STRATEGIES)}")
     if n > k:
-        raise ValueError(f"n={n} stages but the module backend found {k} blocks; allowed: "
+        raise RequestError(f"n={n} stages but the module backend found {k} blocks; allowed: "
                          f"n <= {k}")
     if n == 1:
         return Assignment((0,) * k, 1, strategy)
@@ -101,18 +101,18 @@ def assign(graph: BlockGraph, request: PartitionRequest, strategy: str) -> Assig
 def _manual(graph: BlockGraph, request: PartitionRequest) -> list[int]:
     bounds = request.options.get("boundaries")
     if bounds is None or len(bounds) != request.n - 1:
-        raise ValueError("manual split with the module backend: give boundaries (exactly n-1 "
+        raise RequestError("manual split with the module backend: give boundaries (exactly n-1 "
                          "module paths); 'stages' lists need the graph backend")
     cuts = []
     for path in bounds:
         hit = next((i for i, m in enumerate(graph.modules)
                     if m == path or m.startswith(path + ".")), None)
         if hit is None or hit == 0:
-            raise ValueError(f"boundaries: {path!r} is not a block of the module backend after "
+            raise RequestError(f"boundaries: {path!r} is not a block of the module backend after "
                              f"its first; blocks: {', '.join(graph.modules)}")
         cuts.append(hit)
     if cuts != sorted(set(cuts)):
-        raise ValueError(f"boundaries: {bounds} must be strictly increasing in execution order")
+        raise RequestError(f"boundaries: {bounds} must be strictly increasing in execution order")
     return cuts
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from partition.graph import TrunkGraph
-from partition.strategies.base import Assignment, PartitionRequest
+from partition.strategies.base import Assignment, PartitionRequest, RequestError
 
 _INF = float("inf")
 
@@ -30,7 +30,7 @@ def min_max_cuts(cost: np.ndarray, q: np.ndarray, n: int, *, feasible: np.ndarra
     q = np.asarray(q, dtype=np.int64)
     m = len(q)
     if n > m - 1:
-        raise ValueError(f"n={n} stages but only {m - 1} blocks at this depth; allowed: n <= {m - 1}")
+        raise RequestError(f"n={n} stages but only {m - 1} blocks at this depth; allowed: n <= {m - 1}")
     cost = np.where(feasible, cost, _INF) if feasible is not None else cost
 
     # phase 1: best[s][j] = minimal max stage cost covering blocks 0..j with s+1 stages
@@ -42,7 +42,7 @@ def min_max_cuts(cost: np.ndarray, q: np.ndarray, n: int, *, feasible: np.ndarra
             best[s, j] = np.min(np.maximum(best[s - 1, i], cost[i, j]))
     opt = best[n - 1, m - 1]
     if not np.isfinite(opt):
-        raise ValueError("memory_cap: no split into the requested stages fits under the cap")
+        raise RequestError("memory_cap: no split into the requested stages fits under the cap")
     limit = opt * (1 + slack) + 1e-12 * max(abs(opt), 1.0)
     # phase 2: fewest bytes among splits whose every stage is within the limit; ties -> lower max
     recv = np.zeros((m, m)) if inbound is None else inbound
@@ -91,11 +91,11 @@ def memory_feasible(graph: TrunkGraph, q: np.ndarray, cap: int | None) -> np.nda
 def equal_blocks(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     """Baseline: the same number of module blocks (at ``depth``) in every stage."""
     if request.memory_cap is not None:
-        raise ValueError("memory_cap: not supported by strategy equal_blocks (a fixed "
+        raise RequestError("memory_cap: not supported by strategy equal_blocks (a fixed "
                          "baseline); allowed with: balanced, shell_core")
     cands = graph.candidates(request.depth)
     blocks = len(cands) + 1
     if request.n > blocks:
-        raise ValueError(f"n={request.n} stages but only {blocks} blocks; allowed: n <= {blocks}")
+        raise RequestError(f"n={request.n} stages but only {blocks} blocks; allowed: n <= {blocks}")
     cuts = [cands[round(j * blocks / request.n) - 1] for j in range(1, request.n)]
     return Assignment.from_cuts(sorted(set(cuts)), graph.size, "equal_blocks")

@@ -7,6 +7,12 @@ from typing import Protocol
 from partition.graph import TrunkGraph
 
 
+class RequestError(ValueError):
+    """A partition request this model cannot satisfy (too many stages for its blocks, a
+    boundary it does not have, a memory cap no split fits): names the key and what is
+    allowed. The command line reports it as bad input."""
+
+
 @dataclass(frozen=True)
 class PartitionRequest:
     """What a strategy is asked: N stages, at module boundaries of ``depth``.

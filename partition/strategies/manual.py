@@ -13,7 +13,7 @@ Two forms, both in YAML:
 from __future__ import annotations
 
 from partition.graph import TrunkGraph
-from partition.strategies.base import Assignment, PartitionRequest
+from partition.strategies.base import Assignment, PartitionRequest, RequestError
 
 
 def _within(module: str, path: str) -> bool:
@@ -32,7 +32,7 @@ def _known_paths(graph: TrunkGraph, limit: int = 12) -> str:
 def manual(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     opts = request.options
     if ("boundaries" in opts) == ("stages" in opts):
-        raise ValueError("manual split: give exactly one of 'boundaries' or 'stages'")
+        raise RequestError("manual split: give exactly one of 'boundaries' or 'stages'")
     if "boundaries" in opts:
         return _from_boundaries(graph, list(opts["boundaries"]), request.n)
     return _from_stages(graph, [list(s) for s in opts["stages"]], request.n)
@@ -40,23 +40,23 @@ def manual(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
 
 def _from_boundaries(graph: TrunkGraph, boundaries: list[str], n: int) -> Assignment:
     if len(boundaries) != n - 1:
-        raise ValueError(f"boundaries: {len(boundaries)} given for n={n}; allowed: exactly n-1")
+        raise RequestError(f"boundaries: {len(boundaries)} given for n={n}; allowed: exactly n-1")
     cuts = []
     for path in boundaries:
         hits = [i for i, m in enumerate(graph.modules) if _within(m, path)]
         if not hits:
-            raise ValueError(f"boundaries: no traced module {path!r}; top-level modules: "
+            raise RequestError(f"boundaries: no traced module {path!r}; top-level modules: "
                              f"{_known_paths(graph)}")
         cuts.append(hits[0])
     if cuts != sorted(cuts) or len(set(cuts)) != len(cuts) or cuts[0] == 0:
-        raise ValueError(f"boundaries: {boundaries} must be strictly increasing in execution "
+        raise RequestError(f"boundaries: {boundaries} must be strictly increasing in execution "
                          "order and not at the very first node")
     return Assignment.from_cuts(cuts, graph.size, "manual", (f"boundaries={boundaries}",))
 
 
 def _from_stages(graph: TrunkGraph, stages: list[list[str]], n: int) -> Assignment:
     if len(stages) != n:
-        raise ValueError(f"stages: {len(stages)} lists given for n={n}; allowed: exactly n")
+        raise RequestError(f"stages: {len(stages)} lists given for n={n}; allowed: exactly n")
     owner: list[int | None] = []
     for m in graph.modules:
         best, best_len = None, -1
@@ -68,7 +68,7 @@ def _from_stages(graph: TrunkGraph, stages: list[list[str]], n: int) -> Assignme
     for s, paths in enumerate(stages):
         for p in paths:
             if not any(_within(m, p) for m in graph.modules):
-                raise ValueError(f"stages[{s}]: no traced module {p!r}; top-level modules: "
+                raise RequestError(f"stages[{s}]: no traced module {p!r}; top-level modules: "
                                  f"{_known_paths(graph)}")
     nxt = None
     stage_of = [0] * graph.size

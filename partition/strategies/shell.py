@@ -14,7 +14,7 @@ import numpy as np
 
 from partition.graph import TrunkGraph
 from partition.strategies.balanced import memory_feasible, min_max_cuts
-from partition.strategies.base import Assignment, PartitionRequest
+from partition.strategies.base import Assignment, PartitionRequest, RequestError
 
 
 def exact_bytes(graph: TrunkGraph, stage_of: tuple[int, ...] | list[int]) -> int:
@@ -30,7 +30,7 @@ def exact_bytes(graph: TrunkGraph, stage_of: tuple[int, ...] | list[int]) -> int
 def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
     n = request.n
     if n < 2:
-        raise ValueError(f"shell_core: n={n}; allowed: n >= 2")
+        raise RequestError(f"shell_core: n={n}; allowed: n >= 2")
     k = graph.size
     coarse = [0, *graph.candidates(request.options.get("shell_depth", 2)), k]
     fine = graph.candidates(request.depth)
@@ -63,7 +63,7 @@ def shell_core(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
             worst = float(graph.stage_costs(stage_of, n).max())
             results.append((worst, exact_bytes(graph, stage_of), tuple(stage_of), a, b))
     if not results:
-        raise ValueError("shell_core: no placement found" + (
+        raise RequestError("shell_core: no placement found" + (
             f" under memory_cap={request.memory_cap}" if request.memory_cap is not None else "")
             + "; try a finer shell_depth or depth")
     best = min(r[0] for r in results)

@@ -11,7 +11,8 @@ import functools
 import pytest
 import torch
 
-from partition import PartitionRequest, compile_graph, zoo
+from partition import PartitionRequest, compile_graph
+from experiments import zoo
 from partition.capture import capture
 from partition.cost import profile
 from partition.graph import build_graph

@@ -132,7 +132,8 @@ def test_guidance_and_other_schedulers(scheduler):
 @pytest.mark.timeout(300)
 def test_learned_sigma_model_with_a_narrowed_prediction():
     """DiT's contract narrows [ε, σ] to ε: a non-contiguous tensor must still be sendable."""
-    from partition import PartitionRequest, compile_model, zoo
+    from experiments import zoo
+    from partition import PartitionRequest, compile_model
     bundle = zoo.build(zoo.load_yaml("dit"), seed=0)
     inputs = bundle.inputs(0)
     c = compile_model(bundle.module, bundle.specs, inputs, PartitionRequest(n=2),

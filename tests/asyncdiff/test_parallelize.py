@@ -33,10 +33,9 @@ import torch
 
 import asyncdiff
 from asyncdiff.denoiser import PipelineDenoiser
-from asyncdiff.dist.launch import free_port
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import build_timeline
-from partition import zoo
+from experiments import zoo
 from schedulers import make_scheduler, sample
 
 # diffusers' pipeline classes are placeholders without transformers (their text encoders'
@@ -410,7 +409,7 @@ def test_torchrun_equals_emulated_dropin(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
                                           os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--master-port={free_port()}", str(script)]
+           "--standalone", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = torch.load(result)

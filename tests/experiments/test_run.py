@@ -12,7 +12,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from asyncdiff.denoiser import PipelineDenoiser
-from asyncdiff.dist.launch import free_port
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import build_timeline
 from experiments.build import compiled_model
@@ -49,7 +48,7 @@ def test_torchrun_equals_emulator(tmp_path):
            "WANDB_DIR": str(tmp_path / "wb")}
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3",
-           f"--master-port={free_port()}", "-m", "experiments.run", *OVERRIDES,
+           "--standalone", "-m", "experiments.run", *OVERRIDES,
            "wandb.mode=offline", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,8 +15,7 @@ import torch
 
 from partition import (Captured, NodeCosts, PartitionRequest, TrunkGraph, build_graph,
                        capture, compile_graph, profile)
-from partition import zoo
-from partition.spec import call_denoiser
+from experiments import zoo
 
 torch.set_num_threads(1)
 

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from partition import CaptureError, InputSpec, capture
-from partition import zoo
+from experiments import zoo
 from partition.cost import node_module
-from partition.spec import call_denoiser
 
 MODELS = zoo.model_names()
 

@@ -178,7 +178,7 @@ def test_time_profile_on_the_gpu_times_a_moved_copy():
     """``profile(device='cuda')``: every counted node timed on the GPU (CUDA events), the
     captured graph itself left on the CPU, and the plan says where it was timed."""
     from partition import PartitionRequest, compile_graph
-    from partition import zoo
+    from experiments import zoo
     bundle = zoo.build(zoo.load_yaml("sd15"))
     inputs = bundle.inputs(0)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 
 import experiments.plan
 from partition import PartitionRequest, Plan, compile_model, format_plan, stages_from_plan
-from partition import zoo
+from experiments import zoo
 
 REPO = Path(__file__).resolve().parents[2]
 REQUESTS = [

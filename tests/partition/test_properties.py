@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from partition import InputSpec, PartitionRequest, build_graph, capture, compile_graph, profile
-from partition import zoo
+from experiments import zoo
 from partition.spec import call_denoiser
 from partition.strategies.balanced import balanced, equal_blocks
 from partition.strategies.shell import shell_core

@@ -72,6 +72,17 @@ def test_a_known_kernel_path_difference_is_stated_with_its_size(caplog):
     assert any("fused kernel path" in r.getMessage() for r in caplog.records)
 
 
+def test_tables_a_model_fills_lazily_are_left_as_they_were():
+    """Tracing first would leave traced values in a helper object's table and in a method's
+    lru_cache: every later eager call (the verification's) would fail."""
+    torch.manual_seed(0)
+    model, specs = D.LazyTables().eval(), D.seq_specs()
+    inputs = D.example(specs)
+    c = compile_model(model, specs, inputs, PartitionRequest(n=2, depth=None))
+    assert c.plan.verification.startswith("exact")
+    assert same(chained(c, inputs), eager(model, inputs, specs))
+
+
 def test_a_clean_graph_is_not_re_traced(sd15):
     assert not sd15.captured.functionalized
 
@@ -195,6 +206,25 @@ def test_the_call_contract_replaces_a_wrapper():
     assert manual.plan.stages[1].segments[0].first_module.startswith("blocks.3")
     # the residual is a per-step input: what reads it is trunk, never hoisted
     assert not any("residual" in h.name for h in manual.plan.hoisted)
+
+
+def test_contract_affine_timestep_negation_and_output_paths():
+    from partition.contract import DenoiserContract
+    c = DenoiserContract.from_config({"timestep_scale": -0.001, "timestep_offset": 1,
+                                      "output": {"index": [1, 0], "negate": True},
+                                      "narrow": {"dim": 0, "length": 2, "start": -2}})
+    assert DenoiserContract.from_config(c.to_config()) == c
+    seen = {}
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            seen["t"] = t
+            return x, [x * 2 + t]
+
+    x = torch.arange(4.0)
+    out = c.call(Net(), {"x": x, "t": torch.tensor(250.0)}, "x", "t")
+    assert float(seen["t"]) == 0.75  # 1 - 250/1000
+    assert torch.equal(out, -(x * 2 + 0.75)[2:])
 
 
 def test_an_output_of_another_shape_and_dtype():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from partition import PartitionRequest
-from partition import zoo
+from experiments import zoo
 from partition.cost import node_module
 
 MODELS = zoo.model_names()

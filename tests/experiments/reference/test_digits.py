@@ -11,7 +11,7 @@ import torch
 import yaml
 from diffusers import DDPMScheduler
 
-from partition import zoo
+from experiments import zoo
 from experiments.reference import digits
 from experiments.reference import model as R
 

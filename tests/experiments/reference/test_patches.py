@@ -10,7 +10,7 @@ import torch
 
 from experiments.reference import model as R
 from experiments.reference import patches
-from partition import zoo
+from experiments import zoo
 
 
 @functools.cache

@@ -32,13 +32,15 @@ import torch
 import yaml
 from torch import nn
 
+from experiments.common import conf_dir
 from partition.contract import DenoiserContract
 from partition.spec import InputSpec, call_denoiser, latent_name, timestep_name
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+MODEL_DIR = conf_dir() / "model"
 VARIANTS: tuple[str, ...] = ("tiny", "full", "pretrained")
 INIT_KINDS: tuple[str, ...] = ("randn", "timestep", "randint:<high>", "zeros", "ones",
-                               "ids2d:<h>:<w>", "ids_zeros")
+                               "ids2d:<h>:<w>", "ids_zeros", "arange",
+                               "segments:<value>x<count>,...")
 
 
 # --------------------------------------------------------------------------- YAML
@@ -49,14 +51,22 @@ def model_names() -> list[str]:
     return sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
 
 
+def zoo_names() -> list[str]:
+    """``zoo/<name>`` for every tiny config in ``conf/model/zoo/`` (one per denoiser class
+    diffusers ships; docs/breadth.md)."""
+    return sorted(f"zoo/{p.stem}" for p in (MODEL_DIR / "zoo").glob("*.yaml"))
+
+
 def load_yaml(name_or_path: str | Path) -> dict:
-    """Read a model YAML: a bare name looks in ``conf/model/``, anything else is a path."""
+    """Read a model YAML: a name looks in ``conf/model/`` (``zoo/wan``: in its ``zoo/``),
+    anything ending in ``.yaml`` is a path."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+    if path.suffix not in (".yaml", ".yml"):
         path = MODEL_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ValueError(f"model={name_or_path!r}: unknown; "
-                             f"allowed: {', '.join(model_names())}")
+                             f"allowed: {', '.join(model_names())} (and zoo/<name>: "
+                             f"{len(zoo_names())} more)")
     elif not path.is_file():
         raise ValueError(f"model={str(name_or_path)!r}: no such file")
     with open(path) as f:
@@ -232,7 +242,9 @@ def example_inputs(specs: list[InputSpec] | tuple[InputSpec, ...],
     ``timestep`` is one integer value in [0, 1000) filled into the whole shape (every
     batch row shares the step, as in a sampler); ``randint:K`` is int64 in [0, K) unless the
     spec's dtype is an integer type; ``ids2d:h:w`` are Flux image ids ``[h*w, 3]`` with
-    (0, row, col) rows; ``ids_zeros`` are Flux text ids.
+    (0, row, col) rows; ``ids_zeros`` are Flux text ids; ``arange`` is 0, 1, … along the last
+    dimension (position ids); ``segments:2x64,3x8`` fills the last dimension with runs of
+    values (64 twos, then 8 threes: a token-type indicator or a text/image mask).
     """
     g = torch.Generator().manual_seed(int(seed))
     out: dict[str, torch.Tensor] = {}
@@ -260,6 +272,15 @@ def example_inputs(specs: list[InputSpec] | tuple[InputSpec, ...],
                                  f"got {list(s.shape)}")
             rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
             v = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(h * w, 3).to(dtype)
+        elif kind == "arange" and not args:
+            v = torch.arange(s.shape[-1]).to(dtype).expand(s.shape).clone()
+        elif kind == "segments" and len(args) == 1:
+            runs = [r.split("x") for r in args[0].split(",")]
+            row = torch.cat([torch.full((int(n),), float(val)) for val, n in runs])
+            if not s.shape or row.numel() != s.shape[-1]:
+                raise ValueError(f"input {s.name!r}: init={s.init!r} makes {row.numel()} values "
+                                 f"along the last dimension; its shape is {list(s.shape)}")
+            v = row.to(dtype).expand(s.shape).clone()
         else:
             raise ValueError(f"input {s.name!r}: init={s.init!r}; allowed: {', '.join(INIT_KINDS)}")
         out[s.name] = v

@@ -1,5 +1,5 @@
 """The model zoo: every ``conf/model/*.yaml`` builds a tiny, *sensitive* denoiser that obeys
-the denoiser contract ([Note: denoiser contract] in ``partition/zoo.py``) and exports
+the denoiser contract ([Note: denoiser contract] in ``experiments/zoo.py``) and exports
 bit-exactly; full configs are the released architectures; bad YAML fails loudly."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from partition import zoo
+from experiments import zoo
 from partition.spec import InputSpec, call_denoiser
 
 MODELS = zoo.model_names()

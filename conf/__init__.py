@@ -1,0 +1,1 @@
+"""The Hydra configuration, shipped in the wheel as the package data ``experiments.conf``."""

@@ -1,0 +1,145 @@
+"""What the schema's types cannot say: ranges, and one key against another.
+
+Types, allowed values and unknown keys are Hydra's job (``experiments/schema.py``). This is the
+rest: N >= 1, W <= T, guidance that can split the example batch, labels a reference model has,
+the world size against the devices a split needs, a GPU that is there. Each problem is one
+:class:`ConfigError` naming the key and what is allowed. Takes the plain resolved dict (no
+Hydra), so it can check every job of a sweep before anything runs.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from experiments.common import ConfigError
+from experiments import zoo
+from partition.spec import InputSpec, latent_name
+
+
+def _int(key: str, value, low: int, high: int | None = None, why: str = "") -> int:
+    if value >= low and (high is None or value <= high):
+        return value
+    allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    raise ConfigError(f"{key}={value!r}; allowed: {allowed}{why}")
+
+
+def devices(par: Mapping) -> int:
+    """Workers per pipeline: N−1+S (``stride_noise: fresh``) or N (``reuse``)."""
+    from asyncdiff.timeline import devices_needed
+    return devices_needed(par["n"], par["stride"], par["stride_noise"])
+
+
+def check_model(model: Mapping) -> str:
+    """The model YAML's fields (``experiments.zoo.validate``); returns the variant."""
+    try:
+        return zoo.validate(dict(model))
+    except ValueError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith("model") else f"model.{msg}") from None
+
+
+def check_guidance(model: Mapping, variant: str, guidance) -> None:
+    """CFG splits the example batch: first half uncond, second half cond (every input)."""
+    if guidance is None:
+        return
+    if guidance < 0:
+        raise ConfigError(f"scheduler.guidance={guidance!r}; allowed: null or a number >= 0")
+    section = "full" if variant == "pretrained" else variant
+    specs = [InputSpec.from_dict(d) for d in model[section]["inputs"]]
+    latent = latent_name(specs)
+    for s in specs:
+        if s.role == "timestep":
+            continue
+        if not s.shape or s.shape[0] % 2:
+            raise ConfigError(
+                f"scheduler.guidance={guidance}: model {model['name']} input {s.name!r} has shape "
+                f"{list(s.shape)}; allowed: null for this model (classifier-free guidance "
+                f"splits the {'latent' if s.name == latent else 'conditioning'} batch, dim 0, "
+                "into uncond and cond halves)")
+
+
+def check_labels(model: Mapping, labels) -> None:
+    """``labels``: class labels for a trained reference model (null: every class in turn)."""
+    if labels is None:
+        return
+    ref = model.get("reference")
+    if not isinstance(ref, Mapping):
+        raise ConfigError(f"labels={labels!r}; allowed: null for model {model.get('name')} "
+                          "(class labels condition trained reference models only)")
+    from experiments.reference.model import reference_tokens
+    classes = reference_tokens(dict(model)).null_class
+    if not labels or not all(0 <= v < classes for v in labels):
+        raise ConfigError(f"labels={labels!r}; allowed: null or a list of class labels in "
+                          f"[0, {classes - 1}]")
+
+
+def resolved(cfg, entry: str = "run", env: Mapping[str, str] | None = None):
+    """The composed config, checked and resolved once to plain data (enums as their names),
+    as every entry point uses it (STYLE 5: resolve the config once, before workers start)."""
+    from omegaconf import OmegaConf
+
+    from experiments.common import plain
+    data = plain(cfg)
+    check_config(data, env, entry)
+    return OmegaConf.create(data)
+
+
+def _cuda_available() -> bool:
+    import torch  # only here: the check runs before the heavy imports
+    return torch.cuda.is_available()
+
+
+def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str = "run") -> None:
+    """Check what an entry point will use; raise ConfigError on the first problem.
+
+    ``env``: the process environment (``RANK``/``WORLD_SIZE`` under torchrun).
+    ``entry``: ``plan`` checks what planning needs; ``run``/``bench``/``demo``/``study`` all.
+    """
+    import schedulers
+
+    env = os.environ if env is None else env
+    model = cfg["model"]
+    variant = check_model(model)
+    part, par, sch = cfg["partition"], cfg["parallel"], cfg["scheduler"]
+    _int("partition.repeats", part["repeats"], 0)
+    if part["depth"] is not None:
+        _int("partition.depth", part["depth"], 0)
+    if part["threads"] is not None:
+        _int("partition.threads", part["threads"], 1)
+    if part["device"] == "cuda" and not _cuda_available():
+        raise ConfigError("partition.device=cuda: no CUDA device here; allowed: cpu")
+    n = _int("parallel.n", par["n"], 1)
+    stride = _int("parallel.stride", par["stride"], 1)
+    _int("parallel.threads", par["threads"], 1)
+    replicas = _int("parallel.replicas", par["replicas"], 1)
+    if sch["name"] not in schedulers.SCHEDULERS:
+        raise ConfigError(f"scheduler.name={sch['name']!r}; allowed: "
+                          f"{', '.join(schedulers.SCHEDULERS)}")
+    steps = _int("scheduler.steps", sch["steps"], 1)
+    why = (" (W <= T = scheduler.steps; W >= 1 when n > 1: the last warm-up step seeds the "
+           "stale cross-stage values)")
+    _int("parallel.warmup", par["warmup"], 1 if n > 1 else 0, steps, why)
+    check_guidance(model, variant, sch["guidance"])
+    _int("seed", cfg["seed"], 0)
+    if cfg["batch"] is not None:
+        _int("batch", cfg["batch"], 1)
+    check_labels(model, cfg["labels"])
+    if entry == "plan":
+        return
+    _int("bench.repeats", cfg["bench"]["repeats"], 1)
+    _int("bench.warmup_runs", cfg["bench"]["warmup_runs"], 0)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        per = devices(par)
+        world = int(env["WORLD_SIZE"])
+        if world != replicas * per:
+            raise ConfigError(
+                f"WORLD_SIZE={world} (torchrun --nproc-per-node × nodes); allowed: "
+                f"parallel.replicas × (n−1+stride) = {replicas} × ({n}−1+{stride}) = "
+                f"{replicas * per}" + (" (stride_noise=reuse: n)" if par["stride_noise"] ==
+                                       "reuse" else ""))
+    # the runtime's own schedule checks (pure; e.g. stride_noise rules)
+    from asyncdiff.timeline import build_timeline
+    try:
+        build_timeline(n, stride, par["warmup"], steps, par["time_shift"], par["stride_noise"])
+    except ValueError as err:
+        raise ConfigError(f"parallel.{err}") from None
