@@ -17,17 +17,21 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from partition import PartitionRequest, compile_graph
-from experiments import zoo
-from partition.capture import capture
-from partition.cost import profile, tensor_bytes
-from partition.graph import build_graph
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.timing import median_ms  # noqa: E402
+from experiments import zoo  # noqa: E402
+from partition import PartitionRequest, compile_graph  # noqa: E402
+from partition.capture import capture  # noqa: E402
+from partition.cost import profile, tensor_bytes  # noqa: E402
+from partition.graph import build_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,20 +85,18 @@ def module_output_bytes(cfg: dict, inputs: dict, names: list[str]) -> dict[str, 
 
 
 def measured_stage_ms(staged, env, repeats: int) -> list[float]:
-    """Run the stages in order on real values; per-stage median wall time."""
-    per: dict[int, list[float]] = {}
+    """Each stage's per-step wall time on the values a full forward computes (its own copy of
+    the per-step conditioning included; what is computed once per run, first, not timed)."""
     with torch.no_grad():
-        env = staged.prepare(env)  # once per run: not part of a step
-        for _ in range(repeats):
-            values = dict(env)
-            acc: dict[int, float] = {}
-            for seg in staged.segments:
-                t0 = time.perf_counter()
-                values.update(seg(values))
-                acc[seg.stage] = acc.get(seg.stage, 0.0) + (time.perf_counter() - t0) * 1e3
-            for s, t in acc.items():
-                per.setdefault(s, []).append(t)
-    return [statistics.median(per[s]) for s in sorted(per)]
+        full = staged.prepare(env)
+        for seg in staged.segments:
+            full.update(seg(full))
+
+    def run(stage: int) -> None:
+        local = dict(full)
+        for seg in staged.stage_segments(stage):
+            local.update(seg(local))
+    return [median_ms(lambda s=s: run(s), repeats, warmup=0) for s in range(staged.n)]
 
 
 def main() -> None:

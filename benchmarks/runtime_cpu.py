@@ -27,8 +27,8 @@ import torch
 from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.dist.launch import launch
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
-from partition import PartitionRequest, compile_model
 from experiments import zoo
+from partition import PartitionRequest, compile_model
 from schedulers import make_scheduler, sample
 
 CONFIG = {

@@ -37,18 +37,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from partition import PartitionRequest, compile_graph
-from experiments import zoo
-from partition.capture import capture
-from partition.cost import profile
-from partition.graph import build_graph
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.timing import median_ms  # noqa: E402
+from experiments import zoo  # noqa: E402
+from partition import PartitionRequest, compile_graph  # noqa: E402
+from partition.capture import capture  # noqa: E402
+from partition.cost import profile  # noqa: E402
+from partition.graph import build_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_S = 5.51  # SD 2.1 original, 50 DDIM steps, one A5000 (Table 1)
@@ -124,7 +127,7 @@ def main() -> None:
     table(args, {k: c.plan for k, c in plans.items()}, flop_shares, "FLOP shares")
     if args.time_on:
         env = captured.env(inputs)
-        whole = timed(lambda: captured(inputs), args.repeats, args.time_on)
+        whole = median_ms(lambda: captured(inputs), args.repeats, args.time_on)
         dtype_name = args.dtype if args.time_on == "cuda" else "float32"
         print(f"\nmeasured on {device_name(args.time_on)}, {dtype_name}, median of "
               f"{args.repeats}: full forward {whole:.2f} ms; its nodes timed one by one sum to "
@@ -148,28 +151,6 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu (1 thread)"
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` (after 3 untimed calls)."""
-    with torch.no_grad():
-        for _ in range(3):
-            fn()
-        out = []
-        for _ in range(repeats):
-            if device == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                out.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(out)
-
-
 def stage_ms(staged, env: dict, repeats: int, device: str) -> list[float]:
     """Each stage's segments timed on the values a full forward computes (as its device runs
     them: its own copy of the per-step conditioning included; what is computed once per run
@@ -183,7 +164,7 @@ def stage_ms(staged, env: dict, repeats: int, device: str) -> list[float]:
         local = dict(full)
         for seg in segs:
             local.update(seg(local))
-    return [timed(lambda i=i: run(staged.stage_segments(i)), repeats, device)
+    return [median_ms(lambda i=i: run(staged.stage_segments(i)), repeats, device)
             for i in range(staged.n)]
 
 

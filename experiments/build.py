@@ -26,6 +26,7 @@ from experiments import zoo
 from partition.capture import CaptureError, capture
 from partition.cost import profile
 from partition.graph import build_graph
+from partition.threads import intra_op_threads
 from experiments.zoo import ModelBundle
 from schedulers import make_scheduler, sample
 
@@ -189,8 +190,8 @@ def step_bar(total: int, desc: str, enabled: bool = True):
 def sequential_sample(staged, job: SamplingJob, threads: int,
                       progress: bool = True) -> tuple[torch.Tensor, float]:
     """The sequential sampler (whole model every step) on ``threads`` threads: latent, seconds."""
-    torch.set_num_threads(threads)
-    with step_bar(job.steps, f"sequential ({threads} thr)", progress) as bar:
+    with intra_op_threads(threads), step_bar(job.steps, f"sequential ({threads} thr)",
+                                              progress) as bar:
         t0 = time.perf_counter()
         scheduler = make_scheduler(job.scheduler, **job.scheduler_kwargs)
         out = sample(SequentialDenoiser(staged), scheduler, job.x_T, job.cond, steps=job.steps,

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from asyncdiff.dist.launch import launch
 from experiments import metrics as M
+from experiments import quality as Q
 from experiments.build import (compiled_model, job_labels, parallel_spec, sampling_jobs,
                                sequential_sample)
 from experiments.cli import checked
@@ -59,8 +60,8 @@ def hydra_main(cfg: DictConfig) -> None:
           f"{M.speedup(tp, result.wall_s):.2f}x vs {spec.devices} threads")
     model_cfg = plain(cfg.model)
     trained = is_reference(model_cfg)
-    print(f"asyncdiff vs sequential, same seed: relative L2 {M.relative_l2(out, ref):.4f}, "
-          f"PSNR {M.psnr(out, ref):.1f} dB, SSIM {M.ssim(out, ref):.4f}"
+    print(f"asyncdiff vs sequential, same seed: relative L2 {Q.relative_l2(out, ref):.4f}, "
+          f"PSNR {Q.psnr(out, ref):.1f} dB, SSIM {Q.ssim(out, ref):.4f}"
           + ("" if trained else " (random weights: drift, not image quality)"))
     if trained:
         labels = job_labels(cfg, 0, n_img, reference_tokens(model_cfg).null_class)

@@ -1,5 +1,5 @@
-"""Set-level quality measures for the study (``experiments/study.py``): paired consistency per
-sample, bootstrap confidence intervals, and the Fréchet distance.
+"""Image quality: PSNR, SSIM and the Fréchet distance from torchmetrics, bootstrap intervals
+from scipy. One implementation of each, one PSNR cap.
 
 [Note: quality metrics]
 How these stand in for the paper's (AsyncDiff Tables 1, 2, 7 report LPIPS, FID, CLIP score):
@@ -8,17 +8,24 @@ How these stand in for the paper's (AsyncDiff Tables 1, 2, 7 report LPIPS, FID, 
   relative L2 of each asynchronous sample against the sequential sample from the same noise,
   label and sampler, images in [-1, 1] (PSNR's data range is 2; identical images give
   :data:`PSNR_CAP` dB, not infinity, so means stay finite). Per-sample values, mean with a
-  percentile bootstrap interval over samples. No learned perceptual weights exist here.
-* **Fréchet distance** (the paper's FID): the Fréchet distance between Gaussians fitted to
-  the reference model's classifier features (its penultimate layer, as FID uses Inception's
-  pool layer) of the samples and of real images. FD is biased upwards by a finite sample, by
-  an amount that depends on n, so it is only compared at equal n and always next to the
-  real-versus-real floor: two disjoint real sets of the same n. Its uncertainty is given
-  for the difference to the sequential sampler's FD, by a paired bootstrap
+  percentile bootstrap interval over samples (``scipy.stats.bootstrap``). A run's PSNR and SSIM
+  (``asyncdiff-run``, the demo) are over the whole batch, with the reference's max − min as
+  the data range. SSIM: Gaussian window 11, σ = 1.5, K1 = 0.01, K2 = 0.03 over the last two
+  dimensions; inputs smaller than 11 use the largest odd window that fits, σ scaled alike.
+* **Fréchet distance** (the paper's FID): torchmetrics' ``FrechetInceptionDistance`` with the
+  reference model's classifier as its feature network (its penultimate layer, as FID uses
+  Inception's pool layer), between the samples and real images. FD is biased upwards by a
+  finite sample, by an amount that depends on n, so it is only compared at equal n and always
+  next to the real-versus-real floor: two disjoint real sets of the same n. Its uncertainty is
+  given for the difference to the sequential sampler's FD, by a paired bootstrap
   (:func:`frechet_delta_ci`).
 * **Accuracy** (the paper's CLIP score, "does the image match its prompt"): the fraction of
   samples the classifier assigns to the class they were conditioned on. On the digits model it
   saturates near 100 % for every sampler, so it separates nothing there.
+
+LPIPS, CLIP score and FID on Inception (``experiments/learned.py``) need pretrained networks;
+they are computed where those are on the machine, and recorded as skipped with the reason
+otherwise.
 """
 from __future__ import annotations
 
@@ -26,17 +33,66 @@ import math
 
 import numpy as np
 import torch
-from torch import Tensor
+from scipy import stats
+from torch import Tensor, nn
+from torchmetrics.functional.image import (peak_signal_noise_ratio,
+                                           structural_similarity_index_measure)
+from torchmetrics.image.fid import FrechetInceptionDistance
 
-PSNR_CAP = 100.0  # dB, for identical images (data range 2)
+PSNR_CAP = 100.0  # dB: identical images (MSE 0) give this, not infinity
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+
+
+def cap_psnr(values: Tensor, cap: float | None = PSNR_CAP) -> Tensor:
+    """The one cap: +inf (identical images) and anything above ``cap`` become ``cap``."""
+    return values if cap is None else values.clamp(max=cap)
+
+
+def _range(ref: Tensor, data_range: float | None) -> float:
+    if data_range is not None:
+        return float(data_range)
+    span = float(ref.max() - ref.min())
+    return span if span > 0 else 1.0
+
+
+def psnr(x: Tensor, ref: Tensor, data_range: float | None = None,
+         cap: float | None = PSNR_CAP) -> float:
+    """PSNR in dB over the whole batch: 10·log10(R² / MSE), R = ``data_range`` (default: the
+    reference's max − min); capped at ``cap``."""
+    if x.shape != ref.shape:
+        raise ValueError(f"psnr: shapes {tuple(x.shape)} and {tuple(ref.shape)} differ")
+    value = peak_signal_noise_ratio(x.double(), ref.double(), data_range=_range(ref, data_range))
+    return float(cap_psnr(value, cap))
 
 
 def psnr_per_sample(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Tensor:
     """PSNR of each sample of ``x`` against the same sample of ``ref``, capped at
     :data:`PSNR_CAP` dB (float64, ``[n]``)."""
-    mse = (x.double() - ref.double()).flatten(1).square().mean(1)
-    out = 10 * torch.log10(data_range ** 2 / mse)
-    return torch.where(mse > 0, out, torch.full_like(out, PSNR_CAP)).clamp(max=PSNR_CAP)
+    dims = tuple(range(1, x.dim()))
+    value = peak_signal_noise_ratio(x.double(), ref.double(), data_range=data_range,
+                                    reduction="none", dim=dims)
+    return cap_psnr(value)
+
+
+def ssim(x: Tensor, ref: Tensor, data_range: float | None = None) -> float:
+    """Mean SSIM over the last two dimensions (every leading dimension a separate image)."""
+    if x.shape != ref.shape:
+        raise ValueError(f"ssim: shapes {tuple(x.shape)} and {tuple(ref.shape)} differ")
+    if x.dim() < 2:
+        raise ValueError(f"ssim: needs at least 2 dimensions, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    size = min(SSIM_WINDOW, h if h % 2 else h - 1, w if w % 2 else w - 1)
+    a, b = (t.double().reshape(-1, 1, h, w) for t in (x, ref))
+    return float(structural_similarity_index_measure(
+        a, b, gaussian_kernel=True, kernel_size=size, sigma=SSIM_SIGMA * size / SSIM_WINDOW,
+        data_range=_range(ref, data_range)))
+
+
+def relative_l2(x: Tensor, ref: Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖ (0 for identical inputs)."""
+    den = float(ref.double().norm())
+    num = float((x.double() - ref.double()).norm())
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
 def relative_l2_per_sample(x: Tensor, ref: Tensor) -> Tensor:
@@ -48,39 +104,56 @@ def relative_l2_per_sample(x: Tensor, ref: Tensor) -> Tensor:
 def bootstrap_ci(values: Tensor | np.ndarray, *, resamples: int = 2000, level: float = 0.95,
                  seed: int = 0, stat=np.mean) -> tuple[float, float, float]:
     """``(statistic, low, high)``: the statistic of ``values`` and its percentile bootstrap
-    interval at ``level`` (resampling the values with replacement, ``resamples`` times)."""
+    interval at ``level`` (``scipy.stats.bootstrap``)."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or len(v) == 0:
         raise ValueError(f"values: need a non-empty 1-d set, got shape {v.shape}")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(v), size=(resamples, len(v)))
-    boot = stat(v[idx], axis=1)
-    a = (1 - level) / 2
-    return float(stat(v)), float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))
+    if np.all(v == v[0]):  # a constant set (every PSNR capped): its interval is the point
+        return float(stat(v)), float(v[0]), float(v[0])
+    res = stats.bootstrap((v,), stat, n_resamples=resamples, confidence_level=level,
+                          method="percentile", random_state=seed, vectorized=True, axis=0)
+    return float(stat(v)), float(res.confidence_interval.low), \
+        float(res.confidence_interval.high)
 
 
-def _sqrtm_psd(m: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+class FeatureRows(nn.Module):
+    """The feature network of a Fréchet distance over features already computed: its input
+    rows are the features (``num_features`` spares torchmetrics a probe forward)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, rows: Tensor) -> Tensor:
+        return rows
+
+
+def frechet(feature: nn.Module, num_features: int | None = None) -> FrechetInceptionDistance:
+    """torchmetrics' FID on ``feature`` (a classifier's penultimate layer, or
+    :class:`FeatureRows`), in float64; the real set's statistics survive ``reset()``."""
+    if num_features is not None and not hasattr(feature, "num_features"):
+        feature.num_features = num_features
+    return FrechetInceptionDistance(feature=feature, reset_real_features=False).double()
 
 
 def frechet_distance(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to feature sets ``a`` and ``b`` (rows are
-    samples): ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½).
+    samples): ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½), torchmetrics' FID on the rows."""
+    a, b = _rows(a), _rows(b)
+    if a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"feature sets: need [n, d] with n >= 2 and equal d, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    fid = frechet(FeatureRows(a.shape[1]))
+    fid.update(b, real=True)
+    fid.update(a, real=False)
+    return max(float(fid.compute()), 0.0)
 
-    tr((Σa Σb)^½) is computed as tr((Σa^½ Σb Σa^½)^½), a symmetric PSD square root (same
-    eigenvalues), so the result is real and a set against itself gives 0 up to rounding.
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"feature sets: need [n, d] with n >= 2 and equal d, got {a.shape} "
-                         f"and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    ra = _sqrtm_psd(ca)
-    cross = np.trace(_sqrtm_psd(ra @ cb @ ra))
-    fd = float(np.sum((mu_a - mu_b) ** 2) + np.trace(ca) + np.trace(cb) - 2 * cross)
-    return max(fd, 0.0)
+
+def _rows(x) -> Tensor:
+    t = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    if t.dim() != 2:
+        raise ValueError(f"feature sets: need [n, d], got shape {tuple(t.shape)}")
+    return t
 
 
 def frechet_delta_ci(a: Tensor | np.ndarray, ref: Tensor | np.ndarray,
@@ -89,23 +162,34 @@ def frechet_delta_ci(a: Tensor | np.ndarray, ref: Tensor | np.ndarray,
     """FD(a, real) − FD(ref, real) with a paired percentile bootstrap interval.
 
     ``a`` and ``ref`` are paired row by row (the same noise and label: an asynchronous
-    sample and its sequential one); each resample draws the same rows of both. A bootstrap
-    set repeats rows, which inflates its FD by an amount that depends on the set, so a
-    bootstrap interval of FD itself sits beside the estimate rather than around it; in the
-    paired difference that inflation largely cancels. ``real`` is held fixed.
+    sample and its sequential one); each resample draws the same rows of both
+    (``scipy.stats.bootstrap(paired=True)``). A bootstrap set repeats rows, which inflates its
+    FD by an amount that depends on the set, so an interval of FD itself would sit beside the
+    estimate rather than around it; in the paired difference that inflation largely cancels.
+    ``real`` is held fixed (its statistics are computed once).
     """
-    a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    real = np.asarray(real, dtype=np.float64)
+    a, ref, real = _rows(a), _rows(ref), _rows(real)
     if a.shape != ref.shape:
-        raise ValueError(f"paired sets: shapes {a.shape} and {ref.shape} differ")
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(a), len(a))
-        boot.append(frechet_distance(a[idx], real) - frechet_distance(ref[idx], real))
-    q = (1 - level) / 2
-    delta = frechet_distance(a, real) - frechet_distance(ref, real)
-    return delta, float(np.quantile(boot, q)), float(np.quantile(boot, 1 - q))
+        raise ValueError(f"paired sets: shapes {tuple(a.shape)} and {tuple(ref.shape)} differ")
+    fid = frechet(FeatureRows(real.shape[1]))
+    fid.update(real, real=True)
+
+    def fd(rows: Tensor) -> float:
+        fid.reset()
+        fid.update(rows, real=False)
+        return float(fid.compute())
+
+    def delta(ia: np.ndarray, ir: np.ndarray) -> float:
+        return fd(a[torch.as_tensor(ia)]) - fd(ref[torch.as_tensor(ir)])
+
+    idx = np.arange(len(a))
+    estimate = delta(idx, idx)
+    if torch.equal(a, ref):  # a set against itself: exactly 0, in every resample
+        return 0.0, 0.0, 0.0
+    res = stats.bootstrap((idx, idx), delta, paired=True, vectorized=False,
+                          n_resamples=resamples, confidence_level=level, method="percentile",
+                          random_state=seed)
+    return estimate, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def cosine_per_sample(a: Tensor, b: Tensor) -> Tensor:

@@ -19,6 +19,8 @@ from experiments import atomic
 import torch
 
 from experiments import metrics as M
+from experiments import quality as Q
+from experiments.learned import learned_metrics
 from partition import Plan
 from partition.report import predict
 
@@ -48,8 +50,8 @@ def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: 
         "latency_s": latency_s, "sequential_s": sequential_s,
         "speedup": M.speedup(sequential_s, latency_s),
         "predicted_speedup": pred["speedup"], "ideal_speedup": pred["ideal_speedup"],
-        "psnr_db": M.psnr(out, ref), "ssim": M.ssim(out, ref),
-        "relative_l2": M.relative_l2(out, ref),
+        "psnr_db": Q.psnr(out, ref), "ssim": Q.ssim(out, ref),
+        "relative_l2": Q.relative_l2(out, ref),
         "max_abs_diff": float((out.double() - ref.double()).abs().max()),
         "devices": par.devices, "world": par.devices * par.replicas,
         "macs_per_device": macs, "max_device_macs": max(macs),
@@ -59,7 +61,7 @@ def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: 
     }
     if peak_rss:
         out_m["peak_rss_mb_max"] = max(peak_rss.values()) / 2**20
-    out_m.update(M.learned_metrics_status(weights_dir))
+    out_m.update(learned_metrics(None, None, weights_dir))  # latents only: no decoded images
     return out_m
 
 

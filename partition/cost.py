@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from partition.capture import Captured, PositionalDenoiser
 from partition.spec import call_denoiser
+from partition.threads import intra_op_threads
 
 aten = torch.ops.aten
 COST_MODELS: tuple[str, ...] = ("time", "flops", "fvcore")
@@ -113,12 +114,18 @@ def tensor_bytes(value) -> int:
 
 
 class _OpRecorder(TorchDispatchMode):
+    # higher-order operators (flex_attention, …) pass through: their inner ops are recorded
+    supports_higher_order_operators = True
+
     def __init__(self, known) -> None:
         super().__init__()
         self.known = known
         self.uncounted: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            self.uncounted[str(func.name())] += 1
+            return func(*args, **(kwargs or {}))
         packet = func.overloadpacket
         if not (packet in self.known or func in self.known or torch.Tag.pointwise in func.tags
                 or func.is_view or packet.__name__ in _ZERO_BY_CONVENTION):
@@ -139,9 +146,17 @@ class _Profiler(fx.Interpreter):
     def run_node(self, n: fx.Node):
         if n.op != "call_function":
             return super().run_node(n)
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter, self.recorder:
+        try:
+            with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter, \
+                    self.recorder:
+                out = super().run_node(n)
+            self.flops[n.name] = int(counter.get_total_flops())
+        except Exception:  # noqa: BLE001 - the counter's modes cannot run this node
+            # (a higher-order operator such as flex_attention): run it as it is and report
+            # it as uncounted rather than fail or count it silently as zero
             out = super().run_node(n)
-        self.flops[n.name] = int(counter.get_total_flops())
+            self.flops[n.name] = 0
+            self.recorder.uncounted[str(n.target)] += 1
         self.out_bytes[n.name] = tensor_bytes(out)
         return out
 
@@ -190,10 +205,7 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
     (research/feasibility.md §5.8).
     """
     args = [inputs[s.name] for s in captured.specs]
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads) as used:
         with torch.no_grad():
             prof, counted_on, captured_out = _count(captured.gm, args)
             ms, eager, where = {}, None, "cpu"
@@ -201,11 +213,9 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
                 ms, eager, where = _time_modules(captured, inputs, repeats, warmup, device)
         fv = (fvcore_node_flops(captured, fvcore_model, inputs, prof.flops)
               if fvcore_model is not None else None)
-    finally:
-        torch.set_num_threads(old_threads)
     return NodeCosts(flops=prof.flops, ms=ms, out_bytes=prof.out_bytes,
                      uncounted=dict(sorted(prof.recorder.uncounted.items())), fvcore_flops=fv,
-                     threads=torch.get_num_threads() if threads is None else threads,
+                     threads=used,
                      repeats=repeats, device=where, counted_on=counted_on, eager=eager,
                      captured=captured_out)
 

@@ -283,6 +283,11 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
     fl = np.array([st.flops for st in stages], dtype=np.float64)
     out_name = staged.output
     out_val = nodes[out_name].meta.get("val")
+    if not static_tensor(out_val):  # a data-dependent shape: the one the example gave
+        out_val = costs.captured if costs.captured is not None else costs.eager
+    if out_val is None:
+        raise ValueError(f"the prediction {out_name!r} has a shape that depends on the data and "
+                         "no example value was computed to fix it")
     out_bytes = int(out_val.numel() * out_val.element_size())
     measured = None
     if costs.ms:

@@ -29,6 +29,7 @@ from torch import fx
 from partition.cost import node_module
 from partition.graph import TrunkGraph
 from partition.stages import StagedModel
+from partition.threads import intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +47,17 @@ class Verified:
 def verify(graph: TrunkGraph, staged: StagedModel, inputs: dict[str, torch.Tensor], *,
            threads: int | None, model: str = "model") -> Verified:
     """Check stages == eager on ``inputs``; raise :class:`VerificationError` if they differ."""
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            eager = reference(graph, inputs, threads)
-            out, stage_ms = run_timed(staged, graph.captured.env(inputs))
-            if same(out, eager):
-                captured = graph.costs.captured
-                note = "exact: stages == eager"
-                if captured is not None and same(captured, eager):
-                    note += " == captured"
-                return Verified(note + f" (bit for bit, {torch.get_num_threads()} thread(s))",
-                                stage_ms)
-            return Verified(_explain(graph, staged, inputs, out, eager, model), stage_ms)
-    finally:
-        torch.set_num_threads(old)
+    with intra_op_threads(threads), torch.no_grad():
+        eager = reference(graph, inputs, threads)
+        out, stage_ms = run_timed(staged, graph.captured.env(inputs))
+        if same(out, eager):
+            captured = graph.costs.captured
+            note = "exact: stages == eager"
+            if captured is not None and same(captured, eager):
+                note += " == captured"
+            return Verified(note + f" (bit for bit, {torch.get_num_threads()} thread(s))",
+                            stage_ms)
+        return Verified(_explain(graph, staged, inputs, out, eager, model), stage_ms)
 
 
 def reference(graph: TrunkGraph, inputs: dict[str, torch.Tensor], threads: int | None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dist.executor import DistributedExecutor
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition.plan import Plan
+from partition.threads import intra_op_threads
 from partition.stages import Segment
 from schedulers import make_scheduler, sample
 
@@ -86,9 +87,14 @@ def check_plan_hash(plan: Plan, rank: int, world: int) -> None:
 
 
 def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
-    """Sample on this rank's pipeline; returns the final latent and per-round stats."""
+    """Sample on this rank's pipeline (at ``parallel.threads`` intra-op threads); returns the
+    final latent and per-round stats."""
+    with intra_op_threads(job.parallel.threads):
+        return _run_job(job, rank, world)
+
+
+def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
     par = job.parallel
-    torch.set_num_threads(par.threads)
     per = par.devices
     if world != par.replicas * per:
         raise ValueError(f"world size {world}; allowed: replicas × (n−1+stride) = "

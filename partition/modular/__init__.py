@@ -19,6 +19,7 @@ from partition.modular.segment import OUTPUT, BlockSegment, UnitInfo
 from partition.stages import StagedModel
 from partition.strategies.balanced import min_max_cuts
 from partition.strategies.base import Assignment, PartitionRequest, RequestError
+from partition.threads import intra_op_threads
 
 STRATEGIES: tuple[str, ...] = ("balanced", "equal_blocks", "manual")
 COST_MODELS: tuple[str, ...] = ("flops", "time")
@@ -35,10 +36,7 @@ def block_graph(model, specs, inputs, n: int, *, cost_model: str = "flops", repe
         raise RequestError(f"cost_model={cost_model!r}: not available with the module backend; "
                          f"allowed: {', '.join(COST_MODELS)}")
     contract = contract or DenoiserContract()
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads) as used:
         calls, out, total = trace_calls(model, specs, inputs, contract, count_flops=True)
         mark_trunk(model, specs, inputs, contract, calls)
         if cost_model == "time":
@@ -46,9 +44,6 @@ def block_graph(model, specs, inputs, n: int, *, cost_model: str = "flops", repe
                     for _ in range(max(repeats, 1))]
             for i, c in enumerate(calls):
                 c.ms = float(np.median([r[i].ms for r in runs]))
-        used = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old)
 
     def weight(c) -> float:
         return float(c.flops if cost_model == "flops" else c.ms)
@@ -157,22 +152,15 @@ def verify_blocks(graph: BlockGraph, staged: StagedModel, inputs, threads, name:
     from partition.spec import call_denoiser
     from partition.verify import VerificationError, max_diff, run_timed, same
 
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            want = call_denoiser(graph.model, inputs, graph.contract, graph.specs)
-            got, stage_ms = run_timed(staged, {s.name: inputs[s.name] for s in graph.specs})
-    finally:
-        torch.set_num_threads(old)
+    with intra_op_threads(threads) as used, torch.no_grad():
+        want = call_denoiser(graph.model, inputs, graph.contract, graph.specs)
+        got, stage_ms = run_timed(staged, {s.name: inputs[s.name] for s in graph.specs})
     if not same(got, want):
         raise VerificationError(
             f"{name}: the module backend's stages differ from the eager model by "
             f"{max_diff(got, want):.3g} (max abs): the network's blocks do not compose the way "
             "its forward calls them (a block whose output is consumed inside another block, or "
             "state kept between calls); the plan is refused")
-    used = torch.get_num_threads() if threads is None else threads
     return f"exact: stages == eager (bit for bit, {used} thread(s))", stage_ms
 
 

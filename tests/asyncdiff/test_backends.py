@@ -11,12 +11,11 @@ import functools
 import denoisers as D  # noqa: N812 (tests/denoisers.py, on the path by tests/conftest.py)
 import pytest
 import torch
+from conftest import emulate as emulate_steps
 
-from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
+from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.dist.launch import launch
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
-from asyncdiff.emulate import Emulator
-from asyncdiff.timeline import build_timeline
 from partition import PartitionRequest, compile_model
 from schedulers import make_scheduler, sample
 
@@ -46,11 +45,7 @@ def cond_and_noise():
 
 
 def emulate(c, par: ParallelSpec, x, cond):
-    sched = make_scheduler("ddim")
-    sched.set_timesteps(STEPS)
-    tl = build_timeline(par.n, par.stride, par.warmup, STEPS, par.time_shift, par.stride_noise)
-    emu = Emulator(c.staged, c.plan, tl, sched.timesteps)
-    return sample(PipelineDenoiser(emu), make_scheduler("ddim"), x, cond, steps=STEPS)
+    return emulate_steps(c, par, x, cond, STEPS)
 
 
 CASES = [(2, 1, 1, False, "fresh"), (2, 2, 1, True, "fresh"), (3, 1, 2, False, "fresh"),

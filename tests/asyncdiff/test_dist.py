@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 from conftest import compiled, cond_and_noise
+from conftest import emulate as emulate_steps
 
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dist.launch import WorkerError, launch
@@ -24,11 +25,7 @@ STEPS = 5
 
 
 def emulate(c, par: ParallelSpec, x, cond):
-    sched = make_scheduler("ddim")
-    sched.set_timesteps(STEPS)
-    tl = build_timeline(par.n, par.stride, par.warmup, STEPS, par.time_shift, par.stride_noise)
-    emu = Emulator(c.staged, c.plan, tl, sched.timesteps)
-    return sample(PipelineDenoiser(emu), make_scheduler("ddim"), x, cond, steps=STEPS)
+    return emulate_steps(c, par, x, cond, STEPS)
 
 
 MATRIX = [

@@ -249,8 +249,8 @@ def test_compile_model_defaults_are_deterministic_and_do_no_timing(sd15):
 def test_contract_errors_name_the_key():
     from partition.contract import ContractError, DenoiserContract
     with pytest.raises(ContractError, match=r"model.contract: unknown key\(s\) \['outputs'\]; "
-                                            r"allowed: timestep_scale, static, concat, output, "
-                                            r"narrow"):
+                                            r"allowed: timestep_scale, timestep_offset, static, concat, "
+                                            r"output, narrow"):
         DenoiserContract.from_config({"outputs": {"index": 1}})
     model, specs = D.RotaryTuple().eval(), D.ROTARY_SPECS
     inputs = D.example(specs)
