@@ -25,7 +25,7 @@ class RunRecord:
     round: int
     device: int
     stage: int
-    t_fed: float
+    t_fed: float  # the first entry of what the network was fed
     latent_step: int
     value_rounds: dict[str, int] = field(default_factory=dict)  # value -> round it was made in
 
@@ -34,13 +34,15 @@ class Emulator:
     """Executes ``timeline`` with ``staged`` in one process, round by round."""
 
     def __init__(self, staged: StagedModel, plan: Plan, timeline: Timeline,
-                 timesteps: Sequence[float] | torch.Tensor, record: bool = False):
+                 timesteps: Sequence[float | torch.Tensor] | torch.Tensor, record: bool = False):
         if plan.n != timeline.n or staged.n != plan.n:
             raise ValueError(f"plan has n={plan.n}, timeline n={timeline.n}: they must agree")
         if len(timesteps) != timeline.steps:
             raise ValueError(f"{len(timesteps)} timesteps for a timeline of {timeline.steps} steps")
         self.staged, self.plan, self.timeline = staged, plan, timeline
-        self.timesteps = [float(t) for t in timesteps]
+        # per step: the number the network is fed, or the exact tensor (see inputs.py)
+        self.timesteps = timesteps if not isinstance(timesteps, torch.Tensor) else \
+            [float(t) for t in timesteps]
         self.produced_by = {s.index: s.outputs for s in plan.stages}
         self.cross = tuple(v.name for v in plan.values)
         self.published: dict[int, dict[str, torch.Tensor]] = {}  # round -> its values
@@ -70,7 +72,8 @@ class Emulator:
         self._publish(rnd.index, {name: env[name] for name in self.cross})
         if self.record:
             for a in rnd.actions:
-                self.log.append(RunRecord(rnd.index, a.device, a.stage, self.timesteps[k], k,
+                self.log.append(RunRecord(rnd.index, a.device, a.stage,
+                                          _first(self.timesteps[k]), k,
                                           {v: rnd.index for v in self._inputs_of(a.stage)}))
         return {k: env[self.staged.output]}
 
@@ -90,7 +93,8 @@ class Emulator:
             for k in a.eps_steps:
                 eps[k] = env[self.staged.output]
             if self.record:
-                self.log.append(RunRecord(rnd.index, a.device, a.stage, self.timesteps[a.t_step],
+                self.log.append(RunRecord(rnd.index, a.device, a.stage,
+                                          _first(self.timesteps[a.t_step]),
                                           a.latent_step, {v: a.inputs_round
                                                           for v in self._inputs_of(a.stage)}))
         self._publish(rnd.index, current)
@@ -103,3 +107,7 @@ class Emulator:
 
     def _inputs_of(self, stage: int) -> tuple[str, ...]:
         return self.plan.stages[stage].inputs
+
+
+def _first(t) -> float:
+    return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)

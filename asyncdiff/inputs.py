@@ -13,7 +13,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def timestep_tensor(spec: InputSpec, value: torch.Tensor | float) -> torch.Tensor:
     """τ as the captured graph expects it: the spec's shape and dtype (export specialises on
-    both, and an int64 scheduler timestep would take another path through the embedding)."""
+    both, and an int64 scheduler timestep would take another path through the embedding).
+    A tensor of exactly that shape and dtype is the value itself (what a pipeline passed, bit
+    for bit: the drop-in); anything else is a number filled into that shape."""
+    if isinstance(value, torch.Tensor) and tuple(value.shape) == spec.shape \
+            and value.dtype == DTYPES[spec.dtype]:
+        return value
     return torch.full(spec.shape, float(value), dtype=DTYPES[spec.dtype])
 
 

@@ -13,12 +13,14 @@ asynchronous pipeline (AsyncDiff, Chen et al. 2024; the rules are [Note: stalene
 else its output dataclass). The pipeline's own loop, guidance and scheduler run unchanged:
 the async runtime enters only as the denoiser (STYLE 1).
 
-*Steps.* A pipeline run is recognised by its scheduler: ``pipe.scheduler.timesteps`` is a
-new tensor after every ``set_timesteps``. The run's τ_0 … τ_{T−1} are those timesteps from
-the first call's timestep on (img2img starts part-way); call k must be fed τ_k, which is
-checked on every call (a pipeline that feeds the network another value, e.g. t/1000, is
-refused rather than run on the wrong timeline). A call with τ_0 in the middle of a run starts
-a new one (an interrupted loop), as does a call after the T-th. ``warmup`` is clamped to T.
+*Steps.* Calls are placed on steps by the pipeline's scheduler, never by the timestep's
+value: ``set_timesteps`` begins a run, ``step`` ends a step, and the calls of one denoiser
+within a step are its *streams* (the conditional and unconditional branch of a pipeline that
+runs guidance as two calls; a second denoiser is its own) — [Note: drop-in steps] in
+``asyncdiff/dropin/steps.py``. The network is fed exactly what the pipeline passes (``t``,
+``t / 1000``, a per-frame vector); every way a pipeline could leave the timeline (a skipped
+step, a scheduler stepped irregularly, a fed value that does not follow the scheduler) is an
+error naming the pipeline, never a wrong image. ``warmup`` is clamped to T.
 
 *Modes.* ``emulate``: one process runs every stage (:class:`asyncdiff.emulate.Emulator`).
 ``distributed``: under an initialised ``torch.distributed`` group (torchrun) of exactly
@@ -40,27 +42,29 @@ from torch import nn
 
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dropin import session as sessions
+from asyncdiff.dist.sharing import try_capture
 from asyncdiff.dropin.call import Call, answer, bind_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
+from asyncdiff.dropin.steps import FedTimesteps, StepClock
 from asyncdiff.dropin.weights import OFFLOAD, Parked
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition import STRATEGIES
 from partition.api import BACKENDS
-from asyncdiff.dist.sharing import try_capture
 from partition.capture import capture
 from partition.contract import DenoiserContract
-from partition.spec import nest
 from partition.cost import COST_MODELS
+from partition.spec import nest
 
 MODES: tuple[str, ...] = ("emulate", "distributed")
-DENOISERS: tuple[str, ...] = ("unet", "transformer")
+DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
 
 
 def parallelize(pipe: Any, *, n: int, stride: int = 1, warmup: int = 1,
                 time_shift: bool = False, stride_noise: str = "fresh",
                 strategy: str = "balanced", cost_model: str = "flops", depth: int | None = 4,
                 mode: Literal["emulate", "distributed"] = "emulate",
-                offload: Literal["cpu", "drop"] = "cpu", denoiser: str | None = None,
+                offload: Literal["cpu", "drop"] = "cpu",
+                denoiser: str | tuple[str, ...] | None = None,
                 verify: bool = True, backend: str = "auto") -> "Handle":
     """Run ``pipe``'s denoiser as an N-stage asynchronous pipeline until ``detach()``.
 
@@ -70,7 +74,8 @@ def parallelize(pipe: Any, *, n: int, stride: int = 1, warmup: int = 1,
     docstring); ``offload`` (distributed only): what happens to the weights this rank's stage
     does not use, ``cpu`` (kept in host memory; ``detach()`` restores them exactly) or
     ``drop`` (freed; ``detach()`` then refuses). ``denoiser``: the pipeline attribute holding
-    the network (default: the first of ``unet``, ``transformer``). ``verify``: check each
+    the network (default: every one of ``unet``, ``transformer``, ``transformer_2``, …
+    the pipeline holds; a name or a tuple of names to choose). ``verify``: check each
     compiled split against the denoiser on the first call's inputs (``partition/verify.py``;
     ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the
     module backend), ``graph`` or ``module``.
@@ -78,7 +83,7 @@ def parallelize(pipe: Any, *, n: int, stride: int = 1, warmup: int = 1,
     opts = Options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
                    mode, offload, verify, backend)
     _check_options(opts)
-    return Handle(pipe, _find_denoiser(pipe, denoiser), opts)
+    return Handle(pipe, _find_denoisers(pipe, denoiser), opts)
 
 
 def _check_options(o: Options) -> None:
@@ -95,13 +100,16 @@ def _check_options(o: Options) -> None:
         _check_group(o)
 
 
-def _find_denoiser(pipe: Any, attr: str | None) -> str:
-    names = (attr,) if attr else DENOISERS
-    for name in names:
-        if isinstance(getattr(pipe, name, None), nn.Module):
-            return name
-    raise ValueError(f"{type(pipe).__name__} has no denoiser module at "
-                     f"{' or '.join('pipe.' + n for n in names)}; pass denoiser='<attribute>'")
+def _find_denoisers(pipe: Any, attr: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Every denoiser the pipeline holds (one that is None, such as Wan 2.2's optional
+    second denoiser, is skipped), or the ones named."""
+    names = (attr,) if isinstance(attr, str) else tuple(attr) if attr else DENOISERS
+    found = tuple(n for n in names if isinstance(getattr(pipe, n, None), nn.Module))
+    if not found or (attr and len(found) != len(names)):
+        raise ValueError(f"{type(pipe).__name__} has no denoiser module at "
+                         f"{' or '.join('pipe.' + n for n in names)}; pass "
+                         "denoiser='<attribute>'")
+    return found
 
 
 def _check_group(opts: Options) -> None:
@@ -120,123 +128,65 @@ def _check_group(opts: Options) -> None:
 class Handle:
     """A parallelized pipeline; :meth:`detach` (or leaving a ``with`` block) undoes it.
 
-    ``sessions``: one compiled denoiser per call shape (``.plan``, and ``.staged`` in emulate
-    mode); ``executor``: the executor of the latest run (its ``stats`` in distributed mode).
+    ``denoisers``: one :class:`_Denoiser` per parallelized module; ``sessions``: every
+    compiled denoiser, by (attribute, call structure and shapes) (``.plan``, and ``.staged`` in
+    emulate mode); ``executor``: the executor of the latest call's stream.
     """
 
-    def __init__(self, pipe: Any, attr: str, opts: Options):
-        module = getattr(pipe, attr)
-        if isinstance(getattr(module.__dict__.get("forward"), "__self__", None), Handle):
-            raise RuntimeError(f"pipe.{attr} is already parallelized; detach() that handle first")
-        self.pipe, self.attr, self.module, self.options = pipe, attr, module, opts
-        self.sessions: dict[tuple, Session] = {}
-        self.executor: Any = None
-        self._original = module.forward  # the class's forward, or a hook's instance forward
-        self._signature = inspect.signature(self._original)
-        self._had_instance_forward = "forward" in module.__dict__
-        self._instance_forward = module.__dict__.get("forward")
-        self._parked = Parked(module, opts.offload) if opts.mode == "distributed" else None
-        self._run: dict[str, Any] = {"source": None, "timesteps": [], "k": 0}
-        self._denoiser: PipelineDenoiser | None = None
-        self._run_key: tuple | None = None
-        self.attached = True
-        module.__dict__["forward"] = self._forward
-
-    # ------------------------------------------------------------------ the proxy
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        call = bind_call(self._signature, args, kwargs)
-        t = call.tensors[call.timestep]
-        k = self._step(t)
-        if k == 0:
-            session = self._session(call)
-            steps = len(self._run["timesteps"])
-            timeline = build_timeline(self.options.n, self.options.stride,
-                                      min(self.options.warmup, steps), steps,
-                                      self.options.time_shift, self.options.stride_noise)
-            self.executor = session.executor(timeline, self._run["timesteps"],
-                                             call.tensors[call.latent].device)
-            self._denoiser, self._run_key = PipelineDenoiser(self.executor), call.key
-        elif call.key != self._run_key:
-            raise RuntimeError(f"denoiser call {k} of a run changed its inputs to "
-                               f"{call.describe()} (or its non-tensor arguments); one run has "
-                               f"one shape")
-        eps = self._denoiser(call.tensors[call.latent], t, k, call.cond)
-        return answer(eps, self.sessions[self._run_key].form)
-
-    def _step(self, t: torch.Tensor) -> int:
-        """Index k of this call in the current run, starting a new run where one begins."""
-        scheduler = getattr(self.pipe, "scheduler", None)
-        source = getattr(scheduler, "timesteps", None)
-        if not isinstance(source, torch.Tensor):
-            raise RuntimeError("the drop-in reads the run's timesteps from "
-                               "pipe.scheduler.timesteps, which is not set (call the pipeline, "
-                               "or scheduler.set_timesteps, first)")
-        run = self._run
-        new = (source is not run["source"] or run["k"] >= len(run["timesteps"])
-               or (run["k"] > 0 and not _fed(t, run["timesteps"][run["k"]])
-                   and _fed(t, run["timesteps"][0])))
-        if new:
-            values = [float(v) for v in source.reshape(-1)]
-            start = next((i for i, v in enumerate(values) if _fed(t, v)), None)
-            if start is None:
-                raise RuntimeError(f"the pipeline fed the denoiser timestep {_show(t)}, which is "
-                                   f"not in pipe.scheduler.timesteps {values}; the drop-in needs "
-                                   f"the network fed the scheduler's timesteps")
-            run.update(source=source, timesteps=values[start:], k=0)
-            self._denoiser = None
-        k = run["k"]
-        if not _fed(t, run["timesteps"][k]):
-            raise RuntimeError(f"denoiser call {k} of the run was fed timestep {_show(t)}, but "
-                               f"the scheduler's τ_{k} is {run['timesteps'][k]}: the drop-in "
-                               f"needs one call per scheduler timestep, fed that timestep")
-        run["k"] = k + 1
-        return k
-
-    # ------------------------------------------------------------------ compiling
-    def _session(self, call: Call) -> Session:
-        if call.key in self.sessions:
-            return self.sessions[call.key]
-        if self._parked is not None and self._parked.entries:
-            if self._parked.dropped:
-                raise RuntimeError(f"new denoiser input shapes ({call.describe()}) need a new "
-                                   "capture, but this rank dropped the other stages' weights "
-                                   "(offload='drop'); use offload='cpu', or one shape")
-            self._parked.restore()  # the capture traces the whole model
-        # capture, plan and verify with the original forward (the proxy out of the way): the
-        # verification calls the eager model, which must not come back here
-        seen: list[Any] = []
-        bound = with_static(self._original, call.static, seen.append)
-
-        def runner(inputs):  # the module backend's stages run the original forward too
-            return DenoiserContract().prediction(bound(**nest(inputs)))
-
-        def capture_call():  # None: the module backend (asked for, or capture failed)
-            if self.options.backend == "module":
-                return None
-            return try_capture(lambda: capture(self.module, call.specs(), call.tensors),
-                               self.options.backend)
-
-        with self._unpatched(bound):
-            if self.options.mode == "emulate":
-                session = sessions.emulated(self.module, call, capture_call(), self.options,
-                                            runner)
-            else:
-                session = sessions.distributed(self.module, call, capture_call, self.options,
-                                               runner)
-        session.form = output_form(seen[-1])
-        self.sessions[call.key] = session
-        if self._parked is not None:  # keep what any session's stage holds
-            self._parked.release([t for s in self.sessions.values() for t in s.tensors()])
-        return session
-
-    @contextlib.contextmanager
-    def _unpatched(self, forward):
-        self.module.__dict__["forward"] = forward
+    def __init__(self, pipe: Any, attrs: tuple[str, ...], opts: Options):
+        self.pipe, self.options = pipe, opts
+        self.clock = StepClock(getattr(pipe, "scheduler", None), type(pipe).__name__)
+        self.denoisers: dict[str, _Denoiser] = {}
         try:
-            yield
-        finally:
-            self.module.__dict__["forward"] = self._forward
+            for a in attrs:
+                self.denoisers[a] = _Denoiser(self, a)
+        except Exception:
+            self.detach()
+            raise
+        self.streams: dict[tuple[str, int], _Stream] = {}
+        self.executor: Any = None
+        self.attached = True
 
+    @property
+    def attr(self) -> str:
+        return next(iter(self.denoisers))
+
+    @property
+    def module(self) -> nn.Module:
+        return self.denoisers[self.attr].module
+
+    @property
+    def sessions(self) -> dict[tuple, Session]:
+        return {(a, k): s for a, d in self.denoisers.items() for k, s in d.sessions.items()}
+
+    # ------------------------------------------------------------------ one call
+    def _call(self, d: "_Denoiser", args: tuple, kwargs: dict) -> Any:
+        self.clock.attach(getattr(self.pipe, "scheduler", None))
+        call = bind_call(d.signature, args, kwargs)
+        t = call.tensors[call.timestep]
+        _, taus = self.clock.locate(t)
+        step, j = self.clock.call(d.attr)
+        key = (d.attr, j)
+        stream = self.streams.get(key)
+        if stream is None or stream.run != self.clock.run:
+            stream = self.streams[key] = _Stream(self, d, key, self.clock.run, step,
+                                                 taus[step:], call)
+        elif call.key != stream.call_key:
+            raise RuntimeError(f"{type(self.pipe).__name__}: call {stream.k} of stream "
+                               f"{key} changed its inputs to {call.describe()} (or its "
+                               f"non-tensor arguments); one stream of a run has one shape")
+        elif step != stream.first + stream.k:
+            raise RuntimeError(
+                f"{type(self.pipe).__name__}: stream {key} (call {j} of pipe.{d.attr} within "
+                f"a step) is called at step {step} of the run after {stream.k} calls from step "
+                f"{stream.first}: it skipped a step, and its asynchronous state would be "
+                "stale by more than the schedule says (a pipeline that calls a branch only on "
+                "some steps is not supported)")
+        self.executor = stream.executor
+        eps = stream.denoise(call)
+        return answer(eps, stream.session.form)
+
+    # ------------------------------------------------------------------ schedule
     def set_timeline(self, *, stride: int | None = None, warmup: int | None = None,
                      time_shift: bool | None = None, stride_noise: str | None = None) -> None:
         """Change the schedule from the next pipeline run on, keeping the captures and plans
@@ -249,25 +199,29 @@ class Handle:
             stride_noise=o.stride_noise if stride_noise is None else stride_noise)
         _check_options(new)
         self.options = new
-        self._run["k"] = len(self._run["timesteps"])  # the next call starts a new run
+        self.streams.clear()  # the next call starts new streams
 
     # ------------------------------------------------------------------ undo
     def detach(self) -> None:
-        """Restore the pipeline exactly: the denoiser's own ``forward`` and, in distributed mode
-        with ``offload='cpu'``, the weights parked in host memory (the same tensor objects,
-        back on their devices). Idempotent. With ``offload='drop'`` the forward is restored and
-        then a RuntimeError says the dropped weights cannot be."""
-        if not self.attached:
+        """Restore the pipeline exactly: every denoiser's own ``forward``, the scheduler's own
+        methods and, in distributed mode with ``offload='cpu'``, the weights parked in host
+        memory (the same tensor objects, back on their devices). Idempotent. With
+        ``offload='drop'`` the rest is restored and then a RuntimeError says the dropped
+        weights cannot be."""
+        if not getattr(self, "attached", True):
             return
         self.attached = False
-        if self._had_instance_forward:
-            self.module.__dict__["forward"] = self._instance_forward
-        else:
-            self.module.__dict__.pop("forward", None)
-        self.sessions.clear()
-        self.executor = self._denoiser = None
-        if self._parked is not None:
-            self._parked.restore()
+        self.clock.detach()
+        self.streams = {}
+        self.executor = None
+        errors = []
+        for d in self.denoisers.values():
+            try:
+                d.detach()
+            except RuntimeError as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "Handle":
         return self
@@ -276,12 +230,123 @@ class Handle:
         self.detach()
 
 
-def _fed(t: torch.Tensor, value: float) -> bool:
-    """Whether every entry of the call's timestep is τ (pipelines expand t to the batch)."""
-    return bool(torch.all(t.detach().to("cpu", torch.float64) == value))
+class _Denoiser:
+    """One parallelized module: its proxy forward, its compiled sessions, its parked weights."""
+
+    def __init__(self, handle: Handle, attr: str):
+        module = getattr(handle.pipe, attr)
+        if isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _Denoiser):
+            raise RuntimeError(f"pipe.{attr} is already parallelized; detach() that handle first")
+        _refuse_stateful_hooks(handle.pipe, attr, module)
+        opts = handle.options
+        self.handle, self.attr, self.module = handle, attr, module
+        self.sessions: dict[tuple, Session] = {}
+        self.original = module.forward  # the class's forward, or a hook's instance forward
+        self.signature = inspect.signature(self.original)
+        self._had_instance_forward = "forward" in module.__dict__
+        self._instance_forward = module.__dict__.get("forward")
+        self.parked = Parked(module, opts.offload) if opts.mode == "distributed" else None
+        module.__dict__["forward"] = self.forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.handle._call(self, args, kwargs)
+
+    def session(self, call: Call) -> Session:
+        if call.key in self.sessions:
+            return self.sessions[call.key]
+        opts = self.handle.options
+        if self.parked is not None and self.parked.entries:
+            if self.parked.dropped:
+                raise RuntimeError(f"new denoiser input shapes ({call.describe()}) need a new "
+                                   "capture, but this rank dropped the other stages' weights "
+                                   "(offload='drop'); use offload='cpu', or one shape")
+            self.parked.restore()  # the capture traces the whole model
+        # capture, plan and verify with the original forward (the proxy out of the way): the
+        # verification calls the eager model, which must not come back here
+        seen: list[Any] = []
+        bound = with_static(self.original, call.static, seen.append)
+
+        def runner(inputs):  # the module backend's stages run the original forward too
+            return DenoiserContract().prediction(bound(**nest(inputs)))
+
+        def capture_call():  # (None, why): the module backend (asked for, or no capture)
+            if opts.backend == "module":
+                return None, ""
+            return try_capture(lambda: capture(self.module, call.specs(), call.tensors),
+                               opts.backend)
+
+        with self._unpatched(bound):
+            if opts.mode == "emulate":
+                session = sessions.emulated(self.module, call, capture_call(), opts, runner)
+            else:
+                session = sessions.distributed(self.module, call, capture_call, opts, runner)
+        session.form = output_form(seen[-1])
+        self.sessions[call.key] = session
+        if self.parked is not None:  # keep what any session's stage holds
+            self.parked.release([t for s in self.sessions.values() for t in s.tensors()])
+        return session
+
+    @contextlib.contextmanager
+    def _unpatched(self, forward):
+        self.module.__dict__["forward"] = forward
+        try:
+            yield
+        finally:
+            self.module.__dict__["forward"] = self.forward
+
+    def detach(self) -> None:
+        if self._had_instance_forward:
+            self.module.__dict__["forward"] = self._instance_forward
+        else:
+            self.module.__dict__.pop("forward", None)
+        self.sessions.clear()
+        if self.parked is not None:
+            self.parked.restore()
 
 
-def _show(t: torch.Tensor) -> str:
-    flat = t.detach().reshape(-1)
-    return f"{float(flat[0])}" if flat.numel() and bool(torch.all(flat == flat[0])) \
-        else str(flat.tolist())
+class _Stream:
+    """One stream of one run ([Note: drop-in steps]): its timeline, the timesteps its network
+    is fed, its executor."""
+
+    def __init__(self, handle: Handle, d: _Denoiser, key: tuple[str, int], run: int,
+                 first: int, taus: list[float], call: Call):
+        o = handle.options
+        self.run, self.first, self.k, self.call_key = run, first, 0, call.key
+        self.session = d.session(call)
+        steps = len(taus)
+        self.fed = FedTimesteps(taus, f"{type(handle.pipe).__name__}, stream {key}")
+        timeline = build_timeline(o.n, o.stride, min(o.warmup, steps), steps, o.time_shift,
+                                  o.stride_noise)
+        self.executor = self.session.executor(timeline, self.fed,
+                                              call.tensors[call.latent].device)
+        self.denoiser = PipelineDenoiser(self.executor)
+
+    def denoise(self, call: Call) -> torch.Tensor:
+        t = call.tensors[call.timestep]
+        if self.k >= len(self.fed):
+            raise RuntimeError(f"{self.fed.owner}: more calls than the run has steps "
+                               f"({len(self.fed)})")
+        self.fed.record(self.k, t)
+        eps = self.denoiser(call.tensors[call.latent], t, self.k, call.cond)
+        self.k += 1
+        return eps
+
+
+def _refuse_stateful_hooks(pipe: Any, attr: str, module: nn.Module) -> None:
+    """diffusers' caching hooks (FasterCache, PyramidAttentionBroadcast, FirstBlockCache, …)
+    keep state between calls: a split into stages would share it wrongly. One line naming
+    them and how to take them off; stateless hooks (layerwise casting) are captured."""
+    stateful = []
+    for name, m in module.named_modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        for hook_name, hook in getattr(registry, "hooks", {}).items():
+            if getattr(hook, "_is_stateful", False):
+                stateful.append(f"{hook_name} on {name or '<root>'}")
+    if stateful:
+        shown = sorted(set(stateful))
+        raise ValueError(
+            f"{type(pipe).__name__}.{attr} has stateful diffusers hooks "
+            f"({', '.join(shown[:4])}{' …' if len(shown) > 4 else ''}): they cache values "
+            "between calls, which a pipeline split into stages cannot share; disable them "
+            f"first (pipe.{attr}.disable_cache(), or HookRegistry.remove_hook) and "
+            "parallelize again")

@@ -145,7 +145,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     bundle = zoo.build(model_config(cfg), seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
     backend = part.get("backend", "auto")
-    captured = on_every_rank(lambda: None if backend == "module" else try_capture(
+    captured, fallback = on_every_rank(lambda: (None, "") if backend == "module" else try_capture(
         lambda: capture(bundle.module, bundle.specs, inputs, bundle.contract), backend),
         "capture")
     compiled = None
@@ -159,7 +159,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
                 name=f"{bundle.name}/{bundle.variant}", config_hash=bundle.config_hash,
                 repeats=part["repeats"], threads=part["threads"], contract=bundle.contract,
                 verify=bool(part.get("verify", True)),
-                backend="module" if captured is None else "graph")
+                backend="module" if captured is None else "graph", note=fallback)
         save_plan(cfg, out, compiled.plan)
         return compiled.plan
 

@@ -55,7 +55,7 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
                   repeats: int = 3, threads: int | None = 1, captured: Captured | None = None,
                   costs: NodeCosts | None = None, device: str | None = None,
                   contract: DenoiserContract | None = None, verify: bool = True,
-                  backend: str = "auto", runner=None) -> Compiled:
+                  backend: str = "auto", runner=None, note: str = "") -> Compiled:
     """Plan ``model`` into ``request.n`` stages; pass ``captured``/``costs`` to reuse them.
 
     ``contract``: how the model is called and which output is ε (partition/contract.py).
@@ -65,7 +65,9 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
     ``inputs`` (partition/verify.py); ``False`` skips it, and the plan says so.
     ``backend``: ``auto``, ``graph`` or ``module`` (module docstring). ``runner``
     (module backend): how its stages run the network at run time, when calling ``model``
-    itself is not the way (the drop-in, whose pipeline calls a patched forward).
+    itself is not the way (the drop-in, whose pipeline calls a patched forward). ``note``:
+    why the module backend was chosen, when the caller tried the capture itself (it goes
+    into the plan's notes).
     """
     if cost_model not in COST_MODELS:
         raise RequestError(f"cost_model={cost_model!r}; allowed: {', '.join(COST_MODELS)}")
@@ -73,7 +75,7 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
         raise RequestError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
     get_strategy(strategy)
     contract = contract or (captured.contract if captured is not None else DenoiserContract())
-    fallback = ""
+    fallback = note
     if backend != "module" and captured is None:
         try:
             captured = capture(model, specs, inputs, contract)

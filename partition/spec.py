@@ -76,12 +76,11 @@ def nest(flat: dict) -> dict:
 def _nest_dicts(flat: dict) -> dict:
     out: dict = {}
     for key, value in flat.items():
-        head, *rest = key.split(".")
-        if rest:
-            out.setdefault(head, {})
-            out[head] = {**out[head], **_nest_dicts({".".join(rest): value})}
-        else:
-            out[head] = value
+        *path, leaf = key.split(".")
+        level = out
+        for part in path:
+            level = level.setdefault(part, {})
+        level[leaf] = value
     return out
 
 

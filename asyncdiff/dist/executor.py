@@ -50,7 +50,7 @@ class DistributedExecutor:
     """Runs the rounds of ``timeline`` for pipeline device ``device`` (global rank base+device)."""
 
     def __init__(self, segments: list[Segment], plan: Plan, timeline: Timeline,
-                 timesteps: Sequence[float], device: int, base_rank: int, specs, placeholders,
+                 timesteps: Sequence, device: int, base_rank: int, specs, placeholders,
                  output: str, torch_device: torch.device | str = "cpu"):
         self.plan, self.timeline, self.d, self.base = plan, timeline, device, base_rank
         self.stage = stage_of_device(device, plan.n)
@@ -65,7 +65,9 @@ class DistributedExecutor:
         self.once = OncePerRun(model_inputs_of(prologues, placeholders) if prologues or
                                self.sent else ())
         self.hoisted: dict[str, torch.Tensor] = {}
-        self.timesteps = [float(t) for t in timesteps]
+        # per step: the number the network is fed, or the exact tensor (asyncdiff/inputs.py)
+        self.timesteps = timesteps if not isinstance(timesteps, torch.Tensor) else \
+            [float(t) for t in timesteps]
         self.specs, self.placeholders, self.output = specs, placeholders, output
         self.torch_device = torch.device(torch_device)
         # the prediction as the plan recorded it: a learned-σ network's narrowed ε, token

@@ -7,6 +7,7 @@ leaving the others waiting in a collective.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from partition.cost import NodeCosts
 from partition.graph import build_graph
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class RankError(RuntimeError):
@@ -56,15 +58,18 @@ def plan_from_rank0(make: Callable[[], Plan], what: str = "planning") -> Plan:
     return plan
 
 
-def try_capture(capture: Callable[[], T], backend: str) -> T | None:
-    """The capture, or None when torch.export cannot capture and the backend may fall back
-    to the module backend (the plan then says which backend rank 0 chose)."""
+def try_capture(capture: Callable[[], T], backend: str) -> tuple[T | None, str]:
+    """``(captured, "")``, or ``(None, why)`` when torch.export cannot capture and the backend
+    may fall back to the module backend: ``why`` goes into the plan's notes and the log, so a
+    fallback is never silent."""
     try:
-        return capture()
-    except CaptureError:
+        return capture(), ""
+    except CaptureError as err:
         if backend == "graph":
             raise
-        return None
+        why = f"module backend: torch.export could not capture the model ({err})"
+        log.warning("%s", why.splitlines()[0])
+        return None, why
 
 
 def own_stage(plan: Plan, captured, model, specs, inputs, contract, stage: int,

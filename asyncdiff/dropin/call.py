@@ -1,11 +1,14 @@
 """One denoiser call of a pipeline, as the compiler sees it.
 
-A diffusers pipeline calls its denoiser with a mix of tensors, nested dicts of tensors
-(``added_cond_kwargs``), ``None`` and flags (``return_dict``, ``cross_attention_kwargs``).
-:func:`bind_call` splits the call into *named tensor inputs* (dotted names for dict
-entries, nested again by :func:`partition.spec.nest`), which become the captured graph's
-inputs, and the *static* rest, which is baked into the capture (a different static part is
-another capture, like a different shape). The latent is the forward's first parameter (``sample``,
+A diffusers pipeline calls its denoiser with any pytree of tensors: nested dicts
+(``added_cond_kwargs``), lists and tuples (ControlNet's ``down_block_additional_residuals``,
+IP-Adapter's ``image_embeds``, HunyuanDiT's rotary ``(cos, sin)``), ``None`` and flags.
+:func:`bind_call` splits the call into *named tensor inputs* (dotted names: ``a.b`` for a dict
+entry, ``a.0`` for a sequence entry; nested again by :func:`partition.spec.nest`), which become
+the captured graph's inputs, and the *static* rest, which is baked into the capture (a
+different static part is another capture, like a different shape). A sequence keeps its type,
+its length and its non-tensor entries in the static part (:class:`Seq`), so :func:`merge`
+rebuilds exactly what the pipeline passed. The latent is the forward's first parameter (``sample``,
 ``hidden_states``); the timestep is the parameter named ``timestep``.
 """
 from __future__ import annotations
@@ -22,6 +25,29 @@ from partition.spec import InputSpec
 
 TIMESTEP = "timestep"
 _TENSOR = object()  # marks a leaf that went to the tensor inputs
+
+
+@dataclass(frozen=True)
+class Seq:
+    """The static part of a list or tuple that held tensors: its type, its length and its
+    other entries by index (the tensors are inputs named ``<name>.<index>``)."""
+
+    kind: type
+    length: int
+    items: tuple[tuple[int, Any], ...]
+
+    def rebuild(self, tensors: Mapping | tuple | list | None) -> list | tuple:
+        given = dict(enumerate(tensors)) if isinstance(tensors, (tuple, list)) else \
+            {int(k): v for k, v in (tensors or {}).items()}
+        static = dict(self.items)
+        out = []
+        for i in range(self.length):
+            if i in static and i in given:
+                out.append(merge(static[i], given[i]) if isinstance(static[i], Mapping)
+                           else static[i].rebuild(given[i]))
+            else:
+                out.append(given[i] if i in given else static[i])
+        return self.kind(out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,8 +131,12 @@ def _split(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
                 out[key] = rest
         return out
     if isinstance(value, (list, tuple)) and _has_tensor(value):
-        raise TypeError(f"denoiser input {name!r}: tensors inside a {type(value).__name__} "
-                        "(e.g. ControlNet residuals) are not supported by the drop-in")
+        items = []
+        for i, v in enumerate(value):
+            rest = _split(v, f"{name}.{i}", tensors)
+            if rest is not _TENSOR:
+                items.append((i, rest))
+        return Seq(type(value), len(value), tuple(items))
     return value
 
 
@@ -121,13 +151,19 @@ def _has_tensor(value: Any) -> bool:
 
 
 def merge(static: Mapping, inputs: Mapping) -> dict:
-    """``static`` with the nested ``inputs`` laid over it (dicts merged key by key)."""
+    """``static`` with the nested ``inputs`` laid over it (dicts merged key by key, sequences
+    rebuilt entry by entry)."""
     out = dict(static)
     for key, value in inputs.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if isinstance(out.get(key), Seq):
+            out[key] = out[key].rebuild(value)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = merge(out[key], value)
         else:
             out[key] = value
+    for key, value in out.items():  # a sequence of tensors only: every entry is an input
+        if isinstance(value, Seq):
+            out[key] = value.rebuild(None)
     return out
 
 

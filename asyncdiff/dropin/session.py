@@ -81,7 +81,7 @@ def config_hash(module: nn.Module) -> str:
 
 
 def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts: Options,
-                 runner=None) -> Compiled:
+                 runner=None, note: str = "") -> Compiled:
     """Plan the call into ``opts.n`` stages (the one place a plan is made): on its capture,
     or with the module backend where there is none."""
     return compile_model(module, call.specs(), call.tensors,
@@ -90,28 +90,31 @@ def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts:
                          name=type(module).__name__, config_hash=config_hash(module),
                          repeats=3 if opts.cost_model == "time" else 0,
                          threads=torch.get_num_threads(), captured=captured,
-                         verify=opts.verify, runner=runner,
+                         verify=opts.verify, runner=runner, note=note,
                          backend="module" if captured is None else "graph")
 
 
-def emulated(module: nn.Module, call: Call, captured: Captured | None, opts: Options,
-             runner=None) -> Session:
-    compiled = compile_call(module, call, captured, opts, runner)
+def emulated(module: nn.Module, call: Call, captured: tuple[Captured | None, str],
+             opts: Options, runner=None) -> Session:
+    """``captured``: what :func:`asyncdiff.dist.sharing.try_capture` returned."""
+    compiled = compile_call(module, call, captured[0], opts, runner, captured[1])
     staged = compiled.staged
     return Session(call.key, compiled.plan, None, staged.specs, staged.placeholders,
                    staged.output, staged=staged)
 
 
-def distributed(module: nn.Module, call: Call, capture: Callable[[], Captured | None],
-                opts: Options, runner=None) -> Session:
+def distributed(module: nn.Module, call: Call,
+                capture: Callable[[], tuple[Captured | None, str]], opts: Options,
+                runner=None) -> Session:
     """Every rank captures (or traces, for the module backend); rank 0 plans and broadcasts;
     each rank keeps its own stage (``asyncdiff/dist/sharing.py``: a failure on any rank is
     raised on every rank)."""
     from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0
 
     rank = dist.get_rank()
-    captured = on_every_rank(capture, "asyncdiff.parallelize: capture")
-    plan = plan_from_rank0(lambda: compile_call(module, call, captured, opts, runner).plan,
+    captured, fallback = on_every_rank(capture, "asyncdiff.parallelize: capture")
+    plan = plan_from_rank0(lambda: compile_call(module, call, captured, opts, runner,
+                                                fallback).plan,
                            "asyncdiff.parallelize: planning")
     mine = on_every_rank(lambda: own_stage(plan, captured, module, call.specs(), call.tensors,
                                            None, stage_of_device(rank, plan.n),

@@ -299,8 +299,18 @@ def test_call_split_keeps_non_tensor_entries():
     assert call.static == {"added_cond_kwargs": {"b": None}, "return_dict": False}
     merged = merge(call.static, nest(call.tensors))
     assert merged["added_cond_kwargs"]["b"] is None and merged["added_cond_kwargs"]["a"] is a
-    with pytest.raises(TypeError, match="tensors inside a list"):
-        bind_call(inspect.signature(forward), (x, t), dict(scale=[a]))
+    # lists and tuples (ControlNet residuals, IP-Adapter embeds, a rotary (cos, sin)) are
+    # entered by index and rebuilt with their type, length and non-tensor entries
+    b = torch.full((2,), 7.0)
+    call = bind_call(inspect.signature(forward), (x, t),
+                     dict(added_cond_kwargs={"image_embeds": [a, None, (b, "k")]}, scale=(a, b)))
+    assert list(call.tensors) == ["sample", "timestep", "added_cond_kwargs.image_embeds.0",
+                                  "added_cond_kwargs.image_embeds.2.0", "scale.0", "scale.1"]
+    merged = merge(call.static, nest(call.tensors))
+    embeds = merged["added_cond_kwargs"]["image_embeds"]
+    assert type(embeds) is list and embeds[0] is a and embeds[1] is None
+    assert type(embeds[2]) is tuple and embeds[2][0] is b and embeds[2][1] == "k"
+    assert type(merged["scale"]) is tuple and merged["scale"][0] is a and merged["scale"][1] is b
 
 
 def test_runs_restart_and_shapes_recapture():
@@ -335,20 +345,27 @@ def test_direct_call_answers_in_the_models_form():
     eager = model(**kw)
     with asyncdiff.parallelize(pipe, n=2, warmup=2):
         out = model(**kw)
-        tup = model(**kw, return_dict=False)  # τ_0 again: a new run, another capture
+        # the same step again: call 1 of the step, its own stream (and, return_dict
+        # being part of the call, its own capture)
+        tup = model(**kw, return_dict=False)
     assert type(out) is type(eager) and torch.equal(out.sample, eager.sample)
     assert isinstance(tup, tuple) and len(tup) == 1 and torch.equal(tup[0], eager.sample)
 
 
-def test_wrong_timestep_and_bad_arguments_are_refused():
+def test_calls_that_leave_the_timeline_and_bad_arguments_are_refused():
     pipe, _ = pipeline("sd3")
     e = FAMILIES["sd3"].inputs
-    pipe.scheduler.set_timesteps(2)
+    pipe.scheduler.set_timesteps(3)
     kw = dict(hidden_states=e["latents"], encoder_hidden_states=e["pe"],
               pooled_projections=e["pooled"])
+    ts = pipe.scheduler.timesteps
     with asyncdiff.parallelize(pipe, n=2, warmup=1):
-        with pytest.raises(RuntimeError, match="not in pipe.scheduler.timesteps"):
-            pipe.transformer(**kw, timestep=pipe.scheduler.timesteps[:1] / 1000)
+        pipe.transformer(**kw, timestep=ts[:1] / 1000)      # fed t / 1000: accepted
+        x = pipe.scheduler.step(e["latents"], ts[0], e["latents"]).prev_sample
+        pipe.scheduler.step(x, ts[1], x)                     # a step without its call
+        with pytest.raises(RuntimeError, match=r"StableDiffusion3Pipeline: stream "
+                                               r"\('transformer', 0\).*skipped a step"):
+            pipe.transformer(**kw, timestep=ts[2:3] / 1000)
         with pytest.raises(RuntimeError, match="already parallelized"):
             asyncdiff.parallelize(pipe, n=2)
     with pytest.raises(ValueError, match="mode='gpu'; allowed: emulate, distributed"):

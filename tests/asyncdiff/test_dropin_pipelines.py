@@ -1,0 +1,216 @@
+"""The drop-in across diffusers' pipeline classes (tests/pipelines.py), and every way a
+pipeline can leave the drop-in's step mapping ([Note: drop-in steps]).
+
+For each pipeline, built with tiny random components and run for 5 steps with guidance on:
+
+* warm-up >= T: the parallelized pipeline's latents equal the plain pipeline's bit for bit
+  (invariant 2: the capture of the pipeline's own call is exact, whatever its timestep
+  transform, argument pytree, streams or scheduler);
+* the denoiser calls map to the streams the pipeline makes (guidance as separate calls, a
+  second denoiser);
+* W = 1: the run completes, finite, and differs from the sequential one (the stages really
+  ran stale);
+* ``detach()`` gives back the plain pipeline's latents.
+
+The equality of W = 1 with an independent ``schedulers.sample`` + ``Emulator`` computation is
+in test_parallelize.py, for the pipelines whose loop that reference can reproduce.
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+
+import asyncdiff
+from asyncdiff.dropin.steps import FedTimesteps, StepClock
+
+pytest.importorskip("transformers", reason="the diffusers pipelines need transformers")
+
+import pipelines as P  # noqa: E402 (tests/pipelines.py, on the path by tests/conftest.py)
+
+STEPS = 5
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def _built(name: str):
+    pipe = P.PIPELINES[name].build()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("name", list(P.PIPELINES))
+def test_pipeline_warm_equals_plain_and_stale_runs(name):
+    case = P.PIPELINES[name]
+    pipe = _built(name)
+    plain = case.call(pipe, STEPS)
+    # every call warm: T is the run's scheduler entries (Heun: two per step), clamped to T
+    handle = asyncdiff.parallelize(pipe, n=2, warmup=4 * STEPS)
+    warm = case.call(pipe, STEPS)
+    assert sorted(handle.streams) == sorted(case.streams)
+    handle.set_timeline(warmup=1)
+    stale = case.call(pipe, STEPS)
+    handle.detach()
+    after = case.call(pipe, STEPS)
+    assert torch.equal(warm, plain)
+    assert torch.isfinite(stale).all() and not torch.equal(stale, plain)
+    assert torch.equal(after, plain)
+
+
+def test_true_cfg_with_stride_two_predicts_the_fed_timestep_exactly():
+    """Flux feeds t / 1000; with S = 2 (stride_noise='fresh') the last stage's stride copy
+    needs the next step's timestep before the pipeline feeds it: it is predicted by the
+    transform that reproduces every value fed so far, and each prediction is checked against
+    the value the pipeline later feeds (FedTimesteps.record raises on a contradiction)."""
+    case = P.PIPELINES["flux_true_cfg"]
+    pipe = _built("flux_true_cfg")
+    plain = case.call(pipe, STEPS)
+    with asyncdiff.parallelize(pipe, n=2, stride=2, warmup=1) as handle:
+        stale = case.call(pipe, STEPS)
+        fed = {key: s.fed for key, s in handle.streams.items()}
+    assert torch.isfinite(stale).all() and not torch.equal(stale, plain)
+    for stream in fed.values():
+        assert stream.predicted, "the stride copies needed a timestep ahead of its call"
+        for k, value in stream.predicted.items():
+            assert torch.equal(value, stream.fed[k])
+        assert torch.equal(stream.fed[1], torch.full_like(stream.fed[1], stream.taus[1]) / 1000)
+
+
+def test_ip_adapter_embeds_reach_the_network():
+    case = P.PIPELINES["sd15_ip_adapter"]
+    pipe = _built("sd15_ip_adapter")
+    with_image = case.call(pipe, 2)
+    pipe.set_ip_adapter_scale(0.0)
+    assert not torch.equal(case.call(pipe, 2), with_image)
+
+
+def test_a_capture_fallback_is_stated_and_exact(caplog):
+    """CogVideoX at a size whose positional table is rebuilt inside forward cannot be
+    captured by torch.export; the drop-in runs the module backend, says so in the log and the
+    plan, and is still exact."""
+    pipe = _built("cogvideox")
+
+    def call(p):
+        return p(prompt_embeds=P.embeds(1, 8, 8), negative_prompt_embeds=P.embeds(1, 8, 8, seed=2),
+                 num_inference_steps=3, guidance_scale=6.0, height=96, width=96, num_frames=9,
+                 generator=P._seed(), output_type="latent").frames
+
+    plain = call(pipe)
+    with caplog.at_level(logging.WARNING), asyncdiff.parallelize(pipe, n=2, warmup=3) as h:
+        warm = call(pipe)
+        (session,) = h.sessions.values()
+    assert torch.equal(warm, plain)
+    assert session.plan.backend == "module"
+    assert any("torch.export could not capture" in n for n in session.plan.notes)
+    assert "module backend: torch.export could not capture" in caplog.text
+
+
+def test_layerwise_casting_hooks_run_exactly():
+    case = P.PIPELINES["sd15"]
+    pipe = _built("sd15")
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                       compute_dtype=torch.float32)
+    plain = case.call(pipe, 3)
+    with asyncdiff.parallelize(pipe, n=2, warmup=3):
+        assert torch.equal(case.call(pipe, 3), plain)
+
+
+def test_stateful_cache_hooks_are_refused_in_one_line():
+    from diffusers import FasterCacheConfig
+
+    pipe = _built("cogvideox")
+    pipe.transformer.enable_cache(FasterCacheConfig(spatial_attention_block_skip_range=2,
+                                                    current_timestep_callback=lambda: 10))
+    hooked = pipe.transformer.__dict__["forward"]  # diffusers' hooks replace forward
+    with pytest.raises(ValueError, match=r"^CogVideoXPipeline.transformer has stateful "
+                                         r"diffusers hooks \(faster_cache.*disable_cache\(\)"):
+        asyncdiff.parallelize(pipe, n=2)
+    assert pipe.transformer.__dict__["forward"] is hooked  # nothing left half-attached
+    assert "step" not in pipe.scheduler.__dict__
+
+
+def test_a_missing_first_denoiser_is_skipped():
+    from asyncdiff.parallelize import _find_denoisers
+
+    pipe = types.SimpleNamespace(transformer=None, transformer_2=torch.nn.Linear(2, 2))
+    assert _find_denoisers(pipe, None) == ("transformer_2",)
+    with pytest.raises(ValueError, match="no denoiser module at pipe.transformer"):
+        _find_denoisers(pipe, "transformer")
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_a_pipeline_without_a_scheduler_is_refused_at_the_first_call():
+    module = P.denoiser("zoo/sana")
+    pipe = types.SimpleNamespace(transformer=module)
+    x = torch.zeros(1, 8, 8, 8)
+    with asyncdiff.parallelize(pipe, n=2):
+        with pytest.raises(RuntimeError, match="SimpleNamespace: the drop-in places each "
+                                               "denoiser call on a step by the pipeline's "
+                                               "scheduler.*this pipeline has none"):
+            module(x, encoder_hidden_states=torch.zeros(1, 8, 32), timestep=torch.ones(1))
+
+
+def test_fed_timesteps_that_do_not_follow_the_scheduler_are_refused():
+    one = torch.ones(2)
+    fed = FedTimesteps([900.0, 600.0, 600.0, 300.0], "Pipe, stream ('unet', 0)")
+    fed.record(0, one * 0.9)
+    fed.record(1, one * 0.6)
+    with pytest.raises(RuntimeError, match=r"steps 1 and 2 have the scheduler's timestep "
+                                           r"600.0 but were fed 0.6"):
+        fed.record(2, one * 0.5)
+    fed = FedTimesteps([900.0, 600.0, 300.0], "Pipe, stream ('unet', 0)")
+    for k, v in enumerate((0.9, 0.6)):
+        fed.record(k, one * v)
+    with pytest.raises(RuntimeError, match="the other way round from step 1"):
+        fed.record(2, one * 0.95)
+
+
+def test_fed_timestep_predictions_and_contradictions():
+    taus = [999.0, 749.0, 499.0, 249.0]
+    complement = FedTimesteps(taus, "Lumina2Pipeline, stream ('transformer', 0)")
+    complement.record(0, 1 - torch.full((1,), 999.0) / 1000)
+    complement.record(1, 1 - torch.full((1,), 749.0) / 1000)
+    assert torch.equal(complement[2], 1 - torch.full((1,), 499.0) / 1000)
+    with pytest.raises(RuntimeError, match="step 2 was run ahead of its call"):
+        complement.record(2, torch.full((1,), 0.5))
+    odd = FedTimesteps(taus, "Pipe, stream ('unet', 0)")
+    odd.record(0, torch.tensor([0.3]))
+    with pytest.raises(RuntimeError, match=r"follow no transform the drop-in can reproduce"):
+        odd[1]
+
+
+def test_a_scheduler_stepped_irregularly_is_refused():
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler()
+    clock = StepClock(sched, "Pipe")
+    sched.set_timesteps(4)
+    clock.locate(sched.timesteps[:1])
+    x = torch.zeros(1, 4, 2, 2)
+    sched.step(x, sched.timesteps[0], x)
+    sched._step_index += 1  # the pipeline moved the scheduler on its own
+    with pytest.raises(RuntimeError, match="Pipe: the scheduler is at entry 3 of its timesteps "
+                                           "after 2 step calls from entry 0"):
+        sched.step(x, sched.timesteps[1], x)
+    clock.detach()
+    assert "step" not in sched.__dict__
+
+
+def test_two_experts_each_run_their_own_part_of_the_run():
+    """Wan 2.2: ``transformer`` on the high-noise steps, ``transformer_2`` from the boundary
+    on; each expert's streams start where it is first called and count its own steps."""
+    case = P.PIPELINES["wan22_two_experts"]
+    pipe = _built("wan22_two_experts")
+    with asyncdiff.parallelize(pipe, n=2, warmup=1) as handle:
+        case.call(pipe, STEPS)
+        first = {key: (s.first, s.k) for key, s in handle.streams.items()}
+    high, low = first[("transformer", 0)], first[("transformer_2", 0)]
+    assert high[0] == 0 and low[0] == high[1] and high[1] + low[1] == STEPS
+    assert first[("transformer", 1)] == high and first[("transformer_2", 1)] == low
