@@ -42,6 +42,7 @@ from torch import nn
 
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dropin import session as sessions
+from asyncdiff.dropin import splits
 from asyncdiff.dist.sharing import try_capture
 from asyncdiff.dropin.call import Call, answer, bind_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
@@ -59,9 +60,12 @@ MODES: tuple[str, ...] = ("emulate", "distributed")
 DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
 
 
-def parallelize(pipe: Any, *, n: int, stride: int = 1, warmup: int = 1,
+def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int = 1,
                 time_shift: bool = False, stride_noise: str = "fresh",
-                strategy: str = "balanced", cost_model: str = "flops", depth: int | None = 4,
+                strategy: str | None = None, cost_model: str = "flops",
+                depth: int | None = 4, boundaries: list[str] | None = None,
+                stages: list[list[str]] | None = None, split: str | None = None,
+                plan: Any = None,
                 mode: Literal["emulate", "distributed"] = "emulate",
                 offload: Literal["cpu", "drop"] = "cpu",
                 denoiser: str | tuple[str, ...] | None = None,
@@ -69,9 +73,13 @@ def parallelize(pipe: Any, *, n: int, stride: int = 1, warmup: int = 1,
     """Run ``pipe``'s denoiser as an N-stage asynchronous pipeline until ``detach()``.
 
     ``n``, ``stride``, ``warmup``, ``time_shift``, ``stride_noise``: the timeline
-    (DESIGN.md §2, [Note: staleness]); ``strategy``, ``cost_model``, ``depth``: the partition
-    (``partition.compile_model``); ``mode``: ``emulate`` or ``distributed`` (see the module
-    docstring); ``offload`` (distributed only): what happens to the weights this rank's stage
+    (DESIGN.md §2, [Note: staleness]); ``strategy`` (default ``balanced``), ``cost_model``,
+    ``depth``: the partition (``partition.compile_model``). The split can also be given as
+    the command line takes it: ``boundaries=[module, …]`` or ``stages=[[module, …], …]``
+    (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
+    ``conf/partition/``, with its N) or ``plan=`` a saved ``plan.json`` (its N and stages,
+    rebuilt and verified, its ``plan_hash`` kept). ``mode``: ``emulate`` or ``distributed``
+    (see the module docstring); ``offload`` (distributed only): what happens to the weights this rank's stage
     does not use, ``cpu`` (kept in host memory; ``detach()`` restores them exactly) or
     ``drop`` (freed; ``detach()`` then refuses). ``denoiser``: the pipeline attribute holding
     the network (default: every one of ``unet``, ``transformer``, ``transformer_2``, …
@@ -80,10 +88,47 @@ def parallelize(pipe: Any, *, n: int, stride: int = 1, warmup: int = 1,
     ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the
     module backend), ``graph`` or ``module``.
     """
-    opts = Options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
-                   mode, offload, verify, backend)
+    opts = _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
+                    boundaries, stages, split, plan, mode, offload, verify, backend)
     _check_options(opts)
     return Handle(pipe, _find_denoisers(pipe, denoiser), opts)
+
+
+def _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
+             boundaries, stages, split, plan, mode, offload, verify, backend) -> Options:
+    """One split source: a strategy (with manual cut points), a named split, or a plan."""
+    given = [k for k, v in (("boundaries", boundaries), ("stages", stages), ("split", split),
+                            ("plan", plan)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"{given[0]} and {given[1]} given; allowed: one of boundaries, stages, "
+                         "split, plan")
+    manual = {k: v for k, v in (("boundaries", boundaries), ("stages", stages)) if v is not None}
+    saved, slack = None, 0.01
+    if split is not None:
+        n_split, keys = splits.named(split)
+        manual = {k: keys[k] for k in ("boundaries", "stages", "shell_depth", "shell_slack")
+                  if k in keys}
+        strategy = strategy or keys.get("strategy")
+        cost_model, depth = keys.get("cost_model", cost_model), keys.get("depth", depth)
+        slack = float(keys.get("slack", slack))
+        n = _agree("n", n, n_split, f"split={split!r}")
+    if plan is not None:
+        saved = splits.saved(plan)
+        n = _agree("n", n, saved.n, "the plan")
+        strategy, cost_model, depth = saved.strategy, saved.cost_model, saved.depth
+    if manual and split is None:
+        strategy = _agree("strategy", strategy, "manual", "boundaries/stages")
+    if n is None:
+        raise ValueError("n=None; allowed: an integer >= 1 (or a split or plan that sets it)")
+    return Options(n, stride, warmup, time_shift, stride_noise, strategy or "balanced",
+                   cost_model, depth, mode, offload, verify, backend, split=manual, slack=slack,
+                   plan=saved)
+
+
+def _agree(key: str, given: Any, implied: Any, source: str) -> Any:
+    if given is not None and implied is not None and given != implied:
+        raise ValueError(f"{key}={given!r}; allowed: {implied!r} (what {source} sets)")
+    return implied if implied is not None else given
 
 
 def _check_options(o: Options) -> None:

@@ -31,6 +31,12 @@ from typing import Literal
 #   seeded warm-up values; a skip connection is one round stale per stage boundary it crosses.
 # * stride_noise="reuse" (the official code at S = 2, DESIGN §2): only copy 0 of stage N−1 runs
 #   (N devices), and its output is ε for every step of the batch.
+# * stride_noise="official" (the public code's S = 2 schedule for every W, research/paper.md
+#   §1.5): "reuse", with batches aligned as that code aligns them: a batch starts at odd k ≥ W.
+#   With an even W, step W is load-only: nothing runs, ε_W = ε_{W−1} (the last warm-up round
+#   covers steps W−1 and W and its ε serves both), and the batches start at W+1 reading the
+#   values that warm-up round published. With an odd W (every W the paper reports) or S = 1
+#   it is "reuse" exactly. Strides other than 1 and 2 are refused (the public code has none).
 # * The values a stage publishes at the end of a parallel round are those of its run fed the
 #   batch's last step (stage N−1: copy len−1 in "fresh", copy 0 in "reuse"); this matters only
 #   for splits where the last stage feeds another stage (e.g. the paper's SDXL "shell").
@@ -38,12 +44,12 @@ from typing import Literal
 #   back by one (clamped at 0); the scheduler still uses τ_k.
 # * W = 0 with N > 1 is refused: nothing would seed the stale values of the first round.
 
-STRIDE_NOISE: tuple[str, ...] = ("fresh", "reuse")
+STRIDE_NOISE: tuple[str, ...] = ("fresh", "reuse", "official")
 
 
 def devices_needed(n: int, stride: int, stride_noise: str = "fresh") -> int:
     """Devices one pipeline runs on: N−1+S (``fresh``: a copy of the last stage per step of a
-    batch), or N (``reuse``: one copy; see [Note: staleness])."""
+    batch), or N (``reuse``, ``official``: one copy; see [Note: staleness])."""
     return n - 1 + stride if stride_noise == "fresh" else n
 
 
@@ -173,14 +179,22 @@ def _check_int(key: str, value: object, low: int, high: int | None = None, why: 
     raise ValueError(f"{key}={value!r}; allowed: {allowed}{why}")
 
 
-def _warmup_round(k: int, n: int) -> Round:
-    """Step k < W: stage s on device s, in order, fresh values, fed τ_k; everything published."""
+def _warmup_round(k: int, n: int, hold: bool = False) -> Round:
+    """Step k < W: stage s on device s, in order, fresh values, fed τ_k; everything published.
+    ``hold`` (official, even W, k = W−1): its ε serves the load-only step k+1 too."""
+    steps = (k, k + 1) if hold else (k,)
     actions = tuple(
         Action(round=k, device=s, stage=s, copy=0, t_step=k, latent_step=k,
-               inputs_round=k if n > 1 else None, eps_steps=(k,) if s == n - 1 else (),
+               inputs_round=k if n > 1 else None, eps_steps=steps if s == n - 1 else (),
                publishes=True)
         for s in range(n))
-    return Round(index=k, kind="warmup", steps=(k,), actions=actions)
+    return Round(index=k, kind="warmup", steps=steps, actions=actions)
+
+
+def _load_only_step(n: int, stride: int, warmup: int, steps: int, stride_noise: str) -> bool:
+    """The public code's even-W step W: no compute, ε_W = ε_{W−1} ([Note: staleness])."""
+    return (stride_noise == "official" and stride == 2 and n > 1 and warmup % 2 == 0
+            and warmup < steps)
 
 
 def _parallel_round(r: int, batch: tuple[int, ...], n: int, time_shift: bool,
@@ -206,7 +220,8 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
     """The round × device schedule for N stages, stride S, W warm-up steps and T steps.
 
     Follows [Note: staleness] (DESIGN.md §2; AsyncDiff Eq. 5, Sec. 3.2 "Stride Denoising").
-    Devices: N−1+S with ``stride_noise="fresh"``, N with ``"reuse"``. Without time shift,
+    Devices: N−1+S with ``stride_noise="fresh"``, N with ``"reuse"`` or ``"official"``.
+    Without time shift,
     N = 1 with S = 1, and W = T, are the sequential sampler. Bad arguments raise ValueError
     naming the key and the allowed values; W = 0 needs N = 1 (nothing else seeds the stale
     values).
@@ -220,8 +235,12 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
         raise ValueError(f"time_shift={time_shift!r}; allowed: true, false")
     if stride_noise not in STRIDE_NOISE:
         raise ValueError(f"stride_noise={stride_noise!r}; allowed: {', '.join(STRIDE_NOISE)}")
-    rounds: list[Round] = [_warmup_round(r, n) for r in range(warmup)]
-    for k0 in range(warmup, steps, stride):
+    if stride_noise == "official" and stride > 2:
+        raise ValueError(f"stride={stride} with stride_noise='official'; allowed: 1, 2 (the "
+                         "public code's strides)")
+    hold = _load_only_step(n, stride, warmup, steps, stride_noise)
+    rounds: list[Round] = [_warmup_round(r, n, hold and r == warmup - 1) for r in range(warmup)]
+    for k0 in range(warmup + hold, steps, stride):
         batch = tuple(range(k0, min(k0 + stride, steps)))
         rounds.append(_parallel_round(len(rounds), batch, n, time_shift, stride_noise))
     devices = devices_needed(n, stride, stride_noise)
@@ -239,7 +258,8 @@ def validate(tl: Timeline) -> None:
     stage runs, and exactly one of its runs publishes, in every round; every step gets exactly
     one ε, from stage N−1, in the round that covers it; rounds cover steps 0 … T−1 in order;
     no network input is fed a timestep later than its round's last step; device count is N−1+S
-    ("fresh") or N ("reuse").
+    ("fresh") or N ("reuse", "official"); only official's load-only step puts a second step
+    in a warm-up round.
     """
     def fail(r: int, msg: str) -> None:
         raise ValueError(f"timeline round {r}: {msg}")
@@ -254,7 +274,9 @@ def validate(tl: Timeline) -> None:
     for i, rnd in enumerate(tl.rounds):
         if rnd.index != i:
             fail(i, f"index {rnd.index}")
-        size = 1 if rnd.sequential else tl.stride
+        hold = rnd.sequential and i == tl.warmup - 1 and \
+            _load_only_step(tl.n, tl.stride, tl.warmup, tl.steps, tl.stride_noise)
+        size = 2 if hold else 1 if rnd.sequential else tl.stride
         if not 1 <= len(rnd.steps) <= size or rnd.sequential != (rnd.steps[0] < tl.warmup):
             fail(i, f"{rnd.kind} round covers steps {rnd.steps} (W={tl.warmup}, S={tl.stride})")
         devices = [a.device for a in rnd.actions]

@@ -24,7 +24,7 @@ def _int(key: str, value, low: int, high: int | None = None, why: str = "") -> i
 
 
 def devices(par: Mapping) -> int:
-    """Workers per pipeline: N−1+S (``stride_noise: fresh``) or N (``reuse``)."""
+    """Workers per pipeline: N−1+S (``stride_noise: fresh``) or N (``reuse``, ``official``)."""
     from asyncdiff.timeline import devices_needed
     return devices_needed(par["n"], par["stride"], par["stride_noise"])
 
@@ -135,8 +135,8 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
             raise ConfigError(
                 f"WORLD_SIZE={world} (torchrun --nproc-per-node × nodes); allowed: "
                 f"parallel.replicas × (n−1+stride) = {replicas} × ({n}−1+{stride}) = "
-                f"{replicas * per}" + (" (stride_noise=reuse: n)" if par["stride_noise"] ==
-                                       "reuse" else ""))
+                f"{replicas * per}" + (f" (stride_noise={par['stride_noise']}: n)"
+                                       if par["stride_noise"] != "fresh" else ""))
     # the runtime's own schedule checks (pure; e.g. stride_noise rules)
     from asyncdiff.timeline import build_timeline
     try:

@@ -49,6 +49,7 @@ class Device(Enum):
 class StrideNoise(Enum):
     fresh = "fresh"  # the paper's text: each step of a batch gets its own ε (N−1+S devices)
     reuse = "reuse"  # the public code at S = 2: one ε for the whole batch (N devices)
+    official = "official"  # reuse, batches at odd k >= W as the public code aligns them
 
 
 class CommBackend(Enum):

@@ -96,7 +96,7 @@ def label(d: dict) -> str:
         return f"sequential, {d['steps']} steps"
     s = f"N={d['n']} S={d['stride']} W={d['warmup']}"
     s += ", time shift" if d["time_shift"] else ""
-    s += ", reuse" if d["stride_noise"] == "reuse" else ""
+    s += f", {d['stride_noise']}" if d["stride_noise"] != "fresh" else ""
     return s + f", {d['steps']} steps"
 
 

@@ -126,6 +126,32 @@ def _check(graph, staged, inputs, threads, verify: bool, name: str):
     return result.note, result.stage_ms
 
 
+def compile_from_plan(model: nn.Module, specs: tuple[InputSpec, ...],
+                      inputs: dict[str, torch.Tensor], plan: Plan, *,
+                      captured: Captured | None = None, threads: int | None = 1,
+                      contract: DenoiserContract | None = None, verify: bool = True,
+                      runner=None, name: str = "model") -> Compiled:
+    """The stages of a saved plan (``plan.json``) for ``model`` at these inputs, rebuilt from a
+    fresh capture (graph backend) or trace (module backend) and verified against the eager
+    model like a new compile; the plan is returned as saved (its ``plan_hash`` unchanged).
+    A plan made for another model, shape or library version is refused (graph hash)."""
+    if plan.backend == "module":
+        from partition.modular import graph_for_plan, verify_blocks
+        from partition.modular import stages_from_plan as module_stages
+
+        graph = graph_for_plan(model, specs, inputs, plan, contract, threads)
+        staged = module_stages(graph, plan, runner)
+        if verify:
+            verify_blocks(graph, staged, inputs, threads, name)
+        return Compiled(plan=plan, staged=staged, graph=graph)
+    if captured is None:
+        captured = capture(model, specs, inputs, contract or DenoiserContract())
+    graph = build_graph(captured, NodeCosts({}, {}, {}), "flops")
+    staged = stages_from_plan(graph, plan)
+    _check(graph, staged, inputs, threads, verify, name)  # raises VerificationError
+    return Compiled(plan=plan, staged=staged, graph=graph)
+
+
 def stages_from_plan(graph: TrunkGraph, plan: Plan) -> StagedModel:
     """Rebuild the stages of a saved plan from a fresh capture of the same model and shapes."""
     if plan.backend == "module":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from asyncdiff.dist.executor import DistributedExecutor
 from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import Timeline, stage_of_device
-from partition import Compiled, PartitionRequest, Plan, compile_model
+from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
 from partition.capture import Captured
 from partition.stages import Segment, StagedModel
 
@@ -42,6 +42,9 @@ class Options:
     offload: str
     verify: bool = True
     backend: str = "auto"
+    split: dict = field(default_factory=dict)  # manual cut points etc. (PartitionRequest)
+    slack: float = 0.01
+    plan: Plan | None = None  # a saved plan: its stages are rebuilt, not planned again
 
 
 @dataclass(eq=False)
@@ -83,9 +86,15 @@ def config_hash(module: nn.Module) -> str:
 def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts: Options,
                  runner=None, note: str = "") -> Compiled:
     """Plan the call into ``opts.n`` stages (the one place a plan is made): on its capture,
-    or with the module backend where there is none."""
+    or with the module backend where there is none; or rebuild a saved plan's stages."""
+    if opts.plan is not None:
+        return compile_from_plan(module, call.specs(), call.tensors, opts.plan,
+                                 captured=captured, threads=torch.get_num_threads(),
+                                 verify=opts.verify, runner=runner,
+                                 name=type(module).__name__)
     return compile_model(module, call.specs(), call.tensors,
-                         PartitionRequest(n=opts.n, depth=opts.depth),
+                         PartitionRequest(n=opts.n, depth=opts.depth, slack=opts.slack,
+                                          options=dict(opts.split)),
                          strategy=opts.strategy, cost_model=opts.cost_model,
                          name=type(module).__name__, config_hash=config_hash(module),
                          repeats=3 if opts.cost_model == "time" else 0,

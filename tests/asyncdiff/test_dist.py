@@ -38,6 +38,7 @@ MATRIX = [
     (3, 2, 2, True, "fresh", "balanced"),
     (2, 3, 1, True, "fresh", "balanced"),
     (3, 2, 1, False, "reuse", "balanced"),
+    (3, 2, 2, False, "official", "balanced"),
     (2, 2, 1, False, "fresh", "shell_core"),
 ]
 

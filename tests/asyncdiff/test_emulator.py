@@ -199,6 +199,27 @@ def test_reuse_uses_copy0_for_the_whole_batch():
     assert torch.equal(out, x3)
 
 
+def test_official_even_warmup_re_emits_the_last_warmup_eps():
+    """stride_noise=official, W = 2 (research/paper.md §1.5): step 2 is load-only (ε_2 = ε_1),
+    the first batch starts at k = 3 on the values of warm-up step 1; E² copy 0 fed τ_3, its ε
+    used for steps 3 and 4."""
+    h = Hand(2, 5)
+    with torch.no_grad():
+        x0 = h.x
+        eps0, _ = h.full(x0, 0)
+        x1 = h.update(x0, eps0, 0)
+        eps1, v1 = h.full(x1, 1)
+        x2 = h.update(x1, eps1, 1)
+        x3 = h.update(x2, eps1, 2)         # load-only: nothing runs
+        eps3, _ = h.stage(1, x3, 3, v1)
+        x4 = h.update(x3, eps3, 3)
+        x5 = h.update(x4, eps3, 4)
+    out, _ = run_emulator(2, 2, 2, steps=5, noise="official")
+    assert torch.equal(out, x5)
+    reuse, _ = run_emulator(2, 2, 2, steps=5, noise="reuse")
+    assert not torch.equal(reuse, x5)   # reuse groups from W: another schedule
+
+
 # --------------------------------------------------------------------------------------
 # Sensitivity: change one staleness rule and the hand-worked equivalence must fail
 

@@ -199,14 +199,15 @@ def pipeline(name: str):
 
 
 def reference(name: str, handle, *, n: int, stride: int = 1, warmup: int = 1,
-              time_shift: bool = False, steps: int = STEPS) -> torch.Tensor:
+              time_shift: bool = False, steps: int = STEPS,
+              stride_noise: str = "fresh") -> torch.Tensor:
     """``schedulers.sample`` + ``PipelineDenoiser(Emulator)`` on the handle's staged model."""
     fam = FAMILIES[name]
     pipe, _ = pipeline(name)
     (session,) = handle.sessions.values()
     tau = fam.fresh_scheduler(pipe)
     tau.set_timesteps(steps)
-    timeline = build_timeline(n, stride, min(warmup, steps), steps, time_shift)
+    timeline = build_timeline(n, stride, min(warmup, steps), steps, time_shift, stride_noise)
     inner = PipelineDenoiser(Emulator(session.staged, session.plan, timeline, tau.timesteps))
 
     def denoiser(x, t, k, cond):
@@ -278,6 +279,62 @@ def test_dropin_equals_sequential_and_emulator_and_detaches(name, n, stride, tim
     assert r["captures"] == 1                         # one capture per shape
     assert r["restored"] and not r["forward"]         # detach: parameters, forward
     assert torch.equal(r["after"], sequential)
+
+
+@pytest.mark.parametrize("n,stride,warmup,time_shift", [
+    (2, 1, 1, False), (2, 2, 2, False), (3, 2, 1, False), (3, 2, 2, True), (4, 2, 3, False),
+    (4, 2, 4, False), (4, 1, 2, True),
+])
+def test_paper_split_and_official_schedule_equal_the_emulator(n, stride, warmup, time_shift):
+    """The paper's SD 1.5 split (conf/partition/paper_sd15_n<N>.yaml) through the drop-in, on
+    the unmodified pipeline with DDIM and CFG, run on the public code's schedule
+    (stride_noise='official': with an even W a load-only step), equals schedulers.sample +
+    Emulator on the same timeline."""
+    steps = 7
+    pipe, sequential = pipeline("sd15")
+    with asyncdiff.parallelize(pipe, split=f"paper_sd15_n{n}", stride=stride, warmup=warmup,
+                               time_shift=time_shift, stride_noise="official") as handle:
+        got = FAMILIES["sd15"].run(pipe, steps=steps)
+        (session,) = handle.sessions.values()
+        want = reference("sd15", handle, n=n, stride=stride, warmup=warmup,
+                         time_shift=time_shift, steps=steps, stride_noise="official")
+    assert session.plan.strategy == "manual" and session.plan.n == n
+    assert torch.equal(got, want)
+    assert not torch.equal(got, FAMILIES["sd15"].run(pipe, steps=steps))
+
+
+def test_a_saved_plan_gives_the_same_plan_and_result(tmp_path):
+    pipe, _ = pipeline("sd15")
+    with asyncdiff.parallelize(pipe, n=2, boundaries=["up_blocks.1"]) as handle:
+        first = FAMILIES["sd15"].run(pipe)
+        (session,) = handle.sessions.values()
+    (tmp_path / "plan.json").write_text(session.plan.to_json())
+    with asyncdiff.parallelize(pipe, plan=tmp_path / "plan.json") as handle:
+        again = FAMILIES["sd15"].run(pipe)
+        (loaded,) = handle.sessions.values()
+    assert loaded.plan.plan_hash == session.plan.plan_hash
+    assert torch.equal(again, first)
+    pixart, _ = pipeline("pixart")  # another model's plan: refused by its graph hash
+    with asyncdiff.parallelize(pixart, plan=tmp_path / "plan.json"):
+        with pytest.raises(ValueError, match="plan graph_hash=.* but this capture is"):
+            FAMILIES["pixart"].run(pixart)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(n=2, split="paper_sd15_n3"), r"^n=2; allowed: 3 \(what split='paper_sd15_n3' sets\)$"),
+    (dict(n=2, split="nope"), r"^split='nope'; allowed: .*paper_sd15_n2"),
+    (dict(n=2, boundaries=["mid_block"], strategy="balanced"),
+     r"^strategy='balanced'; allowed: 'manual'"),
+    (dict(plan="/nonexistent/plan.json"), r"^plan='/nonexistent/plan.json'; allowed: the path"),
+    (dict(n=2, boundaries=["mid_block"], split="paper_sd15_n2"),
+     r"^boundaries and split given; allowed: one of"),
+    (dict(stride=3, n=2, stride_noise="official"), r"^stride=3 with stride_noise='official'"),
+])
+def test_split_arguments_are_checked(kwargs, message):
+    pipe, _ = pipeline("sd15")
+    with pytest.raises(ValueError, match=message):
+        asyncdiff.parallelize(pipe, **kwargs)
+    assert "forward" not in pipe.unet.__dict__
 
 
 def test_call_split_keeps_non_tensor_entries():

@@ -74,6 +74,32 @@ def test_n3_s2_reuse_by_hand():
     ]
 
 
+def test_official_even_warmup_has_a_load_only_step():
+    """The public code at S = 2 (research/paper.md §1.5): batches start at odd k ≥ W; with an
+    even W step W computes nothing and re-emits ε_{W−1}."""
+    tl = build_timeline(n=3, stride=2, warmup=2, steps=8, stride_noise="official")
+    assert tl.devices == 3
+    assert [r.steps for r in tl.rounds] == [(0,), (1, 2), (3, 4), (5, 6), (7,)]
+    assert tl.rounds[1].sequential and tl.rounds[1].eps_source(2).eps_steps == (1, 2)
+    assert tl.round_of(2) is tl.rounds[1]
+    # the first batch (k = 3) reads what the last warm-up round published; E³ fed τ_3
+    assert rows(tl)[2] == [(0, 0, 4, 3, 1, ()), (1, 1, 4, 3, 1, ()), (2, 2, 3, 3, 1, (3, 4))]
+
+
+@pytest.mark.parametrize("n,stride,warmup,steps", [(3, 2, 1, 8), (2, 2, 3, 9), (4, 2, 9, 50),
+                                                   (3, 1, 2, 6), (2, 2, 8, 8), (1, 2, 2, 6)])
+def test_official_is_reuse_where_the_code_aligns_batches_from_w(n, stride, warmup, steps):
+    """Odd W, S = 1, W = T, N = 1: nothing to realign, official == reuse."""
+    official = build_timeline(n, stride, warmup, steps, stride_noise="official")
+    reuse = build_timeline(n, stride, warmup, steps, stride_noise="reuse")
+    assert official.rounds == reuse.rounds
+
+
+def test_official_refuses_strides_the_public_code_lacks():
+    with pytest.raises(ValueError, match=r"^stride=3 with stride_noise='official'; allowed: 1, 2"):
+        build_timeline(n=2, stride=3, warmup=1, steps=6, stride_noise="official")
+
+
 def test_time_shift_paper_example():
     # App. A: 50 steps, W=2: the network is fed indices 0, 1, 1, 2, …, 48; the scheduler keeps τ_k.
     tl = build_timeline(n=2, stride=1, warmup=2, steps=50, time_shift=True)
@@ -111,7 +137,7 @@ def test_bad_inputs_name_key_and_allowed(kwargs, key):
         build_timeline(**kwargs)
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
     if key == "stride_noise=":
-        assert "fresh, reuse" in str(err.value)
+        assert "fresh, reuse, official" in str(err.value)
 
 
 def test_warmup_zero_allowed_without_stage_boundary():
@@ -169,21 +195,26 @@ def test_grid_n3_s2():
 params = st.integers(1, 5).flatmap(lambda n: st.integers(1, 4).flatmap(
     lambda s: st.integers(1, 25).flatmap(lambda t: st.tuples(
         st.just(n), st.just(s), st.integers(1 if n > 1 else 0, t), st.just(t),
-        st.booleans(), st.sampled_from(["fresh", "reuse"])))))
+        st.booleans(), st.sampled_from(["fresh", "reuse", "official"])))))
 
 
 @settings(max_examples=300, deadline=None)
 @given(params)
 def test_invariants(p):
     n, s, w, t, shift, noise = p
+    if noise == "official" and s > 2:
+        s = 2
     tl = build_timeline(n, s, w, t, time_shift=shift, stride_noise=noise)
+    hold = noise == "official" and s == 2 and n > 1 and w % 2 == 0 and w < t
     validate(tl)
     assert tl.devices == (n - 1 + s if noise == "fresh" else n)
     eps = sorted(k for r in tl.rounds for a in r.actions for k in a.eps_steps)
     assert eps == list(range(t))
     assert all(tl.round_of(k).eps_source(k).stage == n - 1 for k in range(t))
-    assert len(tl.parallel_rounds) == math.ceil((t - w) / s)
+    assert len(tl.parallel_rounds) == math.ceil((t - w - hold) / s)
     assert sum(r.sequential for r in tl.rounds) == w
+    if noise == "official" and s == 2 and n > 1:   # the public code's batches: odd k
+        assert all(r.steps[0] % 2 == 1 for r in tl.parallel_rounds)
     for r in tl.rounds:
         assert r.eps_steps == r.steps
         for a in r.actions:
