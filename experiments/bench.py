@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 def bench(cfg: DictConfig, out: Path) -> dict:
     """Time each mode ``bench.repeats`` times (interleaved, so drifting machine load hits
     every mode alike); write bench.csv and bench.json; return the JSON's content."""
-    par = parallel_spec({**plain(cfg.parallel), "replicas": 1})
     bundle, compiled = compiled_model(cfg)
+    par = parallel_spec({**plain(cfg.parallel), "replicas": 1}, compiled.plan,
+                        cfg.scheduler.steps)
     save_plan(cfg, out, compiled.plan)
     job = sampling_jobs(bundle, cfg, 1)[0]
     p = par.devices

@@ -7,8 +7,10 @@ jobs of a sweep (basic launcher: one process) capture each model once and only r
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import time
 from functools import lru_cache
 
@@ -17,11 +19,13 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from asyncdiff.denoiser import SequentialDenoiser
+from asyncdiff.dist import limits
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from experiments.checks import check_backend, devices
 from experiments.common import partition_request, plain, requested
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
                                          scheduler_kwargs)
-from partition import Compiled, compile_graph, compile_model
+from partition import Compiled, Plan, compile_graph, compile_model
 from experiments import zoo
 from partition.capture import CaptureError, capture
 from partition.cost import profile
@@ -33,13 +37,20 @@ from schedulers import make_scheduler, sample
 log = logging.getLogger(__name__)
 
 
-def parallel_spec(par: dict) -> ParallelSpec:
-    backend = par["backend"]
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return ParallelSpec(n=par["n"], stride=par["stride"], warmup=par["warmup"],
+def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None) -> ParallelSpec:
+    """The runtime's parallel settings; with the plan and T, its time limits (configured, or
+    derived from the planned step time: asyncdiff/dist/limits.py)."""
+    spec = ParallelSpec(n=par["n"], stride=par["stride"], warmup=par["warmup"],
                         time_shift=par["time_shift"], stride_noise=par["stride_noise"],
-                        threads=par["threads"], backend=backend, replicas=par["replicas"])
+                        threads=par["threads"], replicas=par["replicas"],
+                        backend=check_backend(par["backend"],
+                                              par["replicas"] * devices(par), os.environ))
+    if plan is None:
+        return spec
+    lim = limits.derive(plan, steps, step_s=par.get("step_timeout_s"),
+                        run_s=par.get("run_timeout_s"), startup_s=par.get("startup_timeout_s"))
+    log.info("%s", lim.describe())
+    return dataclasses.replace(spec, timeout_s=lim.step_s, run_timeout_s=lim.run_s)
 
 
 def _halves(example: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:

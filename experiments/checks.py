@@ -16,6 +16,28 @@ from experiments import zoo
 from partition.spec import InputSpec, latent_name
 
 
+def local_ranks(world: int, env: Mapping) -> int:
+    """Ranks on this machine: torchrun's LOCAL_WORLD_SIZE, else every rank (self-spawned)."""
+    return int(env.get("LOCAL_WORLD_SIZE", world))
+
+
+def check_backend(backend: str, world: int, env: Mapping) -> str:
+    """``nccl`` needs one GPU per local rank; ``auto`` takes it only then (else gloo)."""
+    gpus = _cuda_count()
+    local = local_ranks(world, env)
+    if backend == "nccl" and gpus < local:
+        raise ConfigError(f"parallel.backend=nccl needs one GPU per local rank ({local} ranks, "
+                          f"{gpus} GPU(s) here); allowed: gloo, auto")
+    if backend == "auto":
+        return "nccl" if gpus >= local else "gloo"
+    return backend
+
+
+def _cuda_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _int(key: str, value, low: int, high: int | None = None, why: str = "") -> int:
     if value >= low and (high is None or value <= high):
         return value
@@ -137,6 +159,12 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
                 f"parallel.replicas × (n−1+stride) = {replicas} × ({n}−1+{stride}) = "
                 f"{replicas * per}" + (f" (stride_noise={par['stride_noise']}: n)"
                                        if par["stride_noise"] != "fresh" else ""))
+    for key in ("step_timeout_s", "run_timeout_s", "startup_timeout_s"):
+        value = par.get(key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"parallel.{key}={value!r}; allowed: a number of seconds > 0, or "
+                              "null (derived from the plan)")
+    check_backend(par["backend"], replicas * devices(par), env)
     # the runtime's own schedule checks (pure; e.g. stride_noise rules)
     from asyncdiff.timeline import build_timeline
     try:

@@ -39,8 +39,9 @@ from partition import format_plan
 @exit_on_bad_input
 def hydra_main(cfg: DictConfig) -> None:
     cfg = resolved(cfg, "demo")
-    spec = parallel_spec({**plain(cfg.parallel), "replicas": 1})
     bundle, compiled = compiled_model(cfg)
+    spec = parallel_spec({**plain(cfg.parallel), "replicas": 1}, compiled.plan,
+                         cfg.scheduler.steps)
     print(format_plan(compiled.plan, steps=cfg.scheduler.steps, warmup=spec.warmup,
                       stride=spec.stride))
     job = sampling_jobs(bundle, cfg, 1)[0]

@@ -124,8 +124,8 @@ def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tens
 
 def run_spawn(cfg: DictConfig, out: Path) -> dict:
     """One command, P = R·(N−1+S) worker processes spawned here; this process logs."""
-    par = parallel_spec(plain(cfg.parallel))
     bundle, compiled = compiled_model(cfg)
+    par = parallel_spec(plain(cfg.parallel), compiled.plan, cfg.scheduler.steps)
     save_plan(cfg, out, compiled.plan)
     jobs = sampling_jobs(bundle, cfg, par.replicas)
     log.info("asyncdiff: %d pipeline(s) × %d workers × %d thread(s), %d %s steps",
@@ -137,11 +137,17 @@ def run_spawn(cfg: DictConfig, out: Path) -> dict:
                   result.peak_rss)
 
 
+TORCHRUN_STEP_TIMEOUT_S = 1800.0
+
+
 def run_torchrun(cfg: DictConfig, out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     par = parallel_spec(plain(cfg.parallel))
     part = plain(cfg.partition)
-    init_group(rank, world, par.backend, None, par.timeout_s * 4)
+    # the group's waits are bounded before any plan exists: the configured step timeout, else
+    # torchrun's usual 30 minutes (a hang is then named by the peer that waited on it)
+    init_group(rank, world, par.backend, None,
+               plain(cfg.parallel).get("step_timeout_s") or TORCHRUN_STEP_TIMEOUT_S)
     bundle = zoo.build(model_config(cfg), seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
     backend = part.get("backend", "auto")

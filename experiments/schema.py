@@ -113,6 +113,11 @@ class ParallelConf:
     backend: CommBackend = CommBackend.auto
     threads: int = 1           # intra-op threads per worker
     replicas: int = 1          # R independent pipelines (world size R x devices)
+    # how long a worker may wait for a peer / the whole run may take before it is stopped as
+    # failed; null: derived from the plan's step time (asyncdiff/dist/limits.py)
+    step_timeout_s: Optional[float] = None
+    run_timeout_s: Optional[float] = None
+    startup_timeout_s: Optional[float] = None
 
 
 @dataclass

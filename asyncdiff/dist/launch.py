@@ -95,12 +95,15 @@ def _entry(rank: int, world: int, port: int, jobs: str, results) -> None:
 
 
 def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: list[SamplingJob],
-           *, fault: dict | None = None, timeout_s: float = 600.0,
+           *, fault: dict | None = None, timeout_s: float | None = None,
            plans: dict[int, Plan] | None = None, progress: bool = False) -> LaunchResult:
     """Run ``len(sampling)`` = R pipelines of N−1+S workers each; return their latents.
 
     ``plans`` (tests) gives some ranks a different plan, to check the hash comparison.
+    ``timeout_s``: the whole run (default ``parallel.run_timeout_s``); each wait for a peer is
+    bounded by ``parallel.timeout_s`` (both: asyncdiff/dist/limits.py).
     """
+    timeout_s = parallel.run_timeout_s if timeout_s is None else timeout_s
     if len(sampling) != parallel.replicas:
         raise ValueError(f"sampling: {len(sampling)} jobs for replicas={parallel.replicas}; "
                          "allowed: one job per replica")

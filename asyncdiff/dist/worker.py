@@ -46,7 +46,8 @@ class ParallelSpec:
     threads: int = 1
     backend: str = "gloo"
     replicas: int = 1
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0       # the longest wait for a peer (asyncdiff/dist/limits.py)
+    run_timeout_s: float = 600.0  # the whole run, start-up included
 
     @property
     def devices(self) -> int:

@@ -20,7 +20,7 @@ from exp_helpers import FAST, RUN_MAIN, compose_cfg, popen
 import schedulers
 from experiments import cli
 from experiments.common import CONF_DIR, ConfigError, plain
-from experiments.checks import check_config
+from experiments.checks import check_backend, check_config
 from experiments import zoo
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml"))
@@ -117,7 +117,12 @@ BAD = [
     (["parallel.warmup=5"], "parallel.warmup=5; allowed: an integer in [1, 4]"),
     (["parallel.n=1", "parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer in [0, 4]"),
     (["parallel.nn=3"], "parallel.nn: unknown key; allowed: n, stride, warmup, time_shift, "
-                        "stride_noise, backend, threads, replicas"),
+                        "stride_noise, backend, threads, replicas, step_timeout_s, "
+                        "run_timeout_s, startup_timeout_s"),
+    (["parallel.step_timeout_s=-5"],
+     "parallel.step_timeout_s=-5.0; allowed: a number of seconds > 0, or null"),
+    (["parallel.stride_noise=official", "parallel.stride=3"],
+     "parallel.stride=3 with stride_noise='official'; allowed: 1, 2"),
     (["parallel.n=abc"], "parallel.n='abc'; allowed: an integer"),
     (["partition.strategy=xyz"],
      "partition.strategy='xyz'; allowed: balanced, equal_blocks, manual, shell_core"),
@@ -159,6 +164,17 @@ def test_bad_input_is_one_line_and_exit_2(overrides, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir()), "nothing may be written"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="GPUs for every rank are here")
+def test_nccl_without_a_gpu_per_rank_is_bad_input():
+    cfg = plain(compose_cfg(*FAST, "parallel.backend=nccl"))
+    with pytest.raises(ConfigError, match=r"^parallel.backend=nccl needs one GPU per local rank "
+                                          r"\(2 ranks, [01] GPU\(s\) here\); allowed: gloo, auto$"):
+        check_config(cfg, env={})
+    assert check_backend("auto", 2, {}) == "gloo"
+    assert check_backend("auto", 2, {"LOCAL_WORLD_SIZE": "1"}) == (
+        "nccl" if torch.cuda.is_available() else "gloo")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")

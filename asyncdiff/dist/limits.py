@@ -1,0 +1,61 @@
+"""How long the runtime waits before it calls a worker failed: from the plan, not constants.
+
+A full-size model on a CPU takes tens of seconds per forward (docs/benchmarks.md: SD 1.5,
+~25 s at one thread); fixed limits sized for tiny models would kill such a run as "failed".
+Each limit is configurable, and by default derived from the planned step time:
+
+* ``step_s``: the longest one wait for a peer may take (the process group's timeout, so a
+  hung or dead peer is noticed and named by whoever waits on it): 10× the estimated time of
+  one sequential step, at least 30 s;
+* ``run_s``: the whole run, a backstop for everything else: start-up plus every step at
+  ``step_s``;
+* ``startup_s``: what the run limit allows for start-up (processes, rendezvous, loading
+  the stages).
+
+The step estimate is the plan's measured whole forward (cost model ``time``), else its FLOPs
+at a deliberately slow :data:`FLOOR_FLOPS_PER_S` (a single old CPU core), so that an
+estimate errs towards waiting longer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from partition import Plan
+
+FLOOR_FLOPS_PER_S = 2e9  # FLOPs (multiply-adds × 2) per second of one slow CPU thread
+MIN_STEP_S = 30.0
+STARTUP_S = 120.0
+MARGIN = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    step_s: float
+    run_s: float
+    startup_s: float
+    estimate_s: float  # the estimated sequential step the defaults were derived from
+
+    def describe(self) -> str:
+        return (f"limits: {self.step_s:.0f} s per wait, {self.run_s:.0f} s per run "
+                f"(step estimated at {self.estimate_s:.2f} s)")
+
+
+def step_estimate_s(plan: Plan) -> float:
+    if plan.measured is not None and plan.measured.total_ms:
+        return plan.measured.total_ms / 1e3
+    return (plan.step_flops or plan.total_flops) / FLOOR_FLOPS_PER_S
+
+
+def derive(plan: Plan, steps: int, *, step_s: float | None = None, run_s: float | None = None,
+           startup_s: float | None = None) -> Limits:
+    """The limits for ``steps`` steps of ``plan``; a value given wins over its default."""
+    estimate = step_estimate_s(plan)
+    for key, value in (("step_timeout_s", step_s), ("run_timeout_s", run_s),
+                       ("startup_timeout_s", startup_s)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{key}={value!r}; allowed: a number of seconds > 0, or null "
+                             "(derived from the plan)")
+    step = step_s if step_s is not None else max(MIN_STEP_S, MARGIN * estimate)
+    start = startup_s if startup_s is not None else STARTUP_S
+    run = run_s if run_s is not None else start + steps * step
+    return Limits(float(step), float(run), float(start), estimate)
