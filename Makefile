@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,18 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/partition_sd15.py
 	$(BIN)/python benchmarks/runtime_cpu.py
+
+# On a machine with CUDA (a few minutes): stages on the GPU == the whole model, emulator on the
+# GPU == sequential (deterministic kernels), per-stage GPU times of full-size SD 2.1; with two
+# or more GPUs also nccl executor == emulator and the measured speedup next to the plan's.
+gpu-check: setup
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
+	$(BIN)/python -m pytest -q -m gpu tests
+	$(BIN)/python benchmarks/scaling_sd21.py --time-on cuda --repeats 10
+	if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
+	  $(BIN)/asyncdiff-bench model=sd21 parallel.n=2 parallel.backend=nccl partition.device=cuda \
+	    partition.cost_model=time scheduler.steps=20 bench.repeats=3 wandb.mode=disabled; \
+	else echo "gpu-check: one GPU; the nccl executor and its speedup need two"; fi
 
 clean:
 	rm -rf $(VENV) outputs multirun
