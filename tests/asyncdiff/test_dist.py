@@ -142,3 +142,31 @@ def test_learned_sigma_model_with_a_narrowed_prediction():
     want = emulate(c, par, x, cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0], want)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_end_to_end(dtype):
+    """A model in fp16 / bf16: its stages are exact, the values it sends and the plan's byte
+    counts are in that dtype (half of fp32's), and distributed == emulator."""
+    from experiments import zoo
+    from partition import PartitionRequest, compile_model
+
+    bundle = zoo.build(zoo.load_yaml("sd15"), seed=0)
+    name = str(dtype).removeprefix("torch.")
+    specs = tuple(type(s)(**{**s.to_dict(), "dtype": name}) if s.role != "timestep" else s
+                  for s in bundle.specs)
+    inputs = {k: v.to(dtype) if v.is_floating_point() and k != "timestep" else v
+              for k, v in bundle.inputs(0).items()}
+    c = compile_model(bundle.module.to(dtype), specs, inputs, PartitionRequest(n=2),
+                      cost_model="flops", name="sd15/tiny", config_hash="")
+    full = compiled(2)
+    assert c.plan.verification.startswith("exact")
+    assert {v.dtype for v in c.plan.values} == {name} and c.plan.output_dtype == name
+    assert 2 * c.plan.bytes_per_step == full.plan.bytes_per_step
+    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"]}
+    _, x = cond_and_noise()
+    par = ParallelSpec(n=2)
+    want = emulate(c, par, x.to(dtype), cond)
+    got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x.to(dtype), cond)])
+    assert got.latents[0].dtype == dtype and torch.equal(got.latents[0], want)
