@@ -79,8 +79,11 @@ def _sd21():
 
     return StableDiffusionPipeline(
         vae=vae(), text_encoder=None, tokenizer=None, unet=denoiser("sd21"),
-        scheduler=DDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                timestep_spacing="trailing"),
+        # SD 2.1's released scheduler settings, with zero terminal SNR (v-prediction)
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+                                steps_offset=1, prediction_type="v_prediction",
+                                rescale_betas_zero_snr=True, timestep_spacing="trailing"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
