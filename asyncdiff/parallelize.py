@@ -35,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
+import types
 from typing import Any, Literal
 
 import torch
@@ -55,6 +57,8 @@ from partition.capture import capture
 from partition.contract import DenoiserContract
 from partition.cost import COST_MODELS
 from partition.spec import nest
+
+log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("emulate", "distributed")
 DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
@@ -78,7 +82,8 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     the command line takes it: ``boundaries=[module, …]`` or ``stages=[[module, …], …]``
     (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
     ``conf/partition/``, with its N) or ``plan=`` a saved ``plan.json`` (its N and stages,
-    rebuilt and verified, its ``plan_hash`` kept). ``mode``: ``emulate`` or ``distributed``
+    rebuilt and verified, its ``plan_hash`` kept); a split or a plan sets the strategy, cost
+    model and depth, and a strategy given with it must agree. ``mode``: ``emulate`` or ``distributed``
     (see the module docstring); ``offload`` (distributed only): what happens to the weights this rank's stage
     does not use, ``cpu`` (kept in host memory; ``detach()`` restores them exactly) or
     ``drop`` (freed; ``detach()`` then refuses). ``denoiser``: the pipeline attribute holding
@@ -108,13 +113,15 @@ def _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, 
         n_split, keys = splits.named(split)
         manual = {k: keys[k] for k in ("boundaries", "stages", "shell_depth", "shell_slack")
                   if k in keys}
-        strategy = strategy or keys.get("strategy")
+        strategy = _agree("strategy", strategy, keys.get("strategy"), f"split={split!r}")
         cost_model, depth = keys.get("cost_model", cost_model), keys.get("depth", depth)
         slack = float(keys.get("slack", slack))
         n = _agree("n", n, n_split, f"split={split!r}")
     if plan is not None:
         saved = splits.saved(plan)
         n = _agree("n", n, saved.n, "the plan")
+        _agree("backend", None if backend == "auto" else backend, saved.backend, "the plan")
+        _agree("strategy", strategy, saved.strategy, "the plan")
         strategy, cost_model, depth = saved.strategy, saved.cost_model, saved.depth
     if manual and split is None:
         strategy = _agree("strategy", strategy, "manual", "boundaries/stages")
@@ -297,8 +304,13 @@ class _Denoiser:
         return self.handle._call(self, args, kwargs)
 
     def session(self, call: Call) -> Session:
-        if call.key in self.sessions:
-            return self.sessions[call.key]
+        state = state_key(self.module)
+        cached = self.sessions.get(call.key)
+        if cached is not None and cached.state == state:
+            return cached
+        if cached is not None:  # the module changed since its capture: capture it again
+            log.info("pipe.%s changed since it was captured (a scale, a flag, a module "
+                     "added or removed): capturing it again", self.attr)
         opts = self.handle.options
         if self.parked is not None and self.parked.entries:
             if self.parked.dropped:
@@ -326,6 +338,7 @@ class _Denoiser:
             else:
                 session = sessions.distributed(self.module, call, capture_call, opts, runner)
         session.form = output_form(seen[-1])
+        session.state = state
         self.sessions[call.key] = session
         if self.parked is not None:  # keep what any session's stage holds
             self.parked.release([t for s in self.sessions.values() for t in s.tensors()])
@@ -365,16 +378,74 @@ class _Stream:
         self.executor = self.session.executor(timeline, self.fed,
                                               call.tensors[call.latent].device)
         self.denoiser = PipelineDenoiser(self.executor)
+        self.first_cond: dict[str, torch.Tensor] | None = None
+        self.static: dict[str, torch.Tensor] = {}
+
+    def _check_role(self, cond: dict[str, torch.Tensor]) -> None:
+        """A stream is a call position within a step; if a pipeline changed which branch
+        comes at that position (a branch skipped on some steps), one branch would run on the
+        other's stale values. Inputs equal on the stream's first two calls (its prompt
+        embeddings, masks, size conditions) must stay equal: else an error, never a wrong
+        image."""
+        if self.k == 0:
+            self.first_cond = {n: v.detach().clone() for n, v in cond.items()}
+            return
+        if self.k == 1:
+            self.static = {n: v for n, v in (self.first_cond or {}).items()
+                           if n in cond and _same(v, cond[n])}
+            self.first_cond = None
+            return
+        for name, value in self.static.items():
+            if not _same(value, cond[name]):
+                raise RuntimeError(
+                    f"{self.fed.owner}: input {name!r} was the same on the stream's first two "
+                    f"calls and differs on call {self.k}: the pipeline changed which branch "
+                    "it calls at this position within a step (a guidance branch skipped on "
+                    "some steps?), which the drop-in cannot map to streams")
 
     def denoise(self, call: Call) -> torch.Tensor:
         t = call.tensors[call.timestep]
         if self.k >= len(self.fed):
             raise RuntimeError(f"{self.fed.owner}: more calls than the run has steps "
                                f"({len(self.fed)})")
+        self._check_role(call.cond)
         self.fed.record(self.k, t)
         eps = self.denoiser(call.tensors[call.latent], t, self.k, call.cond)
         self.k += 1
         return eps
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
+def state_key(module: nn.Module) -> str:
+    """What a capture bakes in besides the weights: every submodule's plain attributes and
+    those of the objects it holds (attention processors: an IP-Adapter's ``scale``), and which
+    submodules there are. A change (``set_ip_adapter_scale``, ``train()``, a LoRA's layers
+    added) means the capture no longer describes the module."""
+    items = []
+    for name, m in module.named_modules():
+        for key, value in vars(m).items():
+            if key.startswith("_") or isinstance(value, (nn.Module, torch.Tensor)):
+                continue
+            items.append((name, key, _plain(value)))
+    return repr(items)
+
+
+_ROUTINES = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type)
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and depth < 2:
+        return tuple(_plain(v, depth + 1) for v in value)
+    if hasattr(value, "__dict__") and depth == 0 and not isinstance(value, _ROUTINES):
+        return (type(value).__name__, tuple(sorted(
+            (k, _plain(v, 1)) for k, v in vars(value).items()
+            if not k.startswith("_") and not isinstance(v, (nn.Module, torch.Tensor)))))
+    return type(value).__name__
 
 
 def _refuse_stateful_hooks(pipe: Any, attr: str, module: nn.Module) -> None:

@@ -37,6 +37,7 @@ from typing import Literal
 #   covers steps W−1 and W and its ε serves both), and the batches start at W+1 reading the
 #   values that warm-up round published. With an odd W (every W the paper reports) or S = 1
 #   it is "reuse" exactly. Strides other than 1 and 2 are refused (the public code has none).
+#   N = 1 has no stage boundary and no load-only step (batches from W, as in "reuse").
 # * The values a stage publishes at the end of a parallel round are those of its run fed the
 #   batch's last step (stage N−1: copy len−1 in "fresh", copy 0 in "reuse"); this matters only
 #   for splits where the last stage feeds another stage (e.g. the paper's SDXL "shell").
@@ -305,6 +306,10 @@ def validate(tl: Timeline) -> None:
             elif not rnd.sequential and (a.inputs_round != i - 1 or i == 0):
                 fail(i, f"device {a.device}: reads round {a.inputs_round}; a parallel round reads "
                         f"the values published by round {i - 1}")
+        if (not rnd.sequential and tl.stride_noise == "official" and tl.stride == 2
+                and tl.n > 1 and rnd.steps[0] % 2 == 0):
+            fail(i, f"stride_noise=official: a batch starts at step {rnd.steps[0]}; the public "
+                    "code starts them at odd steps")
         if rnd.sequential and [a.stage for a in rnd.actions] != list(range(tl.n)):
             fail(i, "a warm-up round runs stages 0 … N−1 once each, in order")
 

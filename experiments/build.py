@@ -47,6 +47,8 @@ def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None)
                                               par["replicas"] * devices(par), os.environ))
     if plan is None:
         return spec
+    if steps is None:
+        raise ValueError("parallel_spec: the time limits need T (steps) with the plan")
     lim = limits.derive(plan, steps, step_s=par.get("step_timeout_s"),
                         run_s=par.get("run_timeout_s"), startup_s=par.get("startup_timeout_s"))
     log.info("%s", lim.describe())

@@ -8,6 +8,7 @@ backend when capture fails, saying so in the plan's notes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +134,8 @@ def compile_from_plan(model: nn.Module, specs: tuple[InputSpec, ...],
                       runner=None, name: str = "model") -> Compiled:
     """The stages of a saved plan (``plan.json``) for ``model`` at these inputs, rebuilt from a
     fresh capture (graph backend) or trace (module backend) and verified against the eager
-    model like a new compile; the plan is returned as saved (its ``plan_hash`` unchanged).
+    model like a new compile; the plan is returned as saved but for its ``verification``
+    note, which says what this load checked (its ``plan_hash`` unchanged).
     A plan made for another model, shape or library version is refused (graph hash)."""
     if plan.backend == "module":
         from partition.modular import graph_for_plan, verify_blocks
@@ -141,15 +143,17 @@ def compile_from_plan(model: nn.Module, specs: tuple[InputSpec, ...],
 
         graph = graph_for_plan(model, specs, inputs, plan, contract, threads)
         staged = module_stages(graph, plan, runner)
-        if verify:
-            verify_blocks(graph, staged, inputs, threads, name)
-        return Compiled(plan=plan, staged=staged, graph=graph)
-    if captured is None:
-        captured = capture(model, specs, inputs, contract or DenoiserContract())
-    graph = build_graph(captured, NodeCosts({}, {}, {}), "flops")
-    staged = stages_from_plan(graph, plan)
-    _check(graph, staged, inputs, threads, verify, name)  # raises VerificationError
-    return Compiled(plan=plan, staged=staged, graph=graph)
+        checked = verify_blocks(graph, staged, inputs, threads, name)[0] if verify else \
+            "off: not verified (verify=False)"
+    else:
+        if captured is None:
+            captured = capture(model, specs, inputs, contract or DenoiserContract())
+        graph = build_graph(captured, NodeCosts({}, {}, {}), "flops")
+        staged = stages_from_plan(graph, plan)
+        checked, _ = _check(graph, staged, inputs, threads, verify, name)  # raises if it differs
+    # what this load checked (excluded from plan_hash, like the measured times)
+    return Compiled(plan=dataclasses.replace(plan, verification=checked), staged=staged,
+                    graph=graph)
 
 
 def stages_from_plan(graph: TrunkGraph, plan: Plan) -> StagedModel:

@@ -41,14 +41,19 @@ class Limits:
 
 
 def step_estimate_s(plan: Plan) -> float:
-    if plan.measured is not None and plan.measured.total_ms:
-        return plan.measured.total_ms / 1e3
+    """One sequential step, in seconds. A forward timed on the CPU with t threads is counted
+    as t times longer (a worker may run it on one)."""
+    m = plan.measured
+    if m is not None and m.total_ms:
+        return m.total_ms / 1e3 * (max(m.threads, 1) if m.device == "cpu" else 1)
     return (plan.step_flops or plan.total_flops) / FLOOR_FLOPS_PER_S
 
 
 def derive(plan: Plan, steps: int, *, step_s: float | None = None, run_s: float | None = None,
            startup_s: float | None = None) -> Limits:
     """The limits for ``steps`` steps of ``plan``; a value given wins over its default."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}; allowed: an integer >= 1 (the run's T)")
     estimate = step_estimate_s(plan)
     for key, value in (("step_timeout_s", step_s), ("run_timeout_s", run_s),
                        ("startup_timeout_s", startup_s)):

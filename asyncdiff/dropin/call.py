@@ -47,7 +47,7 @@ class Seq:
                            else static[i].rebuild(given[i]))
             else:
                 out.append(given[i] if i in given else static[i])
-        return self.kind(out)
+        return self.kind(*out) if hasattr(self.kind, "_fields") else self.kind(out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,13 +157,12 @@ def merge(static: Mapping, inputs: Mapping) -> dict:
     for key, value in inputs.items():
         if isinstance(out.get(key), Seq):
             out[key] = out[key].rebuild(value)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        elif isinstance(out.get(key), Mapping):
+            if isinstance(value, (tuple, list)):  # nest() made a tuple of keys "0" … "n-1"
+                value = {str(i): v for i, v in enumerate(value)}
             out[key] = merge(out[key], value)
         else:
             out[key] = value
-    for key, value in out.items():  # a sequence of tensors only: every entry is an input
-        if isinstance(value, Seq):
-            out[key] = value.rebuild(None)
     return out
 
 

@@ -61,6 +61,7 @@ class Session:
     staged: StagedModel | None = None
     segments: tuple[Segment, ...] = ()
     rank: int = 0
+    state: str = ""  # the module's state_key when captured (asyncdiff/parallelize.py)
 
     def executor(self, timeline: Timeline, timesteps: Sequence[float], device: torch.device):
         if self.staged is not None:
@@ -130,7 +131,7 @@ def distributed(module: nn.Module, call: Call,
                                            torch.get_num_threads(), runner),
                          "asyncdiff.parallelize: building this rank's stage")
     specs = tuple(call.specs())
-    placeholders = captured.placeholders if captured is not None else {s.name: s.name
-                                                                       for s in specs}
+    placeholders = captured.placeholders if captured is not None and plan.backend == "graph" \
+        else {s.name: s.name for s in specs}
     return Session(call.key, plan, None, specs, placeholders, plan.output, segments=tuple(mine),
                    rank=rank)

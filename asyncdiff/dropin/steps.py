@@ -30,14 +30,28 @@ log σ / 4, a per-frame vector): it watches the scheduler.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any
 
 import torch
 
 
+HOOKED = ("set_timesteps", "set_begin_index", "step")
+# more denoiser calls than this between two scheduler.step calls: not a pipeline loop the
+# drop-in can map (guidance branches are 2 or 3 calls; a loop without scheduler.step is many)
+MAX_CALLS_PER_STEP = 8
+
+
 class StepClock:
     """Patches a scheduler's ``set_timesteps``, ``set_begin_index`` and ``step`` (instance
-    attributes, removed by :meth:`detach`) to count runs and steps."""
+    attributes, removed by :meth:`detach`) to count runs and steps.
+
+    Each patch is a method bound to the scheduler it was made for. A copy of the scheduler
+    (LTX 2's audio scheduler is ``copy.deepcopy(pipe.scheduler)``) carries the patch along,
+    bound to the copy: on anything but the scheduler it was made for, and once the clock is
+    detached, it only calls the scheduler's own method. A patch found copied onto the
+    scheduler being attached is removed first; another clock's live patch is kept and called
+    (two handles on one pipeline), and detaching restores only what is still this clock's."""
 
     def __init__(self, scheduler: Any, owner: str = "pipeline"):
         self.owner = owner     # for messages: the pipeline class
@@ -47,7 +61,7 @@ class StepClock:
         self.begin: int | None = None
         self.start: int | None = None  # the run's first entry of scheduler.timesteps
         self.calls: dict[str, int] = {}  # denoiser -> calls in the current step
-        self._saved: dict[str, Any] = {}
+        self._saved: dict[str, tuple[Any, Any]] = {}  # name -> (what it replaced, the patch)
         self.attach(scheduler)
 
     # ------------------------------------------------------------------ patching
@@ -56,59 +70,66 @@ class StepClock:
             return
         self.detach()
         self.scheduler = scheduler
-        for name, wrap in (("set_timesteps", self._on_set), ("step", self._on_step),
-                           ("set_begin_index", self._on_begin)):
-            original = getattr(scheduler, name, None)
-            if original is None:
+        if scheduler is None:
+            return
+        for name in HOOKED:
+            if not callable(getattr(scheduler, name, None)):
                 continue
-            self._saved[name] = scheduler.__dict__.get(name)
-            scheduler.__dict__[name] = wrap(original)
+            current = scheduler.__dict__.get(name)
+            if _copied_patch(current, scheduler):
+                del scheduler.__dict__[name]
+                current = None
+            patch = types.MethodType(self._patch(name, scheduler, current), scheduler)
+            self._saved[name] = (current, patch)
+            scheduler.__dict__[name] = patch
         if getattr(scheduler, "num_inference_steps", None) is not None:
             self._begin_run()  # timesteps already set: calls before the next set_timesteps
 
     def detach(self) -> None:
         if self.scheduler is None:
             return
-        for name, old in self._saved.items():
-            if old is None:
-                self.scheduler.__dict__.pop(name, None)
+        sched, self.scheduler = self.scheduler, None  # from here on every patch passes through
+        for name, (replaced, patch) in self._saved.items():
+            if sched.__dict__.get(name) is not patch:
+                continue  # patched over since: ours now passes through
+            if replaced is None:
+                del sched.__dict__[name]
             else:
-                self.scheduler.__dict__[name] = old
+                sched.__dict__[name] = replaced
         self._saved.clear()
-        self.scheduler = None
 
-    # functools.wraps: pipelines read the scheduler's signature (``retrieve_timesteps`` asks
-    # whether set_timesteps takes ``sigmas`` or ``timesteps``); the wrapper must show the
-    # original's
-    def _on_set(self, original):
-        @functools.wraps(original)
-        def set_timesteps(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self._begin_run()
+    def _patch(self, name: str, made_for: Any, replaced: Any):
+        """The patch of ``name``: the scheduler's own method (or what it replaced), then the
+        clock's bookkeeping (before the call for set_begin_index, after it otherwise)."""
+        own = getattr(type(made_for), name, None)
+        clock = self
+
+        def patch(sched, *args, **kwargs):
+            if sched is not made_for or clock.scheduler is not made_for:
+                return (replaced(*args, **kwargs) if replaced is not None and sched is made_for
+                        else own(sched, *args, **kwargs))
+            if name == "set_begin_index":
+                clock.begin = int(args[0] if args else kwargs.get("begin_index", 0))
+            out = replaced(*args, **kwargs) if replaced is not None else \
+                own(sched, *args, **kwargs)
+            if name == "set_timesteps":
+                clock._begin_run()
+            elif name == "step":
+                clock.steps_done += 1
+                clock.calls = {}
+                clock._check_index()
             return out
-        return set_timesteps
+
+        # pipelines read the scheduler's signature (``retrieve_timesteps`` asks whether
+        # set_timesteps takes ``sigmas`` or ``timesteps``): the patch shows the original's
+        functools.update_wrapper(patch, own if own is not None else replaced)
+        patch.made_for = made_for
+        return patch
 
     def _begin_run(self) -> None:
         self.run += 1
         self.steps_done, self.begin, self.start = 0, None, None
         self.calls = {}
-
-    def _on_begin(self, original):
-        @functools.wraps(original)
-        def set_begin_index(begin_index: int = 0, *args, **kwargs):
-            self.begin = int(begin_index)
-            return original(begin_index, *args, **kwargs)
-        return set_begin_index
-
-    def _on_step(self, original):
-        @functools.wraps(original)
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.steps_done += 1
-            self.calls = {}
-            self._check_index()
-            return out
-        return step
 
     def _check_index(self) -> None:
         """The scheduler's own step counter (diffusers' ``step_index``) must agree with ours:
@@ -162,8 +183,20 @@ class StepClock:
     def call(self, denoiser: str) -> tuple[int, int]:
         """(step of the run, index of this call of ``denoiser`` within the step)."""
         j = self.calls.get(denoiser, 0)
+        if j >= MAX_CALLS_PER_STEP:
+            raise RuntimeError(
+                f"{self.owner}: pipe.{denoiser} called {j + 1} times without a "
+                "scheduler.step: the drop-in ends a step at each scheduler.step (a loop that "
+                "steps a sampler of its own, e.g. k-diffusion's, is not supported)")
         self.calls[denoiser] = j + 1
         return self.steps_done, j
+
+
+def _copied_patch(current: Any, scheduler: Any) -> bool:
+    """A clock's patch that came along when ``scheduler`` was copied from a patched one."""
+    made_for = getattr(getattr(current, "__func__", None), "made_for", None)
+    return made_for is not None and (made_for is not scheduler
+                                     or current.__self__ is not scheduler)
 
 
 def _kind(scheduler: Any) -> str:

@@ -81,12 +81,24 @@ def test_true_cfg_with_stride_two_predicts_the_fed_timestep_exactly():
         assert torch.equal(stream.fed[1], torch.full_like(stream.fed[1], stream.taus[1]) / 1000)
 
 
-def test_ip_adapter_embeds_reach_the_network():
+def test_ip_adapter_scale_changed_between_runs_is_recaptured():
+    """The IP-Adapter's scale lives on the attention processors, a plain attribute a capture
+    bakes in: changing it between runs (set_ip_adapter_scale) makes the drop-in capture again,
+    and the parallelized pipeline follows the plain one at the new scale."""
     case = P.PIPELINES["sd15_ip_adapter"]
     pipe = _built("sd15_ip_adapter")
-    with_image = case.call(pipe, 2)
+    plain = case.call(pipe, 3)
     pipe.set_ip_adapter_scale(0.0)
-    assert not torch.equal(case.call(pipe, 2), with_image)
+    plain_off = case.call(pipe, 3)
+    assert not torch.equal(plain, plain_off)   # the image embeds reach the network
+    pipe.set_ip_adapter_scale(0.6)
+    with asyncdiff.parallelize(pipe, n=2, warmup=3) as handle:
+        assert torch.equal(case.call(pipe, 3), plain)
+        (before,) = handle.sessions.values()
+        pipe.set_ip_adapter_scale(0.0)
+        assert torch.equal(case.call(pipe, 3), plain_off)
+        (after,) = handle.sessions.values()     # one per call shape, replaced on a change
+    assert after is not before
 
 
 def test_a_capture_fallback_is_stated_and_exact(caplog):
@@ -184,6 +196,64 @@ def test_fed_timestep_predictions_and_contradictions():
     odd.record(0, torch.tensor([0.3]))
     with pytest.raises(RuntimeError, match=r"follow no transform the drop-in can reproduce"):
         odd[1]
+
+
+def test_a_copied_scheduler_is_not_counted_and_detach_restores_it():
+    """LTX 2 deep-copies its scheduler for the audio latents; TextToVideoZero puts a copy in
+    pipe.scheduler. The copy's steps are not the run's, and detach restores each scheduler."""
+    import copy
+
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler()
+    clock = StepClock(sched, "Pipe")
+    sched.set_timesteps(4)
+    twin = copy.deepcopy(sched)
+    x = torch.zeros(1, 4, 2, 2)
+    twin.set_timesteps(7)
+    twin.step(x, twin.timesteps[0], x)
+    assert (clock.run, clock.steps_done, len(sched.timesteps)) == (1, 0, 4)
+    sched.step(x, sched.timesteps[0], x)
+    assert clock.steps_done == 1
+    clock.attach(twin)   # the pipeline now holds the copy (its timesteps set: a run)
+    assert "step" in twin.__dict__ and "step" not in sched.__dict__ and clock.run == 2
+    twin.set_timesteps(3)
+    assert clock.run == 3
+    clock.detach()
+    assert not {"step", "set_timesteps", "set_begin_index"} & set(twin.__dict__)
+    twin.set_timesteps(5)
+    assert clock.run == 3 and len(twin.timesteps) == 5
+
+
+def test_a_loop_without_scheduler_steps_is_refused():
+    pipe = _built("sana")
+    e = dict(encoder_hidden_states=P.embeds(1, 8, 32), timestep=torch.ones(1))
+    pipe.scheduler.set_timesteps(3)
+    with asyncdiff.parallelize(pipe, n=2, warmup=3):
+        x = torch.zeros(1, 8, 16, 16)
+        for _ in range(8):
+            pipe.transformer(x, **e)
+        with pytest.raises(RuntimeError, match=r"SanaPipeline: pipe.transformer called 9 times "
+                                               r"without a scheduler.step"):
+            pipe.transformer(x, **e)
+
+
+def test_a_branch_that_changes_position_is_refused():
+    """Two calls per step, the prompt embeddings swapped on the third step (as if the first
+    branch were skipped): the stream's inputs change role, which is refused."""
+    pipe = _built("sana")
+    cond, uncond = P.embeds(1, 8, 32), P.embeds(1, 8, 32, seed=2)
+    x = torch.zeros(1, 8, 16, 16)
+    pipe.scheduler.set_timesteps(4)
+    ts = pipe.scheduler.timesteps
+    with asyncdiff.parallelize(pipe, n=2, warmup=1):
+        for k in range(2):
+            pipe.transformer(x, encoder_hidden_states=cond, timestep=ts[k:k + 1])
+            pipe.transformer(x, encoder_hidden_states=uncond, timestep=ts[k:k + 1])
+            pipe.scheduler.step(x, ts[k], x)
+        with pytest.raises(RuntimeError, match="input 'encoder_hidden_states' was the same on "
+                                               "the stream's first two calls"):
+            pipe.transformer(x, encoder_hidden_states=uncond, timestep=ts[2:3])
 
 
 def test_a_scheduler_stepped_irregularly_is_refused():

@@ -368,6 +368,15 @@ def test_call_split_keeps_non_tensor_entries():
     assert type(embeds) is list and embeds[0] is a and embeds[1] is None
     assert type(embeds[2]) is tuple and embeds[2][0] is b and embeds[2][1] == "k"
     assert type(merged["scale"]) is tuple and merged["scale"][0] is a and merged["scale"][1] is b
+    # a dict whose keys look like indices stays a dict; a namedtuple keeps its type
+    import collections
+    Pair = collections.namedtuple("Pair", "cos sin")
+    call = bind_call(inspect.signature(forward), (x, t),
+                     dict(added_cond_kwargs={"0": a, "1": b}, scale=Pair(a, b)))
+    merged = merge(call.static, nest(call.tensors))
+    kw = merged["added_cond_kwargs"]
+    assert type(kw) is dict and kw.keys() == {"0", "1"} and kw["0"] is a and kw["1"] is b
+    assert type(merged["scale"]) is Pair and merged["scale"].sin is b
 
 
 def test_runs_restart_and_shapes_recapture():

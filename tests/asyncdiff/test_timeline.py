@@ -95,6 +95,14 @@ def test_official_is_reuse_where_the_code_aligns_batches_from_w(n, stride, warmu
     assert official.rounds == reuse.rounds
 
 
+def test_official_batches_at_even_steps_fail_validation():
+    import dataclasses
+
+    grouped_from_w = build_timeline(n=3, stride=2, warmup=2, steps=8, stride_noise="reuse")
+    with pytest.raises(ValueError, match="official: a batch starts at step 2"):
+        validate(dataclasses.replace(grouped_from_w, stride_noise="official"))
+
+
 def test_official_refuses_strides_the_public_code_lacks():
     with pytest.raises(ValueError, match=r"^stride=3 with stride_noise='official'; allowed: 1, 2"):
         build_timeline(n=2, stride=3, warmup=1, steps=6, stride_noise="official")
