@@ -97,7 +97,14 @@ LIMITS = """
   steps, ParaDiGMS' parallel sampling) are refused at the first call or at the first step the
   scheduler's own `step_index` disagrees with the drop-in's count.
 - **One stream, every step.** A branch called only on some steps (guidance switched off
-  part-way, guidance applied every other step) is refused when it skips a step.
+  part-way, guidance applied every other step) is refused when it skips a step; a stream's
+  inputs that were equal on its first two calls (its prompt embeddings) must stay equal, so
+  branches that change position within a step are refused too. More than 8 calls of one
+  denoiser between two `scheduler.step` calls (a loop stepping a sampler of its own) are
+  refused.
+- **Changed modules are captured again.** The module's plain attributes (an IP-Adapter's
+  scale, `train()`/`eval()`, layers added by a LoRA) are part of the capture's key: a
+  change between runs means a new capture, never a stale one.
 - **Timesteps fed transformed** (`t / 1000`, `t · 0.001`, `1 − t / 1000`, `0.25 log σ` as
   the scheduler lists it) run at S = 1 as fed; at S = 2 with `stride_noise="fresh"` the next
   step's value is predicted by the transform that reproduced every value so far and checked
