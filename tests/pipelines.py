@@ -228,7 +228,8 @@ def _pixart():
                                scheduler=make_scheduler("dpmsolver++"))
 
 
-def _pixart_call(pipe, steps):
+def _masked_call(pipe, steps):
+    """PixArt and Sana: T5 / Gemma embeddings with their attention masks."""
     mask = torch.ones(1, 8, dtype=torch.int64)
     return pipe(prompt_embeds=embeds(1, 8, 32), negative_prompt_embeds=embeds(1, 8, 32, seed=2),
                 prompt_attention_mask=mask, negative_prompt_attention_mask=mask,
@@ -273,15 +274,6 @@ def _dc_vae(channels: int):
                       decoder_qkv_multiscales=((), ()), decoder_norm_types="batch_norm",
                       decoder_act_fns="silu", scaling_factor=0.41407)
     return zoo.reinit_(v, 1).eval()
-
-
-def _sana_call(pipe, steps):
-    mask = torch.ones(1, 8, dtype=torch.int64)
-    return pipe(prompt_embeds=embeds(1, 8, 32), negative_prompt_embeds=embeds(1, 8, 32, seed=2),
-                prompt_attention_mask=mask, negative_prompt_attention_mask=mask,
-                negative_prompt=None, use_resolution_binning=False, num_inference_steps=steps,
-                guidance_scale=4.5, height=PIXELS, width=PIXELS, generator=_seed(),
-                output_type="latent").images
 
 
 def _hunyuan_dit():
@@ -419,10 +411,10 @@ PIPELINES: dict[str, Case] = {c.name: c for c in [
     Case("sdxl_img2img_heun", _sdxl_img2img_heun, _sdxl_img2img_call,
          note="second-order Heun; denoising_start (set_begin_index)"),
     Case("sd3", _sd3, _sd3_call, streams=(("transformer", 0),)),
-    Case("pixart", _pixart, _pixart_call, streams=(("transformer", 0),)),
+    Case("pixart", _pixart, _masked_call, streams=(("transformer", 0),)),
     Case("flux_true_cfg", _flux, _flux_call, streams=(("transformer", 0), ("transformer", 1)),
          note="t / 1000; guidance embedding; true CFG as a second call"),
-    Case("sana", _sana, _sana_call, streams=(("transformer", 0),)),
+    Case("sana", _sana, _masked_call, streams=(("transformer", 0),)),
     Case("hunyuan_dit", _hunyuan_dit, _hunyuan_dit_call, streams=(("transformer", 0),),
          note="rotary (cos, sin) tuple"),
     Case("wan", _wan, _wan_call, streams=(("transformer", 0), ("transformer", 1)),
