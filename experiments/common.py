@@ -8,6 +8,7 @@ import contextlib
 import functools
 import importlib.resources
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,14 @@ def plain(cfg: DictConfig | Any) -> Any:
     """A config as plain data: resolved, enums as their names (library code takes strings)."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) \
         if isinstance(cfg, DictConfig) else cfg
+
+
+def parallel_rounds(par: Mapping, steps: int) -> int:
+    """The parallel rounds of the run's timeline (what the latency prediction counts)."""
+    from asyncdiff.timeline import build_timeline
+    return len(build_timeline(par["n"], par["stride"], min(par["warmup"], steps), steps,
+                              bool(par.get("time_shift", False)),
+                              par.get("stride_noise", "fresh")).parallel_rounds)
 
 
 def partition_request(part: dict, n: int) -> PartitionRequest:

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from experiments import atomic
 from experiments.cli import checked
-from experiments.common import (CONF_DIR, exit_on_bad_input, partition_request, plain,
-                                requested)
+from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds,
+                                partition_request, plain, requested)
 from experiments.checks import resolved
 from partition import compile_model, format_plan
 from experiments import zoo
@@ -40,7 +40,8 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
     t_plan = time.perf_counter() - t0 - t_build
     if cfg.print_report:
         print(format_plan(compiled.plan, steps=cfg.scheduler.steps, warmup=par["warmup"],
-                          stride=par["stride"]))
+                          stride=par["stride"],
+                          rounds=parallel_rounds(par, cfg.scheduler.steps)))
         print(f"build {t_build:.1f} s, plan {t_plan:.1f} s")
     if out_dir is not None:
         path = out_dir / cfg.out

@@ -20,6 +20,7 @@ import torch
 
 from experiments import metrics as M
 from experiments import quality as Q
+from experiments.common import parallel_rounds
 from experiments.learned import learned_metrics
 from partition import Plan
 from partition.report import predict
@@ -43,7 +44,8 @@ def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: 
                 out: torch.Tensor, ref: torch.Tensor, rows: list[dict],
                 peak_rss: Mapping[int, int] | None, weights_dir) -> dict:
     """One flat dict per run: the row of a sweep's results table."""
-    pred = predict(plan, steps=steps, warmup=par.warmup, stride=par.stride)
+    pred = predict(plan, steps=steps, warmup=par.warmup, stride=par.stride,
+                   rounds=parallel_rounds(vars(par), steps))
     sent = M.bytes_sent(rows)
     macs = M.macs_per_device(plan, par.devices)
     out_m = {

@@ -37,8 +37,8 @@ from experiments import atomic
 from experiments.build import (compiled_model, job_labels, model_config, parallel_spec,
                                sampling_jobs, sequential_sample)
 from experiments.cli import checked
-from experiments.common import (CONF_DIR, exit_on_bad_input, partition_request, plain,
-                                requested)
+from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds,
+                                partition_request, plain, requested)
 from experiments.images import save_image_grid, save_latent_comparison
 from experiments.reference.model import (classify, is_reference, reference_classifier,
                                          reference_tokens)
@@ -61,7 +61,8 @@ def save_plan(cfg: DictConfig, out: Path, plan: Plan) -> None:
     atomic.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic.write_text(out / "plan.json", plan.to_json())
     table = format_plan(plan, steps=cfg.scheduler.steps, warmup=cfg.parallel.warmup,
-                        stride=cfg.parallel.stride)
+                        stride=cfg.parallel.stride,
+                        rounds=parallel_rounds(plain(cfg.parallel), cfg.scheduler.steps))
     atomic.write_text(out / "plan.txt", table + "\n")
     if cfg.print_report:
         log.info("plan:\n%s", table)

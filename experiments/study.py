@@ -23,7 +23,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -44,7 +43,8 @@ from experiments import quality as Q
 from experiments.build import compiled_model, guidance_of, model_config
 from experiments.checks import check_config, resolved
 from experiments.cli import checked, sweep_points
-from experiments.common import CONF_DIR, ConfigError, exit_on_bad_input, plain
+from experiments.common import (CONF_DIR, ConfigError, exit_on_bad_input, parallel_rounds,
+                                plain)
 from experiments.metrics import macs_per_device
 from experiments.plots import stage_similarity, study_quality
 from experiments.reference import model as R
@@ -276,9 +276,10 @@ def evaluate_point(images, ref, labels, real_feats, feats, ref_feats, d, plan, s
     images_per_forward = int(st.chunk)  # the plan's batch is [uncond, cond] x chunk
     row = {"point": label(d), **d, "samples": len(images)}
     if plan is not None:
-        pred = predict(plan, steps=d["steps"], warmup=d["warmup"], stride=d["stride"])
+        rounds = parallel_rounds(d, d["steps"])
+        pred = predict(plan, steps=d["steps"], warmup=d["warmup"], stride=d["stride"],
+                       rounds=rounds)
         macs = macs_per_device(plan, devices_needed(d["n"], d["stride"], d["stride_noise"]))
-        rounds = math.ceil((d["steps"] - d["warmup"]) / d["stride"])
         per_image = (d["warmup"] * full + rounds * max(macs)) / images_per_forward
         row.update(predicted_speedup=pred["speedup"], ideal_speedup=pred["ideal_speedup"],
                    macs_per_device_g=per_image / 1e9, devices=len(macs))

@@ -17,8 +17,11 @@ def comm_ms(nbytes: int, latency_ms: float = COMM_LATENCY_MS,
     return latency_ms + nbytes / bytes_per_ms if nbytes else 0.0
 
 
-def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1) -> dict:
-    """Latency ≈ W·t_full + ⌈(T−W)/S⌉·(max_n t(E^n) + t_comm); speedup over one device.
+def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,
+            rounds: int | None = None) -> dict:
+    """Latency ≈ W·t_full + R·(max_n t(E^n) + t_comm); speedup over one device. R: the
+    timeline's parallel rounds (``rounds``; default ⌈(T−W)/S⌉, which the public code's
+    schedule with an even W beats by its load-only step: pass the timeline's count).
 
     t_full (the sequential step) counts every node once (``Plan.step_flops``, or the measured
     whole forward): the conditioning each stage replicates is extra work of the pipeline, not
@@ -29,7 +32,8 @@ def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1) -> di
     per_stage_in = [sum(v.bytes for v in plan.values if s in v.consumers) + plan.output_bytes
                     for s in range(plan.n)]
     comm = comm_ms(max(per_stage_in)) if plan.measured and plan.n > 1 else 0.0
-    rounds = math.ceil(max(steps - warmup, 0) / stride)
+    if rounds is None:
+        rounds = math.ceil(max(steps - warmup, 0) / stride)
     step = max(stage) + comm
     latency = warmup * full + rounds * step
     seq = steps * full
@@ -40,7 +44,8 @@ def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1) -> di
             "unit": "ms" if plan.measured else "flops"}
 
 
-def format_plan(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1) -> str:
+def format_plan(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,
+                rounds: int | None = None) -> str:
     rows = []
     ms = plan.measured.stage_ms if plan.measured else [None] * plan.n
     for st, t in zip(plan.stages, ms):
@@ -55,7 +60,7 @@ def format_plan(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1) -
     timed = f"ms ({plan.measured.device}, {plan.measured.source})" if plan.measured else "ms"
     head = ["stage", "modules", timed, "GFLOPs/step own+cond", "params M own+replicated",
             "inputs", "MiB in", "once per run"]
-    p = predict(plan, steps, warmup, stride)
+    p = predict(plan, steps, warmup, stride, rounds)
     lines = [f"plan for {plan.model}: N={plan.n}, strategy={plan.strategy}, "
              f"cost model={plan.cost_model}, depth={plan.depth}, backend={plan.backend}, "
              f"hash={plan.plan_hash}",

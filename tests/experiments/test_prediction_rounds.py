@@ -1,0 +1,31 @@
+"""The latency prediction counts the timeline's parallel rounds (the public code's schedule
+with an even W has a load-only step: one round fewer than ⌈(T−W)/S⌉)."""
+from __future__ import annotations
+
+import dataclasses
+
+from experiments.common import parallel_rounds
+from partition.plan import Measured
+from partition.report import predict
+
+
+def test_official_even_warmup_has_one_round_fewer():
+    par = {"n": 3, "stride": 2, "warmup": 2}
+    assert parallel_rounds({**par, "stride_noise": "reuse"}, 9) == 4        # (2,3) … (8,)
+    assert parallel_rounds({**par, "stride_noise": "official"}, 9) == 3     # (3,4) (5,6) (7,8)
+    assert parallel_rounds({**par, "warmup": 3, "stride_noise": "official"}, 9) == 3
+
+
+def test_predict_uses_the_rounds_it_is_given():
+    from experiments import zoo
+    from partition import PartitionRequest, compile_model
+
+    bundle = zoo.build(zoo.load_yaml("dit"), seed=0)
+    plan = compile_model(bundle.module, bundle.specs, bundle.inputs(0), PartitionRequest(n=3),
+                         name="dit/tiny", config_hash="").plan
+    plan = dataclasses.replace(plan, measured=Measured((10.0, 10.0, 10.0), 30.0, 1, 1))
+    by_formula = predict(plan, steps=9, warmup=2, stride=2)
+    counted = predict(plan, steps=9, warmup=2, stride=2, rounds=3)
+    step = counted["step_ms"]
+    assert by_formula["latency_ms"] == 2 * 30.0 + 4 * step   # ⌈(9 − 2) / 2⌉ rounds
+    assert counted["latency_ms"] == 2 * 30.0 + 3 * step
