@@ -24,9 +24,9 @@ error naming the pipeline, never a wrong image. ``warmup`` is clamped to T.
 
 *Modes.* ``emulate``: one process runs every stage (:class:`asyncdiff.emulate.Emulator`).
 ``distributed``: under an initialised ``torch.distributed`` group (torchrun) of exactly
-N−1+S ranks (N with ``stride_noise="reuse"``), every rank runs the same pipeline call (same
-seed and inputs, SPMD); each runs its own stage (:class:`DistributedExecutor`) and receives
-every ε, so every rank holds the same images. See :func:`asyncdiff.dropin.session.distributed`
+N−1+S ranks (N with ``stride_noise`` ``reuse`` or ``official``), every rank runs the same
+pipeline call (same seed and inputs, SPMD); each runs its own stage
+(:class:`DistributedExecutor`) and receives every ε, so every rank holds the same images. See :func:`asyncdiff.dropin.session.distributed`
 for the plan and :mod:`asyncdiff.dropin.weights` for what happens to the other stages'
 weights (``offload``).
 """
