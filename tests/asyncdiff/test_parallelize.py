@@ -281,9 +281,10 @@ def test_dropin_equals_sequential_and_emulator_and_detaches(name, n, stride, tim
     assert torch.equal(r["after"], sequential)
 
 
+# S = 1 is the same schedule in every stride-noise mode (test_timeline.py); here S = 2 with
+# N = 2, 3, 4, odd and even W (the load-only step), time shift on and off
 @pytest.mark.parametrize("n,stride,warmup,time_shift", [
-    (2, 1, 1, False), (2, 2, 2, False), (3, 2, 1, False), (3, 2, 2, True), (4, 2, 3, False),
-    (4, 2, 4, False), (4, 1, 2, True),
+    (2, 2, 2, False), (3, 2, 1, False), (3, 2, 2, True), (4, 2, 4, False),
 ])
 def test_paper_split_and_official_schedule_equal_the_emulator(n, stride, warmup, time_shift):
     """The paper's SD 1.5 split (conf/partition/paper_sd15_n<N>.yaml) through the drop-in, on
