@@ -26,9 +26,9 @@ error naming the pipeline, never a wrong image. ``warmup`` is clamped to T.
 ``distributed``: under an initialised ``torch.distributed`` group (torchrun) of exactly
 N−1+S ranks (N with ``stride_noise`` ``reuse`` or ``official``), every rank runs the same
 pipeline call (same seed and inputs, SPMD); each runs its own stage
-(:class:`DistributedExecutor`) and receives every ε, so every rank holds the same images. See :func:`asyncdiff.dropin.session.distributed`
-for the plan and :mod:`asyncdiff.dropin.weights` for what happens to the other stages'
-weights (``offload``).
+(:class:`DistributedExecutor`) and receives every ε, so every rank holds the same images.
+See :func:`asyncdiff.dropin.session.distributed` for the plan and
+:mod:`asyncdiff.dropin.weights` for what happens to the other stages' weights (``offload``).
 """
 from __future__ import annotations
 
@@ -83,12 +83,12 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
     ``conf/partition/``, with its N) or ``plan=`` a saved ``plan.json`` (its N and stages,
     rebuilt and verified, its ``plan_hash`` kept); a split or a plan sets the strategy, cost
-    model and depth, and a strategy given with it must agree. ``mode``: ``emulate`` or ``distributed``
-    (see the module docstring); ``offload`` (distributed only): what happens to the weights this rank's stage
-    does not use, ``cpu`` (kept in host memory; ``detach()`` restores them exactly) or
-    ``drop`` (freed; ``detach()`` then refuses). ``denoiser``: the pipeline attribute holding
-    the network (default: every one of ``unet``, ``transformer``, ``transformer_2``, …
-    the pipeline holds; a name or a tuple of names to choose). ``verify``: check each
+    model and depth, and a strategy given with it must agree. ``mode``: ``emulate`` or
+    ``distributed`` (see the module docstring); ``offload`` (distributed only): what happens
+    to the weights this rank's stage does not use, ``cpu`` (kept in host memory;
+    ``detach()`` restores them exactly) or ``drop`` (freed; ``detach()`` then refuses).
+    ``denoiser``: the pipeline attribute holding the network (default: every one of ``unet``,
+    ``transformer``, ``transformer_2``, … the pipeline holds; a name or a tuple of names). ``verify``: check each
     compiled split against the denoiser on the first call's inputs (``partition/verify.py``;
     ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the
     module backend), ``graph`` or ``module``.
