@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-import types
 from typing import Any, Literal
 
 import torch
@@ -48,7 +47,8 @@ from asyncdiff.dropin import splits
 from asyncdiff.dist.sharing import try_capture
 from asyncdiff.dropin.call import Call, answer, bind_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
-from asyncdiff.dropin.steps import FedTimesteps, StepClock
+from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
+from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
 from asyncdiff.dropin.weights import OFFLOAD, Parked
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition import STRATEGIES
@@ -289,7 +289,7 @@ class _Denoiser:
         module = getattr(handle.pipe, attr)
         if isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _Denoiser):
             raise RuntimeError(f"pipe.{attr} is already parallelized; detach() that handle first")
-        _refuse_stateful_hooks(handle.pipe, attr, module)
+        refuse_stateful_hooks(handle.pipe, attr, module)
         opts = handle.options
         self.handle, self.attr, self.module = handle, attr, module
         self.sessions: dict[tuple, Session] = {}
@@ -392,11 +392,11 @@ class _Stream:
             return
         if self.k == 1:
             self.static = {n: v for n, v in (self.first_cond or {}).items()
-                           if n in cond and _same(v, cond[n])}
+                           if n in cond and same_tensor(v, cond[n])}
             self.first_cond = None
             return
         for name, value in self.static.items():
-            if not _same(value, cond[name]):
+            if not same_tensor(value, cond[name]):
                 raise RuntimeError(
                     f"{self.fed.owner}: input {name!r} was the same on the stream's first two "
                     f"calls and differs on call {self.k}: the pipeline changed which branch "
@@ -413,56 +413,3 @@ class _Stream:
         eps = self.denoiser(call.tensors[call.latent], t, self.k, call.cond)
         self.k += 1
         return eps
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-
-
-def state_key(module: nn.Module) -> str:
-    """What a capture bakes in besides the weights: every submodule's plain attributes and
-    those of the objects it holds (attention processors: an IP-Adapter's ``scale``), and which
-    submodules there are. A change (``set_ip_adapter_scale``, ``train()``, a LoRA's layers
-    added) means the capture no longer describes the module."""
-    items = []
-    for name, m in module.named_modules():
-        for key, value in vars(m).items():
-            if key.startswith("_") or isinstance(value, (nn.Module, torch.Tensor)):
-                continue
-            items.append((name, key, _plain(value)))
-    return repr(items)
-
-
-_ROUTINES = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type)
-
-
-def _plain(value: Any, depth: int = 0) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)) and depth < 2:
-        return tuple(_plain(v, depth + 1) for v in value)
-    if hasattr(value, "__dict__") and depth == 0 and not isinstance(value, _ROUTINES):
-        return (type(value).__name__, tuple(sorted(
-            (k, _plain(v, 1)) for k, v in vars(value).items()
-            if not k.startswith("_") and not isinstance(v, (nn.Module, torch.Tensor)))))
-    return type(value).__name__
-
-
-def _refuse_stateful_hooks(pipe: Any, attr: str, module: nn.Module) -> None:
-    """diffusers' caching hooks (FasterCache, PyramidAttentionBroadcast, FirstBlockCache, …)
-    keep state between calls: a split into stages would share it wrongly. One line naming
-    them and how to take them off; stateless hooks (layerwise casting) are captured."""
-    stateful = []
-    for name, m in module.named_modules():
-        registry = getattr(m, "_diffusers_hook", None)
-        for hook_name, hook in getattr(registry, "hooks", {}).items():
-            if getattr(hook, "_is_stateful", False):
-                stateful.append(f"{hook_name} on {name or '<root>'}")
-    if stateful:
-        shown = sorted(set(stateful))
-        raise ValueError(
-            f"{type(pipe).__name__}.{attr} has stateful diffusers hooks "
-            f"({', '.join(shown[:4])}{' …' if len(shown) > 4 else ''}): they cache values "
-            "between calls, which a pipeline split into stages cannot share; disable them "
-            f"first (pipe.{attr}.disable_cache(), or HookRegistry.remove_hook) and "
-            "parallelize again")

@@ -224,7 +224,7 @@ class FedTimesteps:
     def record(self, k: int, value: torch.Tensor) -> None:
         if k != len(self.fed):
             raise RuntimeError(f"{self.owner}: call for step {k} after {len(self.fed)} steps")
-        if k in self.predicted and not _same(self.predicted[k], value):
+        if k in self.predicted and not same_tensor(self.predicted[k], value):
             raise RuntimeError(
                 f"{self.owner}: step {k} was run ahead of its call (a stride copy) with the "
                 f"timestep {_show(self.predicted[k])}, but the pipeline fed {_show(value)}; "
@@ -238,7 +238,7 @@ class FedTimesteps:
         is fed equally) and moving the same way. A pipeline feeding anything else (its own
         time grid, a per-call schedule) would be run on a timeline that is not its own."""
         for i, f in enumerate(self.fed):
-            if self.taus[i] == self.taus[k] and not _same(f, value):
+            if self.taus[i] == self.taus[k] and not same_tensor(f, value):
                 raise RuntimeError(
                     f"{self.owner}: steps {i} and {k} have the scheduler's timestep "
                     f"{self.taus[k]} but were fed {_show(f)} and {_show(value)}: the "
@@ -272,7 +272,7 @@ class FedTimesteps:
             raise RuntimeError(f"{self.owner}: step {k} needed before any call")
         like = self.fed[0]
         for transform in _TRANSFORMS:
-            if all(_same(transform(like, self.taus[i]), f) for i, f in enumerate(self.fed)):
+            if all(same_tensor(transform(like, self.taus[i]), f) for i, f in enumerate(self.fed)):
                 return transform(like, self.taus[k])
         raise RuntimeError(
             f"{self.owner}: the schedule needs the timestep of step {k} before the pipeline "
@@ -285,7 +285,7 @@ def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
