@@ -31,6 +31,11 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_json(path: str | Path, data, **kw) -> None:
     write_text(path, json.dumps(data, **{"indent": 1, **kw}) + "\n")
 

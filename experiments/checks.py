@@ -80,6 +80,29 @@ def check_guidance(model: Mapping, variant: str, guidance) -> None:
                 "into uncond and cond halves)")
 
 
+def check_pipeline(cfg: Mapping, entry: str) -> None:
+    """``pipeline=…``: asyncdiff-run only; the checkpoint, prompts and image are there."""
+    from experiments.generate import check_request, request
+
+    pipe = cfg["pipeline"]
+    if entry != "run":
+        raise ConfigError(f"pipeline={pipe.get('name')}: asyncdiff-{entry} does not take a "
+                          "pipeline; allowed: asyncdiff-run, or pipeline=null")
+    for key in ("name", "cls", "path"):
+        if key not in pipe:
+            raise ConfigError(f"pipeline.{key}: missing; allowed: "
+                              + ("the local checkpoint directory" if key == "path" else "a value"))
+    if pipe["kind"] == "image" and "image" not in pipe:
+        raise ConfigError("pipeline.image: missing; allowed: the conditioning image's path")
+    g = cfg["scheduler"]["guidance"]
+    if g is not None and g < 0:
+        raise ConfigError(f"scheduler.guidance={g!r}; allowed: null or a number >= 0")
+    if cfg["parallel"]["replicas"] != 1:
+        raise ConfigError(f"parallel.replicas={cfg['parallel']['replicas']!r}; allowed: 1 "
+                          "with a pipeline")
+    check_request(request(cfg))
+
+
 def check_labels(model: Mapping, labels) -> None:
     """``labels``: class labels for a trained reference model (null: every class in turn)."""
     if labels is None:
@@ -141,7 +164,10 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
     why = (" (W <= T = scheduler.steps; W >= 1 when n > 1: the last warm-up step seeds the "
            "stale cross-stage values)")
     _int("parallel.warmup", par["warmup"], 1 if n > 1 else 0, steps, why)
-    check_guidance(model, variant, sch["guidance"])
+    if cfg.get("pipeline") is not None:
+        check_pipeline(cfg, entry)
+    else:
+        check_guidance(model, variant, sch["guidance"])
     _int("seed", cfg["seed"], 0)
     if cfg["batch"] is not None:
         _int("batch", cfg["batch"], 1)

@@ -205,6 +205,12 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
 def hydra_main(cfg: DictConfig) -> None:
     cfg = resolved(cfg, "run")  # again: also when called without the command-line check
     out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("pipeline") is not None:  # a real diffusers pipeline: experiments/pipeline_run.py
+        from experiments import pipeline_run
+        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        (pipeline_run.run_pipeline_torchrun if torchrun else pipeline_run.run_pipeline_spawn)(
+            cfg, out)
+        return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         run_torchrun(cfg, out)
     else:

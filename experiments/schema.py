@@ -170,6 +170,40 @@ class StudyConf:
     cache: str = "outputs/study"  # samples per point and chunk, reused by reruns
 
 
+class PipelineKind(Enum):
+    text = "text"    # prompts (and a negative prompt)
+    image = "image"  # a conditioning image (SVD)
+
+
+class Dtype(Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class PipelineConf:
+    """A diffusers pipeline from a local checkpoint: one ``conf/pipeline/<name>.yaml``
+    (``experiments/generate.py``). T and the guidance scale are ``scheduler.steps`` and
+    ``scheduler.guidance``; the sampler is the checkpoint's own scheduler."""
+
+    name: str = MISSING
+    cls: str = MISSING                 # the pipeline class model_index.json must name
+    path: str = MISSING                # local directory (from_pretrained, local_files_only)
+    kind: PipelineKind = PipelineKind.text
+    prompts: List[str] = field(default_factory=list)
+    prompt_file: Optional[str] = None  # one prompt per line, after ``prompts``
+    negative_prompt: Optional[str] = None
+    seeds: Optional[List[int]] = None  # one call per prompt and seed (null: [seed])
+    height: Optional[int] = None       # null: the pipeline's default
+    width: Optional[int] = None
+    frames: Optional[int] = None       # video pipelines: num_frames
+    image: Optional[str] = None        # kind=image: the conditioning image
+    dtype: Dtype = Dtype.float32
+    warm_call: bool = True             # one untimed call first (the first parallel call plans)
+    call: Dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the call
+
+
 @dataclass
 class Config:
     """The root of every entry point (asyncdiff-plan, -run, -bench, the demo, the study)."""
@@ -189,6 +223,7 @@ class Config:
     metrics: MetricsConf = field(default_factory=MetricsConf)
     bench: BenchConf = field(default_factory=BenchConf)
     study: Optional[StudyConf] = None  # the quality study only
+    pipeline: Optional[PipelineConf] = None  # asyncdiff-run pipeline=NAME: a real pipeline
 
 
 def register() -> None:

@@ -20,6 +20,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -69,29 +70,75 @@ def _loads(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _entry(rank: int, world: int, port: int, jobs: str, results) -> None:
-    """One worker (``start_processes`` passes its index as ``rank``); its job is the file
-    ``<jobs>/<rank>.pt`` (each worker reads only its own stage)."""
+@dataclass(frozen=True)
+class Task:
+    """What every spawned rank runs: ``fn(rank, world, arg)`` inside the initialised group,
+    returning ``(payload, extra)``: ``payload`` bytes (or None) and ``extra`` any picklable
+    value, both handed to the parent. ``fn`` must be importable (a module-level function)."""
+
+    fn: Callable[[int, int, Any], tuple[bytes | None, Any]]
+    arg: Any
+    backend: str
+    timeout_s: float    # each wait for a peer (the group's timeout)
+
+
+@dataclass
+class RankResult:
+    payload: bytes | None
+    extra: Any
+    peak_rss: int       # bytes
+    wall_s: float       # the task's own time (after the rendezvous)
+
+
+def _entry(rank: int, world: int, port: int, task: Task, results) -> None:
+    """One worker (``start_processes`` passes its index as ``rank``)."""
     try:
-        job: WorkerJob = torch.load(os.path.join(jobs, f"{rank}.pt"), weights_only=False)
-        os.environ.setdefault("OMP_NUM_THREADS", str(job.parallel.threads))
-        timeout = datetime.timedelta(seconds=job.parallel.timeout_s)
+        timeout = datetime.timedelta(seconds=task.timeout_s)
         store = dist.TCPStore(HOST, port, world, is_master=False, timeout=timeout)
-        dist.init_process_group(job.parallel.backend, store=store, rank=rank,
-                                world_size=world, timeout=timeout)
+        dist.init_process_group(task.backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
         dist.barrier()
         t0 = time.perf_counter()
-        out, stats = run_job(job, rank, world)
+        payload, extra = task.fn(rank, world, task.arg)
         wall = time.perf_counter() - t0
-        per = job.parallel.devices
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        results.put(("ok", rank, _dumps(out) if rank % per == 0 else None, (stats, peak), wall))
+        results.put(("ok", rank, payload, (extra, peak), wall))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException as err:  # noqa: BLE001 - reported to the parent, then exit non-zero
         cause = f"{type(err).__name__}: {err}".strip().splitlines()[0]
         results.put(("error", rank, cause, traceback.format_exc(), None))
         raise SystemExit(1)
+
+
+def run_ranks(task: Task, world: int, timeout_s: float) -> dict[int, RankResult]:
+    """Spawn ``world`` ranks of ``task`` on this machine and return each rank's result.
+
+    A rank that raises or dies stops every other at once (:class:`WorkerError` naming it);
+    so does a run past ``timeout_s``, or Ctrl-C. No process is left behind."""
+    method = _start_method()
+    results = mp.get_context(method).Queue()
+    store = dist.TCPStore(HOST, 0, world + 1, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=task.timeout_s))
+    ctx = mp.start_processes(_entry, args=(world, store.port, task, results), nprocs=world,
+                             join=False, start_method=method)
+    try:
+        return _collect(ctx, results, timeout_s)
+    except WorkerError as err:
+        _stop(ctx)
+        err.pids = tuple(ctx.pids())
+        raise
+    finally:
+        _stop(ctx)  # also on Ctrl-C
+        del store   # the rendezvous lives exactly as long as the run
+
+
+def _sampling(rank: int, world: int, jobs: str) -> tuple[bytes | None, list]:
+    """The sampling task: the job is the file ``<jobs>/<rank>.pt`` (each worker reads only
+    its own stage); device 0 of each replica returns the replica's latent."""
+    job: WorkerJob = torch.load(os.path.join(jobs, f"{rank}.pt"), weights_only=False)
+    out, stats = run_job(job, rank, world)
+    return (_dumps(out) if rank % job.parallel.devices == 0 else None), stats
 
 
 def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: list[SamplingJob],
@@ -118,36 +165,24 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
                 placeholders=staged.placeholders, output=staged.output, parallel=parallel,
                 sampling=sampling, fault=fault, progress=progress),
                 os.path.join(jobs, f"{rank}.pt"))
-        method = _start_method()
-        results = mp.get_context(method).Queue()
-        store = dist.TCPStore(HOST, 0, world + 1, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=parallel.timeout_s))
-        ctx = mp.start_processes(_entry, args=(world, store.port, jobs, results), nprocs=world,
-                                 join=False, start_method=method)
-        try:
-            return _collect(ctx, results, per, parallel.replicas, timeout_s)
-        except WorkerError as err:
-            _stop(ctx)
-            err.pids = tuple(ctx.pids())
-            raise
-        finally:
-            _stop(ctx)  # also on Ctrl-C
-            del store   # the rendezvous lives exactly as long as the run
+        task = Task(_sampling, jobs, parallel.backend, parallel.timeout_s)
+        done = run_ranks(task, world, timeout_s)
+    latents = {r // per: _loads(d.payload) for r, d in done.items() if d.payload is not None}
+    return LaunchResult([latents[r] for r in range(parallel.replicas)],
+                        {r: d.extra for r, d in done.items()}, max(d.wall_s for d in done.values()),
+                        {r: d.peak_rss for r, d in done.items()})
 
 
-def _collect(ctx, results, per: int, replicas: int, timeout_s: float) -> LaunchResult:
-    latents: dict[int, torch.Tensor] = {}
-    stats: dict[int, list] = {}
-    peaks: dict[int, int] = {}
-    walls = []
+def _collect(ctx, results, timeout_s: float) -> dict[int, RankResult]:
+    done: dict[int, RankResult] = {}
     world = len(ctx.processes)
     deadline = time.monotonic() + timeout_s
-    while len(stats) < world:
+    while len(done) < world:
         try:
             kind, rank, payload, extra, wall = results.get(timeout=0.2)
         except queue.Empty:
             for rank, p in enumerate(ctx.processes):
-                if p.exitcode not in (None, 0) and rank not in stats:
+                if p.exitcode not in (None, 0) and rank not in done:
                     raise WorkerError(f"rank {rank} died (exit code {p.exitcode}) before "
                                       "reporting; stopped every other worker")
             if time.monotonic() > deadline:
@@ -156,12 +191,9 @@ def _collect(ctx, results, per: int, replicas: int, timeout_s: float) -> LaunchR
         if kind == "error":
             raise WorkerError(f"rank {rank} failed: {payload}; stopped every other worker\n"
                               f"{extra}")
-        stats[rank], peaks[rank] = extra
-        walls.append(wall)
-        if payload is not None:
-            latents[rank // per] = _loads(payload)
+        done[rank] = RankResult(payload, extra[0], extra[1], wall)
     ctx.join(timeout=10)
-    return LaunchResult([latents[r] for r in range(replicas)], stats, max(walls), peaks)
+    return done
 
 
 def _stop(ctx) -> None:

@@ -1,0 +1,166 @@
+"""``asyncdiff-run pipeline=…``: prompts to decoded images, sequential and asynchronous.
+
+    asyncdiff-run pipeline=sd15 pipeline.path=/ckpt/sd15 parallel.n=3 parallel.warmup=3
+    asyncdiff-run -m pipeline=sdxl pipeline.path=… parallel.n=2,3,4 parallel.stride=1,2
+    torchrun --nproc-per-node=3 -m experiments.run pipeline=sd15 pipeline.path=… parallel.n=3
+
+Every rank of the asynchronous pipeline (self-spawned here, or started by torchrun) loads the
+checkpoint, runs ``asyncdiff.parallelize(pipe, mode="distributed")`` with the run's split
+and timeline, and makes the same pipeline calls from the same seeds (SPMD): the pipeline's
+own text encoders, guidance, scheduler and VAE run unchanged on every rank, the denoiser as
+the N-stage pipeline. Then the plain pipeline makes the same calls in one process (the
+sequential baseline; after the ranks have exited, so the two never share the cores). Both
+decode through the VAE; the run directory gets:
+
+    config.yaml, plan.json, plan.txt   the resolved config; the denoiser's plan (rank 0's)
+    images/sequential/NNN.png|.gif     one per item (prompt × seed); GIF for video
+    images/asyncdiff/NNN.png|.gif
+    images/grid.png                    per item: sequential | asyncdiff | |difference| × 4
+    metrics.json                       latency, speedup, pixel PSNR/SSIM against sequential,
+                                       LPIPS / CLIP score (or "skipped: <reason>"), peak RSS
+
+and a W&B run (config, plan, metrics, images). ``pipeline.warm_call`` (default true) makes
+one untimed call of the first item first, in both: the asynchronous pipeline's first call
+captures, plans and verifies the denoiser (``first_call_s`` records it).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import resource
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from experiments.common import ConfigError, parallel_rounds, plain
+from experiments.generate import Request, check_request, generate, load, request
+from partition.threads import intra_op_threads
+
+log = logging.getLogger(__name__)
+
+# the group's wait for a peer before a plan exists (none does before the first call):
+# the configured parallel.step_timeout_s, else torchrun's usual 30 minutes
+DEFAULT_STEP_TIMEOUT_S = 1800.0
+
+
+def dropin_options(cfg: dict) -> dict:
+    """``asyncdiff.parallelize``'s keyword arguments from ``parallel`` and ``partition``."""
+    par, part = cfg["parallel"], cfg["partition"]
+    for key in ("shell_depth", "shell_slack", "memory_cap_mb"):
+        if part.get(key) is not None:
+            raise ConfigError(f"partition.{key}={part[key]!r}: not taken by a pipeline run; "
+                              "allowed: null (split with partition.strategy, boundaries, "
+                              "stages)")
+    manual = {k: part[k] for k in ("boundaries", "stages") if part.get(k) is not None}
+    return dict(n=par["n"], stride=par["stride"], warmup=par["warmup"],
+                time_shift=bool(par["time_shift"]), stride_noise=par["stride_noise"],
+                strategy=None if manual else part["strategy"], cost_model=part["cost_model"],
+                depth=part["depth"], verify=bool(part["verify"]), backend=part["backend"],
+                **manual)
+
+
+def _dumps(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _timed(pipe, req: Request, warm: bool) -> tuple[torch.Tensor, list[float], float | None]:
+    first = None
+    if warm:
+        one = Request(**{**vars(req), "prompts": req.prompts[:1], "seeds": req.seeds[:1]})
+        first = sum(generate(pipe, one)[1])
+    images, seconds = generate(pipe, req)
+    return images, seconds, first
+
+
+def rank_task(rank: int, world: int, cfg: dict) -> tuple[bytes | None, dict]:
+    """What every rank runs inside the group: the parallelized pipeline's images (rank 0
+    returns them and the plans) and this rank's call times."""
+    import asyncdiff
+
+    req = request(cfg)
+    with intra_op_threads(cfg["parallel"]["threads"]):
+        pipe = load(req)
+        handle = asyncdiff.parallelize(pipe, mode="distributed", offload="drop",
+                                       **dropin_options(cfg))
+        images, seconds, first = _timed(pipe, req, bool(cfg["pipeline"]["warm_call"]))
+    plans = [s.plan.to_json() for s in handle.sessions.values()]
+    extra = {"seconds": seconds, "first_call_s": first, "plans": plans if rank == 0 else None}
+    return (_dumps(images) if rank == 0 else None), extra
+
+
+def sequential(cfg: dict) -> tuple[torch.Tensor, list[float], float | None, str]:
+    """The plain pipeline's images from the same seeds, and its scheduler's class."""
+    req = request(cfg)
+    with intra_op_threads(cfg["parallel"]["threads"]):
+        pipe = load(req)
+        images, seconds, first = _timed(pipe, req, bool(cfg["pipeline"]["warm_call"]))
+    return images, seconds, first, type(pipe.scheduler).__name__
+
+
+def _limits(cfg: dict) -> tuple[float, float]:
+    par = cfg["parallel"]
+    step = par.get("step_timeout_s") or DEFAULT_STEP_TIMEOUT_S
+    items = len(request(cfg).items) + bool(cfg["pipeline"]["warm_call"])
+    run = par.get("run_timeout_s") or (par.get("startup_timeout_s") or 120.0) + \
+        items * cfg["scheduler"]["steps"] * step
+    return float(step), float(run)
+
+
+def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
+    """The ranks spawned here (``asyncdiff.dist.launch.run_ranks``); this process records."""
+    from asyncdiff.dist.launch import Task, run_ranks
+    from experiments.checks import check_backend, devices
+
+    data = plain(cfg)
+    check_request(request(data))
+    par = data["parallel"]
+    world = devices(par)
+    step_s, run_s = _limits(data)
+    backend = check_backend(par["backend"], world, os.environ)
+    log.info("asyncdiff: %s from %s on %d ranks", data["pipeline"]["cls"],
+             data["pipeline"]["path"], world)
+    done = run_ranks(Task(rank_task, data, backend, step_s), world, run_s)
+    images = torch.load(io.BytesIO(done[0].payload), weights_only=False)
+    ranks = {r: {"seconds": d.extra["seconds"], "peak_rss": d.peak_rss} for r, d in done.items()}
+    from experiments.pipeline_record import finish_pipeline
+    return finish_pipeline(cfg, out, images, done[0].extra, ranks, sequential(data))
+
+
+def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
+    """Every rank (torchrun) runs :func:`rank_task`; rank 0 then runs the baseline and
+    records."""
+    from asyncdiff.dist.worker import init_group
+    from experiments.checks import check_backend
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    data = plain(cfg)
+    check_request(request(data))
+    step_s, _ = _limits(data)
+    init_group(rank, world, check_backend(data["parallel"]["backend"], world, os.environ),
+               None, step_s)
+    payload, extra = rank_task(rank, world, data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object({"seconds": extra["seconds"], "peak_rss": peak}, gathered, dst=0)
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        from experiments.pipeline_record import finish_pipeline
+        images = torch.load(io.BytesIO(payload), weights_only=False)
+        finish_pipeline(cfg, out, images, extra, dict(enumerate(gathered)), sequential(data))
+
+
+def predicted(cfg: dict, plan) -> dict:
+    from partition import predict
+
+    par, steps = cfg["parallel"], cfg["scheduler"]["steps"]
+    return predict(plan, steps=steps, warmup=min(par["warmup"], steps), stride=par["stride"],
+                   rounds=parallel_rounds(par, steps))
+
+
+__all__ = ["run_pipeline_spawn", "run_pipeline_torchrun", "rank_task", "dropin_options"]
