@@ -25,7 +25,6 @@ captures, plans and verifies the denoiser (``first_call_s`` records it).
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import resource
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from asyncdiff.dist.launch import from_bytes, to_bytes
 from experiments.common import ConfigError, parallel_rounds, plain
 from experiments.generate import Request, check_request, generate, load, request
 from partition.threads import intra_op_threads
@@ -62,12 +62,6 @@ def dropin_options(cfg: dict) -> dict:
                 **manual)
 
 
-def _dumps(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _timed(pipe, req: Request, warm: bool) -> tuple[torch.Tensor, list[float], float | None]:
     first = None
     if warm:
@@ -90,7 +84,7 @@ def rank_task(rank: int, world: int, cfg: dict) -> tuple[bytes | None, dict]:
         images, seconds, first = _timed(pipe, req, bool(cfg["pipeline"]["warm_call"]))
     plans = [s.plan.to_json() for s in handle.sessions.values()]
     extra = {"seconds": seconds, "first_call_s": first, "plans": plans if rank == 0 else None}
-    return (_dumps(images) if rank == 0 else None), extra
+    return (to_bytes(images) if rank == 0 else None), extra
 
 
 def sequential(cfg: dict) -> tuple[torch.Tensor, list[float], float | None, str]:
@@ -125,7 +119,7 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     log.info("asyncdiff: %s from %s on %d ranks", data["pipeline"]["cls"],
              data["pipeline"]["path"], world)
     done = run_ranks(Task(rank_task, data, backend, step_s), world, run_s)
-    images = torch.load(io.BytesIO(done[0].payload), weights_only=False)
+    images = from_bytes(done[0].payload)
     ranks = {r: {"seconds": d.extra["seconds"], "peak_rss": d.peak_rss} for r, d in done.items()}
     from experiments.pipeline_record import finish_pipeline
     return finish_pipeline(cfg, out, images, done[0].extra, ranks, sequential(data))
@@ -151,7 +145,7 @@ def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
     dist.destroy_process_group()
     if rank == 0:
         from experiments.pipeline_record import finish_pipeline
-        images = torch.load(io.BytesIO(payload), weights_only=False)
+        images = from_bytes(payload)
         finish_pipeline(cfg, out, images, extra, dict(enumerate(gathered)), sequential(data))
 
 

@@ -59,14 +59,14 @@ def _start_method() -> str:
     return "spawn"
 
 
-def _dumps(obj) -> bytes:
+def to_bytes(obj) -> bytes:
     """Tensors travel as bytes: the forkserver refuses hundreds of shared-memory handles."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def _loads(data: bytes):
+def from_bytes(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
@@ -138,7 +138,7 @@ def _sampling(rank: int, world: int, jobs: str) -> tuple[bytes | None, list]:
     its own stage); device 0 of each replica returns the replica's latent."""
     job: WorkerJob = torch.load(os.path.join(jobs, f"{rank}.pt"), weights_only=False)
     out, stats = run_job(job, rank, world)
-    return (_dumps(out) if rank % job.parallel.devices == 0 else None), stats
+    return (to_bytes(out) if rank % job.parallel.devices == 0 else None), stats
 
 
 def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: list[SamplingJob],
@@ -167,7 +167,7 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
                 os.path.join(jobs, f"{rank}.pt"))
         task = Task(_sampling, jobs, parallel.backend, parallel.timeout_s)
         done = run_ranks(task, world, timeout_s)
-    latents = {r // per: _loads(d.payload) for r, d in done.items() if d.payload is not None}
+    latents = {r // per: from_bytes(d.payload) for r, d in done.items() if d.payload is not None}
     return LaunchResult([latents[r] for r in range(parallel.replicas)],
                         {r: d.extra for r, d in done.items()}, max(d.wall_s for d in done.values()),
                         {r: d.peak_rss for r, d in done.items()})
