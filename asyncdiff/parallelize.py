@@ -45,6 +45,7 @@ from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dropin import session as sessions
 from asyncdiff.dropin import splits
 from asyncdiff.dist.sharing import try_capture
+from asyncdiff.dropin.lazy import CHECKPOINT_ATTR, is_meta
 from asyncdiff.dropin.call import Call, answer, bind_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
@@ -333,7 +334,9 @@ class _Denoiser:
                                opts.backend)
 
         with self._unpatched(bound):
-            if opts.mode == "emulate":
+            if is_meta(self.module):
+                session = sessions.distributed_lazy(self.module, call, opts, self._checkpoint())
+            elif opts.mode == "emulate":
                 session = sessions.emulated(self.module, call, capture_call(), opts, runner)
             else:
                 session = sessions.distributed(self.module, call, capture_call, opts, runner)
@@ -343,6 +346,22 @@ class _Denoiser:
         if self.parked is not None:  # keep what any session's stage holds
             self.parked.release([t for s in self.sessions.values() for t in s.tensors()])
         return session
+
+    def _checkpoint(self):
+        """Where a meta denoiser's weights are (``asyncdiff/dropin/lazy.py``), after checking
+        that the options allow loading it stage by stage."""
+        o, where = self.handle.options, f"pipe.{self.attr} is on the meta device (loaded lazily)"
+        checkpoint = getattr(self.module, CHECKPOINT_ATTR, None)
+        for key, value, allowed in (("mode", o.mode, "distributed"),
+                                    ("cost_model", o.cost_model, "flops"),
+                                    ("backend", o.backend, "auto, graph")):
+            if value not in allowed.split(", "):
+                raise ValueError(f"{where}: {key}={value!r}; allowed: {allowed} (each rank "
+                                 "loads only its own stage's weights)")
+        if checkpoint is None:
+            raise ValueError(f"{where} but holds no checkpoint to read its stage from; load "
+                             "the pipeline with asyncdiff.load_pipeline(path)")
+        return checkpoint
 
     @contextlib.contextmanager
     def _unpatched(self, forward):

@@ -100,6 +100,11 @@ def check_pipeline(cfg: Mapping, entry: str) -> None:
     if cfg["parallel"]["replicas"] != 1:
         raise ConfigError(f"parallel.replicas={cfg['parallel']['replicas']!r}; allowed: 1 "
                           "with a pipeline")
+    cost = cfg["partition"]["cost_model"]
+    if pipe.get("load", "lazy") == "lazy" and cost != "flops":
+        raise ConfigError(f"partition.cost_model={cost!r} with pipeline.load=lazy; allowed: "
+                          "flops (no rank holds the whole denoiser to time or trace it), or "
+                          "pipeline.load=whole")
     check_request(request(cfg))
 
 

@@ -41,6 +41,7 @@ class Request:
     frames: int | None = None
     image: str | None = None
     dtype: str = "float32"
+    load: str = "whole"            # "lazy": the denoiser on the meta device (asyncdiff.load_pipeline)
     call: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,7 +72,7 @@ def request(cfg: Mapping) -> Request:
                    guidance=sch.get("guidance"), negative_prompt=p.get("negative_prompt"),
                    height=p.get("height"), width=p.get("width"), frames=p.get("frames"),
                    image=p.get("image"), dtype=p.get("dtype", "float32"),
-                   call=dict(p.get("call") or {}))
+                   load=p.get("load", "lazy"), call=dict(p.get("call") or {}))
 
 
 def checkpoint_class(path: str | Path) -> str:
@@ -102,14 +103,19 @@ def check_request(req: Request) -> None:
                               "and takes no prompt; allowed: []")
 
 
-def load(req: Request):
-    """The pipeline, from the local directory only, in the request's dtype, in eval mode."""
+def load(req: Request, lazy: bool = False):
+    """The pipeline, from the local directory only, in the request's dtype, in eval mode;
+    ``lazy``: its denoiser on the meta device, for the distributed drop-in to load stage by
+    stage (``asyncdiff/dropin/lazy.py``)."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
 
+    from asyncdiff import load_pipeline
+
     dlog.disable_progress_bar()
-    pipe = DiffusionPipeline.from_pretrained(req.path, local_files_only=True,
-                                             torch_dtype=DTYPES[req.dtype])
+    pipe = load_pipeline(req.path, torch_dtype=DTYPES[req.dtype]) if lazy else \
+        DiffusionPipeline.from_pretrained(req.path, local_files_only=True,
+                                          torch_dtype=DTYPES[req.dtype])
     if type(pipe).__name__ != req.cls:  # a model_index.json edited after the check
         raise ConfigError(f"pipeline.cls={req.cls!r}; the checkpoint loaded as "
                           f"{type(pipe).__name__}; allowed: {type(pipe).__name__}")

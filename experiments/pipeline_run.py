@@ -78,7 +78,7 @@ def rank_task(rank: int, world: int, cfg: dict) -> tuple[bytes | None, dict]:
 
     req = request(cfg)
     with intra_op_threads(cfg["parallel"]["threads"]):
-        pipe = load(req)
+        pipe = load(req, lazy=req.load == "lazy")
         handle = asyncdiff.parallelize(pipe, mode="distributed", offload="drop",
                                        **dropin_options(cfg))
         images, seconds, first = _timed(pipe, req, bool(cfg["pipeline"]["warm_call"]))

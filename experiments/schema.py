@@ -175,6 +175,11 @@ class PipelineKind(Enum):
     image = "image"  # a conditioning image (SVD)
 
 
+class Load(Enum):
+    lazy = "lazy"    # each rank builds the denoiser on the meta device, reads its stage only
+    whole = "whole"  # each rank loads it whole, verifies the split, drops the rest
+
+
 class Dtype(Enum):
     float32 = "float32"
     float16 = "float16"
@@ -200,6 +205,7 @@ class PipelineConf:
     frames: Optional[int] = None       # video pipelines: num_frames
     image: Optional[str] = None        # kind=image: the conditioning image
     dtype: Dtype = Dtype.float32
+    load: Load = Load.lazy             # how each rank of the asynchronous run loads the denoiser
     warm_call: bool = True             # one untimed call first (the first parallel call plans)
     call: Dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the call
 

@@ -259,9 +259,15 @@ def move_graph(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule
     """Move ``gm`` to ``device`` in place: parameters and buffers, and the ``device=``
     arguments export baked into the graph (``arange(..., device=cpu)`` and friends;
     research/feasibility.md §5.5)."""
+    return retarget_devices(gm, device).to(device)
+
+
+def retarget_devices(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:
+    """Point the ``device=`` arguments export baked into ``gm`` at ``device``, in place,
+    leaving its tensors where they are (a capture made on the meta device names ``meta``)."""
     device = torch.device(device)
     for node in gm.graph.nodes:
         if isinstance(node.kwargs.get("device"), torch.device):
             node.kwargs = {**node.kwargs, "device": device}
     gm.recompile()
-    return gm.to(device)
+    return gm

@@ -7,8 +7,10 @@ rank 0 plans and broadcasts the plan JSON, and each rank keeps only its own stag
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +24,12 @@ from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import Timeline, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
-from partition.capture import Captured
+from partition.capture import Captured, capture, retarget_devices
+from partition.cost import NodeCosts, profile
 from partition.stages import Segment, StagedModel
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,16 +84,21 @@ class Session:
 
 
 def config_hash(module: nn.Module) -> str:
-    config = dict(getattr(module, "config", {}) or {})
+    """The architecture: class and public config (not where it was loaded from: diffusers
+    adds ``_name_or_path`` and friends on loading, so a model built from its config hashes
+    the same as the one loaded)."""
+    config = {k: v for k, v in dict(getattr(module, "config", {}) or {}).items()
+              if not k.startswith("_")}
     text = json.dumps({"class": type(module).__qualname__, "config": config}, sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts: Options,
-                 runner=None, note: str = "") -> Compiled:
+                 runner=None, note: str = "", costs: NodeCosts | None = None) -> Compiled:
     """Plan the call into ``opts.n`` stages (the one place a plan is made): on its capture,
-    or with the module backend where there is none; or rebuild a saved plan's stages."""
+    or with the module backend where there is none; or rebuild a saved plan's stages.
+    ``costs``: the capture's, already counted (a capture on the meta device)."""
     if opts.plan is not None:
         return compile_from_plan(module, call.specs(), call.tensors, opts.plan,
                                  captured=captured, threads=torch.get_num_threads(),
@@ -99,7 +110,7 @@ def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts:
                          strategy=opts.strategy, cost_model=opts.cost_model,
                          name=type(module).__name__, config_hash=config_hash(module),
                          repeats=3 if opts.cost_model == "time" else 0,
-                         threads=torch.get_num_threads(), captured=captured,
+                         threads=torch.get_num_threads(), captured=captured, costs=costs,
                          verify=opts.verify, runner=runner, note=note,
                          backend="module" if captured is None else "graph")
 
@@ -135,3 +146,37 @@ def distributed(module: nn.Module, call: Call,
         else {s.name: s.name for s in specs}
     return Session(call.key, plan, None, specs, placeholders, plan.output, segments=tuple(mine),
                    rank=rank)
+
+
+def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -> Session:
+    """:func:`distributed` for a denoiser on the meta device (``asyncdiff/dropin/lazy.py``):
+    every rank captures it on the meta device, rank 0 costs it by FLOPs over fake tensors and
+    plans, and each rank reads only its own stage's tensors from ``checkpoint``. Unverified:
+    no process holds the whole denoiser (the plan and a warning say so)."""
+    from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0
+    from asyncdiff.dropin.lazy import UNVERIFIED, materialise
+
+    rank, device = dist.get_rank(), call.tensors[call.latent].device
+    meta = {n: t.to("meta") for n, t in call.tensors.items()}
+    meta_call = dataclasses.replace(call, tensors=meta)
+    captured: Captured = on_every_rank(lambda: capture(module, call.specs(), meta),
+                                       "asyncdiff.parallelize: capture on the meta device")
+
+    def make() -> Plan:
+        costs = profile(captured, meta, repeats=0)  # over fake tensors: shapes, not values
+        retarget_devices(captured.gm, device)  # the graph a whole load captures (its hash)
+        return compile_call(module, meta_call, captured, dataclasses.replace(opts, verify=False),
+                            costs=costs).plan
+
+    if rank != 0:
+        retarget_devices(captured.gm, device)
+    plan = plan_from_rank0(make, "asyncdiff.parallelize: planning")
+    plan = dataclasses.replace(plan, verification=UNVERIFIED)
+    if rank == 0:
+        log.warning("pipe denoiser %s: %s", type(module).__name__, UNVERIFIED)
+    mine = on_every_rank(lambda: materialise(
+        own_stage(plan, captured, module, call.specs(), meta, None,
+                  stage_of_device(rank, plan.n), torch.get_num_threads()), checkpoint, device),
+        "asyncdiff.parallelize: loading this rank's stage")
+    return Session(call.key, plan, None, tuple(call.specs()), captured.placeholders,
+                   plan.output, segments=tuple(mine), rank=rank)
