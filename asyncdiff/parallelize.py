@@ -45,7 +45,7 @@ from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dropin import session as sessions
 from asyncdiff.dropin import splits
 from asyncdiff.dist.sharing import try_capture
-from asyncdiff.dropin.lazy import CHECKPOINT_ATTR, is_meta
+from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
 from asyncdiff.dropin.call import Call, answer, bind_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
@@ -334,7 +334,7 @@ class _Denoiser:
                                opts.backend)
 
         with self._unpatched(bound):
-            if is_meta(self.module):
+            if hasattr(self.module, CHECKPOINT_ATTR):
                 session = sessions.distributed_lazy(self.module, call, opts, self._checkpoint())
             elif opts.mode == "emulate":
                 session = sessions.emulated(self.module, call, capture_call(), opts, runner)
@@ -351,16 +351,14 @@ class _Denoiser:
         """Where a meta denoiser's weights are (``asyncdiff/dropin/lazy.py``), after checking
         that the options allow loading it stage by stage."""
         o, where = self.handle.options, f"pipe.{self.attr} is on the meta device (loaded lazily)"
-        checkpoint = getattr(self.module, CHECKPOINT_ATTR, None)
+        checkpoint = getattr(self.module, CHECKPOINT_ATTR)
         for key, value, allowed in (("mode", o.mode, "distributed"),
+                                    ("offload", o.offload, "drop"),
                                     ("cost_model", o.cost_model, "flops"),
                                     ("backend", o.backend, "auto, graph")):
             if value not in allowed.split(", "):
                 raise ValueError(f"{where}: {key}={value!r}; allowed: {allowed} (each rank "
                                  "loads only its own stage's weights)")
-        if checkpoint is None:
-            raise ValueError(f"{where} but holds no checkpoint to read its stage from; load "
-                             "the pipeline with asyncdiff.load_pipeline(path)")
         return checkpoint
 
     @contextlib.contextmanager

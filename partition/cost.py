@@ -161,16 +161,21 @@ class _Profiler(fx.Interpreter):
         return out
 
 
-def _count(gm: fx.GraphModule, args: list[torch.Tensor]) -> tuple[_Profiler, str, object]:
+def _count(gm: fx.GraphModule, args: list[torch.Tensor],
+           fake_only: bool = False) -> tuple[_Profiler, str, object]:
     """FLOPs and bytes per node: over fake tensors, or on the real values where a shape
-    depends on data (fake tensors cannot say how many elements ``nonzero`` returns)."""
+    depends on data (fake tensors cannot say how many elements ``nonzero`` returns) unless
+    ``fake_only`` (the weights hold no values yet)."""
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             prof = _Profiler(gm)
             prof.run(*(mode.from_tensor(a) for a in args))
         return prof, "fake", None
-    except Exception:  # noqa: BLE001 - any fake-tensor failure: count on real values instead
-        pass
+    except Exception as err:  # noqa: BLE001 - any fake-tensor failure: count on real values
+        if fake_only:
+            raise CostError(f"the cost pass needs the weights' values ({type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                            "); load this denoiser whole") from err
     prof = _Profiler(gm)
     try:
         out = prof.run(*args)
@@ -191,7 +196,8 @@ def _failed_node(gm: fx.GraphModule, prof: _Profiler) -> fx.Node:
 
 def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int = 3,
             threads: int | None = None, fvcore_model: torch.nn.Module | None = None,
-            warmup: bool = True, device: torch.device | str | None = None) -> NodeCosts:
+            warmup: bool = True, device: torch.device | str | None = None,
+            fake_only: bool = False) -> NodeCosts:
     """Count every compute node once for FLOPs and bytes; time the model ``repeats`` times.
 
     FLOPs and bytes come from one pass over fake tensors (free even for full-size models; on
@@ -202,12 +208,13 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
     times a copy of the model moved there (the stages' target GPU: time shares on a GPU are
     not those of a CPU, nor FLOP shares); by default, where ``inputs`` are. Measure once and
     share the result: timings are noisy, so two measurements give two plans
-    (research/feasibility.md §5.8).
+    (research/feasibility.md §5.8). ``fake_only``: never count on the real values (weights
+    not loaded yet: ``asyncdiff/dropin/lazy.py``).
     """
     args = [inputs[s.name] for s in captured.specs]
     with intra_op_threads(threads) as used:
         with torch.no_grad():
-            prof, counted_on, captured_out = _count(captured.gm, args)
+            prof, counted_on, captured_out = _count(captured.gm, args, fake_only)
             ms, eager, where = {}, None, "cpu"
             if repeats:
                 ms, eager, where = _time_modules(captured, inputs, repeats, warmup, device)

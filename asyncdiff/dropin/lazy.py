@@ -1,16 +1,21 @@
 """Each rank holds only its own stage, from start-up on.
 
 :func:`load_pipeline` loads a diffusers pipeline from a local checkpoint with every denoiser
-built on the meta device from its config: not one of its weights is read or allocated. The
-distributed drop-in then captures such a denoiser on the meta device (``torch.export`` needs
-shapes, not values), costs it by FLOPs over fake tensors, plans on rank 0, and each rank reads
-from the checkpoint's safetensors only the tensors its own stage holds (:func:`materialise`).
+built on the meta device from its config: not one of its weights is read or allocated. On
+the first call the distributed drop-in gives such a denoiser *hollow* storage on the call's
+device (:func:`hollow`: ``Module.to_empty``, memory reserved but never written or read, so
+the OS commits none of it), captures it exactly as a loaded one (``torch.export`` reads
+shapes, not values: the graph and the plan are the very ones a whole load gives), costs it by
+FLOPs over fake tensors, plans on rank 0, and each rank reads from the checkpoint's
+safetensors only the tensors its own stage holds (:func:`materialise`); the hollow rest is
+released with the other stages' weights (``offload="drop"``).
 
 What cannot be done this way, and is said, not skipped silently: no process ever holds the
 whole denoiser, so the split is not verified against the eager model (the plan's
 ``verification`` says so and a warning is logged; a run with the denoiser loaded whole
-verifies the same split: the plans are the same). The module backend and the ``time`` and
-``fvcore`` cost models need real weights and are refused.
+verifies the same split: the plans are the same). Whatever would read weight values before
+the stages are loaded is refused: the module backend, the ``time`` and ``fvcore`` cost
+models, and a cost pass whose shapes depend on values.
 """
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from partition.capture import retarget_devices
 from partition.stages import Segment
 
 CHECKPOINT_ATTR = "_asyncdiff_checkpoint"  # set on a meta denoiser: where its weights are
@@ -32,20 +36,20 @@ UNVERIFIED = ("off: the denoiser was loaded lazily (on the meta device; each ran
               "against; load it whole once to verify the same split")
 
 
-def is_meta(module: nn.Module) -> bool:
-    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-
-
 class Checkpoint:
     """The safetensors of one diffusers model folder (one file, or shards with an index),
     read tensor by tensor: ``safetensors.safe_open`` maps the file and copies out only the
     tensors asked for (diffusers' own loaders read whole files)."""
 
-    def __init__(self, folder: str | os.PathLike, variant: str | None = None):
+    def __init__(self, folder: str | os.PathLike, variant: str | None = None,
+                 made: dict[str, torch.Tensor] | None = None):
         from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
         from diffusers.utils import _add_variant
 
         self.folder = Path(folder)
+        # tensors the model's constructor made on the CPU despite the meta device (a legacy
+        # ``torch.Tensor([…])`` buffer): hollow() keeps those the file does not hold
+        self.made = dict(made or {})
         single = self.folder / _add_variant(SAFETENSORS_WEIGHTS_NAME, variant)
         index = self.folder / _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
         if single.is_file():
@@ -75,13 +79,23 @@ class Checkpoint:
         return out
 
 
-def materialise(parts: list[Segment], checkpoint: Checkpoint,
+def hollow(module: nn.Module, device: torch.device | str, checkpoint: Checkpoint) -> set[int]:
+    """Give a meta ``module`` uninitialised storage on ``device``, except the tensors its
+    constructor made that the checkpoint does not hold (they keep their values); return the
+    ids of the hollow tensors, which must never be read."""
+    module.to_empty(device=device)
+    kept = {n: v for n, v in checkpoint.made.items() if n not in checkpoint.files}
+    for name, value in kept.items():
+        _assign(module, name, value.to(device), _get(module, name))
+    return {id(t) for n, t in _tensors(module) if n not in kept}
+
+
+def materialise(parts: list[Segment], checkpoint: Checkpoint, hollows: set[int],
                 device: torch.device | str) -> list[Segment]:
-    """Fill this rank's segments with their own tensors from ``checkpoint`` (in the dtype the
-    meta denoiser was built in) and point the graphs at ``device``; a meta tensor left over
-    (one the checkpoint does not hold, such as a value made at capture) is an error."""
+    """Replace every hollow tensor of this rank's segments by the checkpoint's (in the dtype
+    the denoiser was built in, on ``device``); one left hollow is an error."""
     for part in parts:
-        want = {name: t for name, t in _tensors(part.gm) if t.is_meta}
+        want = {name: t for name, t in _tensors(part.gm) if id(t) in hollows}
         keys = {name: name.removeprefix(PREFIX) for name in want}
         values = checkpoint.read(sorted(set(keys.values())))
         for name, t in want.items():
@@ -90,13 +104,11 @@ def materialise(parts: list[Segment], checkpoint: Checkpoint,
                 raise ValueError(f"{checkpoint.folder}: tensor {keys[name]!r} has shape "
                                  f"{tuple(value.shape)}, the denoiser's config gives "
                                  f"{tuple(t.shape)}")
-            _assign(part.gm, name, value.to(device=device, dtype=t.dtype))
-        left = [name for name, t in _tensors(part.gm) if t.is_meta]
+            _assign(part.gm, name, value.to(device=device, dtype=t.dtype), t)
+        left = [name for name, t in _tensors(part.gm) if id(t) in hollows]
         if left:
-            raise RuntimeError(f"stage {part.stage}: {left[0]!r} is still on the meta device "
-                               "after loading: the module makes it in its constructor or "
-                               "forward; load this denoiser whole")
-        retarget_devices(part.gm, device)
+            raise RuntimeError(f"stage {part.stage}: {left[0]!r} was not loaded from "
+                               f"{checkpoint.folder}; load this denoiser whole")
     return parts
 
 
@@ -105,11 +117,18 @@ def _tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
                                 *gm.named_buffers(remove_duplicate=False)]]
 
 
-def _assign(gm: nn.Module, name: str, value: torch.Tensor) -> None:
+def _get(module: nn.Module, name: str) -> torch.Tensor:
+    path, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(path), leaf)
+
+
+def _assign(gm: nn.Module, name: str, value: torch.Tensor, meta: torch.Tensor) -> None:
     path, _, leaf = name.rpartition(".")
     owner = gm.get_submodule(path)
     if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        # the flag as the loaded model has it: matmul picks its kernel by ``requires_grad``
+        # (folding to mm or not), so the values would differ in the last bits without it
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=meta.requires_grad)
     else:
         owner._buffers[leaf] = value
 
@@ -149,6 +168,7 @@ def skeleton(path: str | os.PathLike, name: str, index: dict, dtype: torch.dtype
         model = cls.from_config(config)
     if dtype is not None:
         model = model.to(dtype)
-    model.eval().requires_grad_(False)
-    setattr(model, CHECKPOINT_ATTR, Checkpoint(Path(path) / name, variant))
+    made = {n: t.detach().clone() for n, t in _tensors(model) if not t.is_meta}
+    model.to("meta").eval()  # one device: hollow() gives all of it storage at the first call
+    setattr(model, CHECKPOINT_ATTR, Checkpoint(Path(path) / name, variant, made))
     return model

@@ -24,7 +24,7 @@ from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import Timeline, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
-from partition.capture import Captured, capture, retarget_devices
+from partition.capture import Captured, capture
 from partition.cost import NodeCosts, profile
 from partition.stages import Segment, StagedModel
 
@@ -150,33 +150,30 @@ def distributed(module: nn.Module, call: Call,
 
 def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -> Session:
     """:func:`distributed` for a denoiser on the meta device (``asyncdiff/dropin/lazy.py``):
-    every rank captures it on the meta device, rank 0 costs it by FLOPs over fake tensors and
-    plans, and each rank reads only its own stage's tensors from ``checkpoint``. Unverified:
-    no process holds the whole denoiser (the plan and a warning say so)."""
+    every rank gives it hollow storage and captures it (the graph a whole load captures),
+    rank 0 costs it by FLOPs over fake tensors and plans, and each rank reads only its own
+    stage's tensors from ``checkpoint``. Unverified: no process holds the whole denoiser (the
+    plan and a warning say so)."""
     from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0
-    from asyncdiff.dropin.lazy import UNVERIFIED, materialise
+    from asyncdiff.dropin.lazy import UNVERIFIED, hollow, materialise
 
     rank, device = dist.get_rank(), call.tensors[call.latent].device
-    meta = {n: t.to("meta") for n, t in call.tensors.items()}
-    meta_call = dataclasses.replace(call, tensors=meta)
-    captured: Captured = on_every_rank(lambda: capture(module, call.specs(), meta),
-                                       "asyncdiff.parallelize: capture on the meta device")
+    hollows = hollow(module, device, checkpoint)
+    captured: Captured = on_every_rank(lambda: capture(module, call.specs(), call.tensors),
+                                       "asyncdiff.parallelize: capture")
 
     def make() -> Plan:
-        costs = profile(captured, meta, repeats=0)  # over fake tensors: shapes, not values
-        retarget_devices(captured.gm, device)  # the graph a whole load captures (its hash)
-        return compile_call(module, meta_call, captured, dataclasses.replace(opts, verify=False),
+        costs = profile(captured, call.tensors, repeats=0, fake_only=True)  # never the values
+        return compile_call(module, call, captured, dataclasses.replace(opts, verify=False),
                             costs=costs).plan
 
-    if rank != 0:
-        retarget_devices(captured.gm, device)
-    plan = plan_from_rank0(make, "asyncdiff.parallelize: planning")
-    plan = dataclasses.replace(plan, verification=UNVERIFIED)
+    plan = dataclasses.replace(plan_from_rank0(make, "asyncdiff.parallelize: planning"),
+                               verification=UNVERIFIED)
     if rank == 0:
-        log.warning("pipe denoiser %s: %s", type(module).__name__, UNVERIFIED)
+        log.warning("%s: %s", type(module).__name__, UNVERIFIED)
     mine = on_every_rank(lambda: materialise(
-        own_stage(plan, captured, module, call.specs(), meta, None,
-                  stage_of_device(rank, plan.n), torch.get_num_threads()), checkpoint, device),
-        "asyncdiff.parallelize: loading this rank's stage")
+        own_stage(plan, captured, module, call.specs(), call.tensors, None,
+                  stage_of_device(rank, plan.n), torch.get_num_threads()),
+        checkpoint, hollows, device), "asyncdiff.parallelize: loading this rank's stage")
     return Session(call.key, plan, None, tuple(call.specs()), captured.placeholders,
                    plan.output, segments=tuple(mine), rank=rank)
