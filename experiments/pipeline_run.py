@@ -41,8 +41,8 @@ from partition.threads import intra_op_threads
 
 log = logging.getLogger(__name__)
 
-# the group's wait for a peer before a plan exists (none does before the first call):
-# the configured parallel.step_timeout_s, else torchrun's usual 30 minutes
+# under torchrun the group's wait for a peer is fixed before any step is timed: the
+# configured parallel.step_timeout_s, else torchrun's usual 30 minutes
 DEFAULT_STEP_TIMEOUT_S = 1800.0
 
 
@@ -96,13 +96,23 @@ def sequential(cfg: dict) -> tuple[torch.Tensor, list[float], float | None, str]
     return images, seconds, first, type(pipe.scheduler).__name__
 
 
-def _limits(cfg: dict) -> tuple[float, float]:
+def _limits(cfg: dict, step_estimate_s: float | None) -> tuple[float, float]:
+    """(per wait, whole run) in seconds: ``parallel.*_timeout_s`` where set, else derived
+    from one step of the plain pipeline timed before the ranks start
+    (:func:`asyncdiff.dist.limits.from_estimate`); under torchrun, where no step is timed
+    before the group exists, :data:`DEFAULT_STEP_TIMEOUT_S` per wait."""
+    from asyncdiff.dist import limits
+
     par = cfg["parallel"]
-    step = par.get("step_timeout_s") or DEFAULT_STEP_TIMEOUT_S
-    items = len(request(cfg).items) + bool(cfg["pipeline"]["warm_call"])
-    run = par.get("run_timeout_s") or (par.get("startup_timeout_s") or 120.0) + \
-        items * cfg["scheduler"]["steps"] * step
-    return float(step), float(run)
+    steps = (len(request(cfg).items) + bool(cfg["pipeline"]["warm_call"])) * \
+        cfg["scheduler"]["steps"]
+    estimate = step_estimate_s if step_estimate_s is not None else \
+        DEFAULT_STEP_TIMEOUT_S / limits.MARGIN
+    lim = limits.from_estimate(estimate, steps, step_s=par.get("step_timeout_s"),
+                               run_s=par.get("run_timeout_s"),
+                               startup_s=par.get("startup_timeout_s"))
+    log.info("pipeline run %s", lim.describe())
+    return lim.step_s, lim.run_s
 
 
 def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
@@ -114,7 +124,9 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     check_request(request(data))
     par = data["parallel"]
     world = devices(par)
-    step_s, run_s = _limits(data)
+    base = sequential(data)  # first: its step time sizes the ranks' time limits
+    steps = len(base[1]) * data["scheduler"]["steps"]
+    step_s, run_s = _limits(data, sum(base[1]) / steps if steps else None)
     backend = check_backend(par["backend"], world, os.environ)
     log.info("asyncdiff: %s from %s on %d ranks", data["pipeline"]["cls"],
              data["pipeline"]["path"], world)
@@ -122,7 +134,7 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     images = from_bytes(done[0].payload)
     ranks = {r: {"seconds": d.extra["seconds"], "peak_rss": d.peak_rss} for r, d in done.items()}
     from experiments.pipeline_record import finish_pipeline
-    return finish_pipeline(cfg, out, images, done[0].extra, ranks, sequential(data))
+    return finish_pipeline(cfg, out, images, done[0].extra, ranks, base)
 
 
 def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
@@ -134,7 +146,7 @@ def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     data = plain(cfg)
     check_request(request(data))
-    step_s, _ = _limits(data)
+    step_s, _ = _limits(data, None)
     init_group(rank, world, check_backend(data["parallel"]["backend"], world, os.environ),
                None, step_s)
     payload, extra = rank_task(rank, world, data)

@@ -52,9 +52,16 @@ def step_estimate_s(plan: Plan) -> float:
 def derive(plan: Plan, steps: int, *, step_s: float | None = None, run_s: float | None = None,
            startup_s: float | None = None) -> Limits:
     """The limits for ``steps`` steps of ``plan``; a value given wins over its default."""
+    return from_estimate(step_estimate_s(plan), steps, step_s=step_s, run_s=run_s,
+                         startup_s=startup_s)
+
+
+def from_estimate(estimate: float, steps: int, *, step_s: float | None = None,
+                  run_s: float | None = None, startup_s: float | None = None) -> Limits:
+    """The limits for ``steps`` steps of ``estimate`` seconds each (a plan's, or a step of
+    the plain pipeline timed before the ranks start); a value given wins over its default."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r}; allowed: an integer >= 1 (the run's T)")
-    estimate = step_estimate_s(plan)
     for key, value in (("step_timeout_s", step_s), ("run_timeout_s", run_s),
                        ("startup_timeout_s", startup_s)):
         if value is not None and not value > 0:

@@ -2,8 +2,9 @@
 
 The checkpoint is a complete tiny ``StableDiffusionPipeline`` (text encoder, tokenizer, UNet,
 VAE; random weights) written with ``save_pretrained`` (``tests/checkpoints.py``); the run
-loads it with ``local_files_only=True``, self-spawns the ranks of the distributed drop-in
-and compares with the plain pipeline from the same seeds.
+loads it with ``local_files_only=True``, self-spawns (or torchrun starts) the ranks of the
+distributed drop-in and compares with the plain pipeline from the same seeds. Every class of
+``conf/pipeline`` through the ranks' path: test_pipeline_classes.py.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 import checkpoints  # tests/checkpoints.py (tests/ is on the path: tests/conftest.py)
+from exp_helpers import compose_cfg
+from experiments.checks import resolved
 from experiments.cli import check_command_line
 from experiments.common import ConfigError
 
@@ -29,28 +32,76 @@ def _args(path, *extra):
             *extra]
 
 
-def test_warmup_through_every_step_gives_the_sequential_images(sd15, tmp_path, monkeypatch):
-    """W = T: every step sequential on the distributed drop-in, so the decoded images equal
-    the plain pipeline's bit for bit; the run directory holds PNGs, grid, plan, metrics."""
+def test_a_warmup_sweep_ends_with_sequential_images_at_w_equal_t(sd15, tmp_path):
+    """A Hydra multirun over W (self-spawned ranks, the denoiser loaded lazily): at W = T
+    every step is sequential, so the decoded images equal the plain pipeline's bit for bit;
+    at W = 1 they differ. Each job directory holds PNGs, grid, plan and metrics; the sweep
+    ends with one results table."""
+    import csv
     import subprocess
     import sys
 
     torch.set_num_threads(1)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.run", *_args(sd15, "scheduler.steps=3",
-           "parallel.n=2", "parallel.warmup=3", "parallel.threads=1",
-           "pipeline.seeds=[0,1]", f"hydra.run.dir={out}")]
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "experiments.run", "-m", *_args(sd15, "scheduler.steps=3",
+           "parallel.n=2", "parallel.warmup=1,3", "parallel.threads=1",
+           "pipeline.seeds=[0,1]", f"hydra.sweep.dir={sweep}")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    with open(sweep / "results.csv") as f:
+        rows = {int(r["warmup"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == [1, 3] and rows[3]["identical"] == "True"
+    assert rows[1]["identical"] == "False" and float(rows[1]["psnr_db"]) > 0
+    for job, warmup in ((0, 1), (1, 3)):
+        out = sweep / str(job)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["warmup"] == warmup and metrics["items"] == 2
+        assert metrics["devices"] == 2 and metrics["plan_hash"]
+        assert metrics["lpips"].startswith("skipped") or isinstance(metrics["lpips"], float)
+        saved = torch.load(out / "images.pt")
+        assert torch.equal(saved["sequential"], saved["asyncdiff"]) == (warmup == 3)
+        assert saved["sequential"].shape == (2, 3, checkpoints.pixels(), checkpoints.pixels())
+        assert "loaded lazily" in json.loads((out / "plan.json").read_text())["verification"]
+        for name in ("grid.png", "sequential/000.png", "asyncdiff/001.png"):
+            assert (out / "images" / name).is_file()
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_pipeline_run_equals_the_emulator(tmp_path):
+    """``torchrun -m experiments.run pipeline=…``: every rank loads lazily and runs the same
+    calls (SPMD); rank 0 records. Its images equal the emulator's on the whole pipeline."""
+    import os
+    import subprocess
+    import sys
+
+    from asyncdiff import parallelize
+    from experiments.generate import generate, load, request
+    from experiments.pipeline_run import dropin_options
+    from experiments.schema import register
+    from partition.threads import intra_op_threads
+
+    path = checkpoints.save("flux", tmp_path / "ckpt")
+    args = ["pipeline=flux", f"pipeline.path={path}", f"pipeline.height={checkpoints.pixels()}",
+            f"pipeline.width={checkpoints.pixels()}", "pipeline.warm_call=false",
+            "scheduler.steps=3", "parallel.n=2", "parallel.warmup=1", "parallel.threads=1"]
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "WANDB_DIR": str(tmp_path / "wb")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+           "-m", "experiments.run", *args, "wandb.mode=offline", f"hydra.run.dir={out}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    register()
+    cfg = resolved(compose_cfg(*args, "wandb.mode=disabled"), "run")
+    req = request(cfg)
+    with intra_op_threads(1):
+        pipe = load(req)
+        parallelize(pipe, mode="emulate", **dropin_options(cfg))
+        want = generate(pipe, req)[0]
+    assert torch.equal(torch.load(out / "images.pt")["asyncdiff"], want)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["identical"] is True and metrics["items"] == 2
-    assert metrics["devices"] == 2 and metrics["plan_hash"]
-    assert metrics["lpips"].startswith("skipped") or isinstance(metrics["lpips"], float)
-    saved = torch.load(out / "images.pt")
-    assert torch.equal(saved["sequential"], saved["asyncdiff"])
-    assert saved["sequential"].shape == (2, 3, checkpoints.pixels(), checkpoints.pixels())
-    for name in ("grid.png", "sequential/000.png", "asyncdiff/001.png"):
-        assert (out / "images" / name).is_file()
+    assert metrics["devices"] == 2 and not metrics["identical"]
+    assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 1
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -80,3 +131,21 @@ def test_bad_pipeline_input_exits_2_and_writes_nothing(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "pipeline.path=" in done.stderr
     assert not out.exists()
+
+
+def test_time_limits_come_from_the_timed_plain_step(sd15):
+    """Self-spawned, each wait for a peer may take 10× a step of the plain pipeline timed
+    first (at least 30 s); a configured limit wins; under torchrun (no step timed before
+    the group exists) 30 minutes per wait unless configured."""
+    from experiments.pipeline_run import DEFAULT_STEP_TIMEOUT_S, _limits
+    from experiments.schema import register
+
+    register()
+    cfg = resolved(compose_cfg(*_args(sd15, "scheduler.steps=4", "pipeline.seeds=[0,1]")),
+                   "run")
+    steps = 2 * 4
+    assert _limits(cfg, 0.5) == (30.0, 120.0 + steps * 30.0)
+    assert _limits(cfg, 20.0) == (200.0, 120.0 + steps * 200.0)
+    assert _limits(cfg, None)[0] == DEFAULT_STEP_TIMEOUT_S
+    cfg["parallel"].update(step_timeout_s=7.0, run_timeout_s=99.0)
+    assert _limits(cfg, 20.0) == (7.0, 99.0) == _limits(cfg, None)
