@@ -315,9 +315,11 @@ class _Denoiser:
         opts = self.handle.options
         if self.parked is not None and self.parked.entries:
             if self.parked.dropped:
+                fix = "load the pipeline whole with offload='cpu'" if \
+                    hasattr(self.module, CHECKPOINT_ATTR) else "use offload='cpu'"
                 raise RuntimeError(f"new denoiser input shapes ({call.describe()}) need a new "
                                    "capture, but this rank dropped the other stages' weights "
-                                   "(offload='drop'); use offload='cpu', or one shape")
+                                   f"(offload='drop'); {fix}, or one shape")
             self.parked.restore()  # the capture traces the whole model
         # capture, plan and verify with the original forward (the proxy out of the way): the
         # verification calls the eager model, which must not come back here
@@ -352,10 +354,10 @@ class _Denoiser:
         that the options allow loading it stage by stage."""
         o, where = self.handle.options, f"pipe.{self.attr} is on the meta device (loaded lazily)"
         checkpoint = getattr(self.module, CHECKPOINT_ATTR)
-        for key, value, allowed in (("mode", o.mode, "distributed"),
-                                    ("offload", o.offload, "drop"),
-                                    ("cost_model", o.cost_model, "flops"),
-                                    ("backend", o.backend, "auto, graph")):
+        for key, value, allowed in (("cost_model", o.cost_model, "flops"),
+                                    ("backend", o.backend, "auto, graph"),
+                                    ("mode", o.mode, "distributed"),
+                                    ("offload", o.offload, "drop")):
             if value not in allowed.split(", "):
                 raise ValueError(f"{where}: {key}={value!r}; allowed: {allowed} (each rank "
                                  "loads only its own stage's weights)")

@@ -86,3 +86,24 @@ def test_every_class_lazily_loaded_and_distributed_equals_the_emulator(cfgs):
             assert a.plan_hash == b.plan_hash, \
                 f"{name}: plans differ in {sorted(k for k in da if da[k] != db.get(k))}"
             assert "loaded lazily" in a.verification and b.verification.startswith("exact")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "emulate"}, "mode='emulate'; allowed: distributed"),
+    ({"cost_model": "time"}, "cost_model='time'; allowed: flops"),
+    ({"backend": "module"}, "backend='module'; allowed: auto, graph"),
+])
+def test_a_lazily_loaded_denoiser_refuses_what_would_read_its_weights(cfgs, options, message):
+    """Nothing may run the hollow weights before the stages are loaded: one line naming the
+    key and the allowed values, at the first call, before any capture."""
+    from asyncdiff import load_pipeline, parallelize
+    from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
+
+    pipe = load_pipeline(cfgs["sd15"]["pipeline"]["path"])
+    assert all(p.is_meta for p in pipe.unet.parameters())
+    assert hasattr(pipe.unet, CHECKPOINT_ATTR)
+    opts = {"mode": "emulate", "n": 2, **options}
+    parallelize(pipe, **opts)  # emulate needs no process group; the options are checked here
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        pipe(prompt="x", num_inference_steps=2, height=checkpoints.pixels(),
+             width=checkpoints.pixels(), output_type="pt")

@@ -111,6 +111,8 @@ def test_torchrun_pipeline_run_equals_the_emulator(tmp_path):
     (("pipeline.prompt_file=/nonexistent/prompts.txt",),
      "pipeline.prompt_file='/nonexistent/prompts.txt': no such file"),
     (("parallel.replicas=2",), "parallel.replicas=2; allowed: 1"),
+    (("partition.cost_model=time",), "partition.cost_model='time' with pipeline.load=lazy; "
+     "allowed: flops"),
 ])
 def test_bad_pipeline_input_is_one_config_error(sd15, extra, message):
     args = _args(sd15)
