@@ -178,7 +178,7 @@ def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
         if captured is None:  # the module backend (asked for, or capture failed)
             compiled = compile_model(bundle.module, bundle.specs, inputs, request,
                                      strategy=part["strategy"], cost_model=part["cost_model"],
-                                     name=name, config_hash=bundle.config_hash,
+                                     name=name, config_hash=bundle.architecture,
                                      repeats=int(part.get("repeats", 3)),
                                      threads=part.get("threads"), contract=bundle.contract,
                                      verify=verify, backend="module")
@@ -186,7 +186,7 @@ def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
             graph = build_graph(captured, costs, part["cost_model"])
             compiled = compile_graph(graph, request, strategy=part["strategy"],
                                      cost_model=part["cost_model"], name=name,
-                                     config_hash=bundle.config_hash, inputs=inputs,
+                                     config_hash=bundle.architecture, inputs=inputs,
                                      threads=part.get("threads"), verify=verify)
     log.info("planned %s into N=%d stages (%s backend) in %.1f s%s; %s", name,
              compiled.plan.n, compiled.plan.backend, time.perf_counter() - t0,

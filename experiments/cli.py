@@ -80,7 +80,8 @@ def _schema_error(err: OmegaConfBaseException) -> str:
         return f"{key}={value!r}; allowed: {allowed}"
     if first.startswith("Key ") and " not in " in first:
         fields = [f for f in getattr(err.object_type, "__dataclass_fields__", {})]
-        return f"{key}: unknown key; allowed: {', '.join(fields)}"
+        allowed = ", ".join(fields) or "a key it has, or a new one as +key=value"
+        return f"{key}: unknown key; allowed: {allowed}"
     kinds = {"Integer": "an integer", "Float": "a number", "bool": "true, false"}
     value = first.split("'")[1] if first.startswith("Value '") else "?"
     kind = next((v for k, v in kinds.items() if k in first), first)

@@ -163,7 +163,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
             compiled = compile_model(
                 bundle.module, bundle.specs, inputs, partition_request(part, par.n),
                 strategy=part["strategy"], cost_model=part["cost_model"], captured=captured,
-                name=f"{bundle.name}/{bundle.variant}", config_hash=bundle.config_hash,
+                name=f"{bundle.name}/{bundle.variant}", config_hash=bundle.architecture,
                 repeats=part["repeats"], threads=part["threads"], contract=bundle.contract,
                 verify=bool(part.get("verify", True)),
                 backend="module" if captured is None else "graph", note=fallback)

@@ -33,6 +33,7 @@ import yaml
 from torch import nn
 
 from experiments.common import conf_dir
+from partition.plan import architecture_hash
 from partition.contract import DenoiserContract
 from partition.spec import InputSpec, call_denoiser, latent_name, timestep_name
 
@@ -309,6 +310,13 @@ class ModelBundle:
     @property
     def latent(self) -> str:
         return latent_name(self.specs)
+
+    @property
+    def architecture(self) -> str:
+        """What a plan records as its ``config_hash``: the module's class and config as the
+        drop-in records them (so the same split of the same model hashes the same either
+        way), or ``config_hash`` for a model without a config."""
+        return architecture_hash(self.module) or self.config_hash
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """ε of the eager model on named inputs, through its contract."""

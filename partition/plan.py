@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,6 +159,7 @@ class Plan:
         if not measured:  # what this compile measured and checked, not what the split is
             d.pop("measured")
             d.pop("verification")
+            d.pop("model")  # a label: the architecture is config_hash (two names, one split)
         return d
 
     def to_json(self, measured: bool = True) -> str:
@@ -333,3 +335,17 @@ def _shape(val) -> tuple[int, ...]:
 
 def _dtype(val) -> str:
     return str(val.dtype).removeprefix("torch.")
+
+
+def architecture_hash(module) -> str | None:
+    """sha256 of a model's class and public config (a diffusers model's ``config``, without
+    the ``_name_or_path``-style keys loading adds): the same for a model built from its config
+    by the command line and one a pipeline loaded, whatever the weights. ``None`` for a model
+    without a config."""
+    config = getattr(module, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    text = json.dumps({"class": type(module).__qualname__, "config": public}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

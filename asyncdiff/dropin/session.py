@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import Timeline, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
 from partition.capture import Captured, capture
+from partition.plan import architecture_hash
 from partition.cost import NodeCosts, profile
 from partition.stages import Segment, StagedModel
 
@@ -84,14 +84,10 @@ class Session:
 
 
 def config_hash(module: nn.Module) -> str:
-    """The architecture: class and public config (not where it was loaded from: diffusers
-    adds ``_name_or_path`` and friends on loading, so a model built from its config hashes
-    the same as the one loaded)."""
-    config = {k: v for k, v in dict(getattr(module, "config", {}) or {}).items()
-              if not k.startswith("_")}
-    text = json.dumps({"class": type(module).__qualname__, "config": config}, sort_keys=True,
-                      default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """The architecture (:func:`partition.plan.architecture_hash`, as the command line
+    records it), or the class alone for a model without a config."""
+    return architecture_hash(module) or \
+        hashlib.sha256(type(module).__qualname__.encode()).hexdigest()
 
 
 def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts: Options,

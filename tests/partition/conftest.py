@@ -43,7 +43,7 @@ class Tiny:
 
     def compile(self, request: PartitionRequest, strategy: str = "balanced"):
         return compile_graph(self.graph, request, strategy=strategy, cost_model="flops",
-                             name=f"{self.name}/tiny", config_hash=self.bundle.config_hash)
+                             name=f"{self.name}/tiny", config_hash=self.bundle.architecture)
 
 
 def build_tiny(name: str, seed: int = 0) -> Tiny:

@@ -156,7 +156,7 @@ def test_asyncdiff_plan_for_every_model(tiny, compose_cfg, reuse_capture, tmp_pa
     assert plan.cost_model == "flops" and plan.measured is None
     t = tiny(name)
     assert plan.graph_hash == t.captured.graph_hash()
-    assert plan.config_hash == t.bundle.config_hash
+    assert plan.config_hash == t.bundle.architecture
     out = capsys.readouterr().out
     assert f"plan for {name}/tiny: N=2" in out and "wrote" in out
     # the same request made directly gives the same plan
