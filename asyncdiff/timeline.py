@@ -43,6 +43,10 @@ from typing import Literal
 #   for splits where the last stage feeds another stage (e.g. the paper's SDXL "shell").
 # * time_shift (AsyncDiff App. A): in parallel rounds every network input timestep index moves
 #   back by one (clamped at 0); the scheduler still uses τ_k.
+# * Cool-down, k ≥ T − C (``cooldown`` C): the last C steps run as warm-up steps do, one
+#   sequential round per step on fresh values: the steps where stage inputs change most
+#   between steps (docs/RESULTS.md) are computed exactly. W + C = T is the sequential sampler.
+#   Official's load-only step exists only when a parallel round follows it.
 # * W = 0 with N > 1 is refused: nothing would seed the stale values of the first round.
 
 STRIDE_NOISE: tuple[str, ...] = ("fresh", "reuse", "official")
@@ -98,13 +102,14 @@ class Round:
     """One warm-up step, or one parallel batch of up to S steps; ``actions`` sorted by device."""
 
     index: int
-    kind: Literal["warmup", "parallel"]
+    kind: Literal["warmup", "parallel", "cooldown"]
     steps: tuple[int, ...]
     actions: tuple[Action, ...]
 
     @property
     def sequential(self) -> bool:
-        return self.kind == "warmup"
+        """Warm-up and cool-down rounds: every stage in order, on fresh values."""
+        return self.kind != "parallel"
 
     def on(self, device: int) -> Action | None:
         """The action of ``device`` in this round, or None when it is idle."""
@@ -145,6 +150,7 @@ class Timeline:
     stride_noise: str
     devices: int
     rounds: tuple[Round, ...]
+    cooldown: int = 0
 
     def round_of(self, step: int) -> Round:
         """The round that produces ε_step."""
@@ -180,16 +186,19 @@ def _check_int(key: str, value: object, low: int, high: int | None = None, why: 
     raise ValueError(f"{key}={value!r}; allowed: {allowed}{why}")
 
 
-def _warmup_round(k: int, n: int, hold: bool = False) -> Round:
-    """Step k < W: stage s on device s, in order, fresh values, fed τ_k; everything published.
-    ``hold`` (official, even W, k = W−1): its ε serves the load-only step k+1 too."""
+def _warmup_round(k: int, n: int, hold: bool = False, index: int | None = None,
+                  kind: Literal["warmup", "cooldown"] = "warmup") -> Round:
+    """Step k < W (or k ≥ T − C, round ``index``): stage s on device s, in order, fresh
+    values, fed τ_k; everything published. ``hold`` (official, even W, k = W−1): its ε serves
+    the load-only step k+1 too."""
+    r = k if index is None else index
     steps = (k, k + 1) if hold else (k,)
     actions = tuple(
-        Action(round=k, device=s, stage=s, copy=0, t_step=k, latent_step=k,
-               inputs_round=k if n > 1 else None, eps_steps=steps if s == n - 1 else (),
+        Action(round=r, device=s, stage=s, copy=0, t_step=k, latent_step=k,
+               inputs_round=r if n > 1 else None, eps_steps=steps if s == n - 1 else (),
                publishes=True)
         for s in range(n))
-    return Round(index=k, kind="warmup", steps=steps, actions=actions)
+    return Round(index=r, kind=kind, steps=steps, actions=actions)
 
 
 def _load_only_step(n: int, stride: int, warmup: int, steps: int, stride_noise: str) -> bool:
@@ -217,13 +226,14 @@ def _parallel_round(r: int, batch: tuple[int, ...], n: int, time_shift: bool,
 
 
 def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: bool = False,
-                   stride_noise: str = "fresh") -> Timeline:
-    """The round × device schedule for N stages, stride S, W warm-up steps and T steps.
+                   stride_noise: str = "fresh", cooldown: int = 0) -> Timeline:
+    """The round × device schedule for N stages, stride S, W warm-up steps, T steps and C
+    cool-down steps.
 
     Follows [Note: staleness] (DESIGN.md §2; AsyncDiff Eq. 5, Sec. 3.2 "Stride Denoising").
     Devices: N−1+S with ``stride_noise="fresh"``, N with ``"reuse"`` or ``"official"``.
     Without time shift,
-    N = 1 with S = 1, and W = T, are the sequential sampler. Bad arguments raise ValueError
+    N = 1 with S = 1, and W + C = T, are the sequential sampler. Bad arguments raise ValueError
     naming the key and the allowed values; W = 0 needs N = 1 (nothing else seeds the stale
     values).
     """
@@ -232,6 +242,8 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
     steps = _check_int("steps", steps, 1)
     why = " when n > 1 (the last warm-up step seeds the stale cross-stage values)" if n > 1 else ""
     warmup = _check_int("warmup", warmup, 1 if n > 1 else 0, steps, why)
+    cooldown = _check_int("cooldown", cooldown, 0, steps - warmup,
+                          f" (warm-up + cool-down <= T = {steps}; W = {warmup})")
     if not isinstance(time_shift, bool):
         raise ValueError(f"time_shift={time_shift!r}; allowed: true, false")
     if stride_noise not in STRIDE_NOISE:
@@ -239,14 +251,18 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
     if stride_noise == "official" and stride > 2:
         raise ValueError(f"stride={stride} with stride_noise='official'; allowed: 1, 2 (the "
                          "public code's strides)")
-    hold = _load_only_step(n, stride, warmup, steps, stride_noise)
+    last = steps - cooldown  # the first cool-down step
+    hold = _load_only_step(n, stride, warmup, last, stride_noise)
     rounds: list[Round] = [_warmup_round(r, n, hold and r == warmup - 1) for r in range(warmup)]
-    for k0 in range(warmup + hold, steps, stride):
-        batch = tuple(range(k0, min(k0 + stride, steps)))
+    for k0 in range(warmup + hold, last, stride):
+        batch = tuple(range(k0, min(k0 + stride, last)))
         rounds.append(_parallel_round(len(rounds), batch, n, time_shift, stride_noise))
+    for k in range(last, steps):
+        rounds.append(_warmup_round(k, n, index=len(rounds), kind="cooldown"))
     devices = devices_needed(n, stride, stride_noise)
     timeline = Timeline(n=n, stride=stride, warmup=warmup, steps=steps, time_shift=time_shift,
-                        stride_noise=stride_noise, devices=devices, rounds=tuple(rounds))
+                        stride_noise=stride_noise, devices=devices, rounds=tuple(rounds),
+                        cooldown=cooldown)
     validate(timeline)
     return timeline
 
@@ -260,7 +276,8 @@ def validate(tl: Timeline) -> None:
     one ε, from stage N−1, in the round that covers it; rounds cover steps 0 … T−1 in order;
     no network input is fed a timestep later than its round's last step; device count is N−1+S
     ("fresh") or N ("reuse", "official"); only official's load-only step puts a second step
-    in a warm-up round.
+    in a warm-up round; the first W steps are warm-up rounds, the last C cool-down rounds,
+    and no parallel batch reaches into the cool-down.
     """
     def fail(r: int, msg: str) -> None:
         raise ValueError(f"timeline round {r}: {msg}")
@@ -275,11 +292,16 @@ def validate(tl: Timeline) -> None:
     for i, rnd in enumerate(tl.rounds):
         if rnd.index != i:
             fail(i, f"index {rnd.index}")
-        hold = rnd.sequential and i == tl.warmup - 1 and \
-            _load_only_step(tl.n, tl.stride, tl.warmup, tl.steps, tl.stride_noise)
+        last = tl.steps - tl.cooldown
+        hold = rnd.kind == "warmup" and i == tl.warmup - 1 and \
+            _load_only_step(tl.n, tl.stride, tl.warmup, last, tl.stride_noise)
         size = 2 if hold else 1 if rnd.sequential else tl.stride
-        if not 1 <= len(rnd.steps) <= size or rnd.sequential != (rnd.steps[0] < tl.warmup):
-            fail(i, f"{rnd.kind} round covers steps {rnd.steps} (W={tl.warmup}, S={tl.stride})")
+        kind = "warmup" if rnd.steps[0] < tl.warmup else "cooldown" if rnd.steps[0] >= last \
+            else "parallel"
+        if not 1 <= len(rnd.steps) <= size or rnd.kind != kind or rnd.steps[-1] >= last > \
+                rnd.steps[0]:
+            fail(i, f"{rnd.kind} round covers steps {rnd.steps} (W={tl.warmup}, S={tl.stride}, "
+                    f"C={tl.cooldown})")
         devices = [a.device for a in rnd.actions]
         if devices != sorted(set(devices)) or not all(0 <= d < tl.devices for d in devices):
             fail(i, f"devices {devices}: need at most one action per device, sorted, "
@@ -339,9 +361,11 @@ def format_grid(tl: Timeline) -> str:
     for rnd in tl.rounds:
         cells = [_cell(a, tl.n) if (a := rnd.on(d)) else "·" for d in range(tl.devices)]
         label = ",".join(map(str, rnd.steps))
-        rows.append([f"r{rnd.index} {'warm' if rnd.sequential else 'par'}", label] + cells)
+        kind = {"warmup": "warm", "parallel": "par", "cooldown": "cool"}[rnd.kind]
+        rows.append([f"r{rnd.index} {kind}", label] + cells)
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     title = (f"timeline N={tl.n} S={tl.stride} W={tl.warmup} T={tl.steps} "
-             f"time_shift={tl.time_shift} stride_noise={tl.stride_noise}")
+             f"time_shift={tl.time_shift} stride_noise={tl.stride_noise}"
+             + (f" cooldown={tl.cooldown}" if tl.cooldown else ""))
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join([title] + lines)

@@ -75,7 +75,8 @@ def bench(cfg: DictConfig, out: Path) -> dict:
         **identity(plain(cfg)), "devices": p,
         "speedup_vs_1_thread": M.speedup(summary["sequential_1"]["median_s"], ours),
         f"speedup_vs_{p}_threads": M.speedup(summary[f"sequential_{p}"]["median_s"], ours),
-        "predicted": predict(compiled.plan, cfg.scheduler.steps, par.warmup, par.stride,
+        "predicted": predict(compiled.plan, cfg.scheduler.steps, par.warmup + par.cooldown,
+                             par.stride,
                              parallel_rounds(vars(par), cfg.scheduler.steps)),
         "summary": summary, "rows": rows, "plan_hash": compiled.plan.plan_hash,
     }

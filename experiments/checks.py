@@ -169,6 +169,8 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
     why = (" (W <= T = scheduler.steps; W >= 1 when n > 1: the last warm-up step seeds the "
            "stale cross-stage values)")
     _int("parallel.warmup", par["warmup"], 1 if n > 1 else 0, steps, why)
+    _int("parallel.cooldown", par.get("cooldown", 0), 0, steps - par["warmup"],
+         f" (W + C <= T = scheduler.steps; W = {par['warmup']})")
     if cfg.get("pipeline") is not None:
         check_pipeline(cfg, entry)
     else:
@@ -199,6 +201,7 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
     # the runtime's own schedule checks (pure; e.g. stride_noise rules)
     from asyncdiff.timeline import build_timeline
     try:
-        build_timeline(n, stride, par["warmup"], steps, par["time_shift"], par["stride_noise"])
+        build_timeline(n, stride, par["warmup"], steps, par["time_shift"], par["stride_noise"],
+                       par.get("cooldown", 0))
     except ValueError as err:
         raise ConfigError(f"parallel.{err}") from None

@@ -43,7 +43,8 @@ def parallel_rounds(par: Mapping, steps: int) -> int:
     from asyncdiff.timeline import build_timeline
     return len(build_timeline(par["n"], par["stride"], min(par["warmup"], steps), steps,
                               bool(par.get("time_shift", False)),
-                              par.get("stride_noise", "fresh")).parallel_rounds)
+                              par.get("stride_noise", "fresh"),
+                              par.get("cooldown", 0)).parallel_rounds)
 
 
 def partition_request(part: dict, n: int) -> PartitionRequest:

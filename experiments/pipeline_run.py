@@ -56,7 +56,8 @@ def dropin_options(cfg: dict) -> dict:
                               "stages)")
     manual = {k: part[k] for k in ("boundaries", "stages") if part.get(k) is not None}
     return dict(n=par["n"], stride=par["stride"], warmup=par["warmup"],
-                time_shift=bool(par["time_shift"]), stride_noise=par["stride_noise"],
+                cooldown=par.get("cooldown", 0), time_shift=bool(par["time_shift"]),
+                stride_noise=par["stride_noise"],
                 strategy=None if manual else part["strategy"], cost_model=part["cost_model"],
                 depth=part["depth"], verify=bool(part["verify"]), backend=part["backend"],
                 **manual)
@@ -165,7 +166,8 @@ def predicted(cfg: dict, plan) -> dict:
     from partition import predict
 
     par, steps = cfg["parallel"], cfg["scheduler"]["steps"]
-    return predict(plan, steps=steps, warmup=min(par["warmup"], steps), stride=par["stride"],
+    sequential = min(par["warmup"], steps) + par.get("cooldown", 0)
+    return predict(plan, steps=steps, warmup=sequential, stride=par["stride"],
                    rounds=parallel_rounds(par, steps))
 
 

@@ -44,7 +44,7 @@ def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: 
                 out: torch.Tensor, ref: torch.Tensor, rows: list[dict],
                 peak_rss: Mapping[int, int] | None, weights_dir) -> dict:
     """One flat dict per run: the row of a sweep's results table."""
-    pred = predict(plan, steps=steps, warmup=par.warmup, stride=par.stride,
+    pred = predict(plan, steps=steps, warmup=par.warmup + par.cooldown, stride=par.stride,
                    rounds=parallel_rounds(vars(par), steps))
     sent = M.bytes_sent(rows)
     macs = M.macs_per_device(plan, par.devices)
@@ -73,7 +73,8 @@ def identity(cfg: Mapping) -> dict:
     return {"model": f"{cfg['model']['name']}/{cfg['model'].get('variant', 'tiny')}",
             "scheduler": sch["name"], "steps": sch["steps"], "guidance": sch.get("guidance"),
             "strategy": cfg["partition"]["strategy"], "n": par["n"], "stride": par["stride"],
-            "warmup": par["warmup"], "time_shift": par["time_shift"],
+            "warmup": par["warmup"], "cooldown": par.get("cooldown", 0),
+            "time_shift": par["time_shift"],
             "stride_noise": par["stride_noise"], "replicas": par["replicas"], "seed": cfg["seed"]}
 
 

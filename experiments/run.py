@@ -60,7 +60,8 @@ def save_plan(cfg: DictConfig, out: Path, plan: Plan) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic.write_text(out / "plan.json", plan.to_json())
-    table = format_plan(plan, steps=cfg.scheduler.steps, warmup=cfg.parallel.warmup,
+    table = format_plan(plan, steps=cfg.scheduler.steps,
+                        warmup=cfg.parallel.warmup + cfg.parallel.cooldown,
                         stride=cfg.parallel.stride,
                         rounds=parallel_rounds(plain(cfg.parallel), cfg.scheduler.steps))
     atomic.write_text(out / "plan.txt", table + "\n")
@@ -81,7 +82,8 @@ def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tens
     atomic.save_torch(ref, out / "sequential.pt")
     write_json(out / "timeline.json", rows)
     write_json(out / "metrics.json", metrics)
-    label = (f"{metrics['model']} N={par.n} S={par.stride} W={par.warmup}, "
+    cool = f" C={par.cooldown}" if par.cooldown else ""
+    label = (f"{metrics['model']} N={par.n} S={par.stride} W={par.warmup}{cool}, "
              f"{cfg.scheduler.steps} {cfg.scheduler.name} steps")
     images = {}
     model_cfg = plain(cfg.model)

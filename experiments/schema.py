@@ -108,6 +108,7 @@ class ParallelConf:
     n: int = 2                 # N: stages
     stride: int = 1            # S: steps one parallel round finishes
     warmup: int = 1            # W: sequential warm-up steps
+    cooldown: int = 0          # C: the last C steps sequential too (W + C <= T)
     time_shift: bool = False   # feed the network the previous step's timestep after warm-up
     stride_noise: StrideNoise = StrideNoise.fresh
     backend: CommBackend = CommBackend.auto

@@ -19,7 +19,8 @@ def comm_ms(nbytes: int, latency_ms: float = COMM_LATENCY_MS,
 
 def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,
             rounds: int | None = None) -> dict:
-    """Latency ≈ W·t_full + R·(max_n t(E^n) + t_comm); speedup over one device. R: the
+    """Latency ≈ W·t_full + R·(max_n t(E^n) + t_comm); speedup over one device. W: the
+    sequential steps (warm-up and cool-down), R: the
     timeline's parallel rounds (``rounds``; default ⌈(T−W)/S⌉, which the public code's
     schedule with an even W beats by its load-only step: pass the timeline's count).
 

@@ -43,6 +43,7 @@ class ParallelSpec:
     warmup: int = 1
     time_shift: bool = False
     stride_noise: str = "fresh"
+    cooldown: int = 0
     threads: int = 1
     backend: str = "gloo"
     replicas: int = 1
@@ -113,7 +114,7 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
     scheduler = make_scheduler(task.scheduler, **task.scheduler_kwargs)
     scheduler.set_timesteps(task.steps)
     timeline = build_timeline(job.plan.n, par.stride, par.warmup, task.steps, par.time_shift,
-                              par.stride_noise)
+                              par.stride_noise, par.cooldown)
     executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps, device,
                                    replica * per, job.specs, job.placeholders, job.output,
                                    torch_device=where)

@@ -51,6 +51,7 @@ class Options:
     split: dict = field(default_factory=dict)  # manual cut points etc. (PartitionRequest)
     slack: float = 0.01
     plan: Plan | None = None  # a saved plan: its stages are rebuilt, not planned again
+    cooldown: int = 0  # C: the last C steps of each run sequential ([Note: staleness])
 
 
 @dataclass(eq=False)

@@ -56,6 +56,17 @@ def test_distributed_equals_emulator(n, stride, warmup, shift, noise, strategy):
 
 
 @pytest.mark.timeout(300)
+def test_distributed_equals_emulator_with_cooldown():
+    """Parallel rounds, then sequential cool-down rounds (the stride copies idle again)."""
+    c = compiled(3)
+    cond, x = cond_and_noise()
+    par = ParallelSpec(n=3, stride=2, warmup=1, cooldown=2)
+    want = emulate(c, par, x, cond)
+    got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
+    assert torch.equal(got.latents[0], want)
+
+
+@pytest.mark.timeout(300)
 def test_replicas_run_independent_pipelines():
     c = compiled(2)
     jobs, wants = [], []

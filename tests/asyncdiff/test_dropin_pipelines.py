@@ -62,6 +62,23 @@ def test_pipeline_warm_equals_plain_and_stale_runs(name):
     assert torch.equal(after, plain)
 
 
+def test_cooldown_through_the_dropin():
+    """W + C = T gives the plain pipeline bit for bit; W = 1 with a cool-down is a third
+    result, neither plain nor the run without it; set_timeline changes C between runs."""
+    case = P.PIPELINES["sd15"]
+    pipe = _built("sd15")
+    plain = case.call(pipe, STEPS)
+    handle = asyncdiff.parallelize(pipe, n=2, stride=2, warmup=1, cooldown=STEPS - 1)
+    assert torch.equal(case.call(pipe, STEPS), plain)
+    handle.set_timeline(cooldown=2)
+    cooled = case.call(pipe, STEPS)
+    handle.set_timeline(cooldown=0)
+    stale = case.call(pipe, STEPS)
+    assert not torch.equal(cooled, plain) and not torch.equal(cooled, stale)
+    with pytest.raises(ValueError, match="cooldown=-1; allowed"):
+        handle.set_timeline(cooldown=-1)
+
+
 def test_true_cfg_with_stride_two_predicts_the_fed_timestep_exactly():
     """Flux feeds t / 1000; with S = 2 (stride_noise='fresh') the last stage's stride copy
     needs the next step's timestep before the pipeline feeds it: it is predicted by the

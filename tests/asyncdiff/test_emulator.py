@@ -21,10 +21,10 @@ def timesteps(steps: int = STEPS) -> list[float]:
 
 
 def run_emulator(n, stride, warmup, steps=STEPS, time_shift=False, noise="fresh", tl=None,
-                 strategy="balanced", record=False):
+                 strategy="balanced", record=False, cooldown=0):
     c = compiled(n, strategy)
     cond, x = cond_and_noise()
-    tl = tl or build_timeline(n, stride, warmup, steps, time_shift, noise)
+    tl = tl or build_timeline(n, stride, warmup, steps, time_shift, noise, cooldown)
     emu = Emulator(c.staged, c.plan, tl, timesteps(steps), record=record)
     out = sample(PipelineDenoiser(emu), make_scheduler("ddim"), x, cond, steps=steps)
     return out, emu
@@ -52,6 +52,27 @@ def test_model_is_sensitive():
 def test_warmup_everything_is_sequential(n, stride):
     out, _ = run_emulator(n, stride, warmup=STEPS)
     assert torch.equal(out, sequential())
+
+
+@pytest.mark.parametrize("n,stride,warmup,noise", [(2, 1, 1, "fresh"), (3, 2, 2, "fresh"),
+                                                   (3, 2, 2, "official")])
+def test_warmup_plus_cooldown_everything_is_sequential(n, stride, warmup, noise):
+    """W + C = T: every round sequential, on fresh values (cool-down rounds run after nothing
+    parallel), so the emulator is the sequential sampler bit for bit."""
+    out, _ = run_emulator(n, stride, warmup, noise=noise, cooldown=STEPS - warmup)
+    assert torch.equal(out, sequential())
+
+
+def test_cooldown_recomputes_the_last_steps_fresh():
+    """With a cool-down the last rounds read only fresh values (recorded reads name their own
+    round), and the result differs from the run without it."""
+    out, emu = run_emulator(3, 1, 1, cooldown=2, record=True)
+    plain, _ = run_emulator(3, 1, 1)
+    assert not torch.equal(out, plain) and not torch.equal(out, sequential())
+    last = emu.timeline.rounds[-2:]
+    for rec in emu.log:
+        if rec.round in {r.index for r in last}:
+            assert set(rec.value_rounds.values()) <= {rec.round}
 
 
 def test_one_stage_is_sequential():

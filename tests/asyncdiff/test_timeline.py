@@ -139,6 +139,8 @@ def test_time_shift_clamps_at_zero():
     (dict(n=2, stride=True, warmup=1, steps=4), "stride="),
     (dict(n=2, stride=1, warmup=1, steps=4, stride_noise="stale"), "stride_noise="),
     (dict(n=2, stride=1, warmup=1, steps=4, time_shift="yes"), "time_shift="),
+    (dict(n=2, stride=1, warmup=1, steps=4, cooldown=-1), "cooldown="),
+    (dict(n=2, stride=1, warmup=2, steps=4, cooldown=3), "cooldown="),
 ])
 def test_bad_inputs_name_key_and_allowed(kwargs, key):
     with pytest.raises(ValueError, match="allowed") as err:
@@ -258,3 +260,55 @@ def test_warmup_everything_is_sequential(n, s, t, shift):
     assert [r.steps for r in tl.rounds] == [(k,) for k in range(t)]
     assert all(a.t_step == r.index and a.device == a.stage and (a.fresh or n == 1)
                for r in tl.rounds for a in r.actions)
+
+
+def test_cooldown_by_hand():
+    """N=3, S=2, W=1, T=6, C=2: one warm-up round, two parallel batches (the second cut
+    short by the cool-down), two sequential cool-down rounds on fresh values."""
+    tl = build_timeline(n=3, stride=2, warmup=1, steps=6, cooldown=2)
+    assert [(r.kind, r.steps) for r in tl.rounds] == [
+        ("warmup", (0,)), ("parallel", (1, 2)), ("parallel", (3,)), ("cooldown", (4,)),
+        ("cooldown", (5,))]
+    for r in tl.rounds[3:]:
+        assert [(a.device, a.stage, a.t_step, a.inputs_round, a.eps_steps) for a in r.actions] \
+            == [(s, s, r.steps[0], r.index, r.steps if s == 2 else ()) for s in range(3)]
+    grid = format_grid(tl).splitlines()
+    assert grid[0].endswith("cooldown=2") and grid[-1].startswith("r4 cool")
+
+
+@pytest.mark.parametrize("mutation, message", [
+    (dict(r=3, d=1, inputs_round=2), "fresh values"),   # a cool-down stage reading stale values
+    (dict(r=4, d=2, eps_steps=()), "ε for steps"),      # a cool-down step without ε
+])
+def test_validate_catches_broken_cooldown_rules(mutation, message):
+    tl = build_timeline(n=3, stride=2, warmup=1, steps=6, cooldown=2)
+    r, d = mutation.pop("r"), mutation.pop("d")
+    with pytest.raises(ValueError, match=message):
+        validate(_replace_action(tl, r, d, **mutation))
+    # a parallel batch reaching into the cool-down
+    with pytest.raises(ValueError, match="covers steps"):
+        validate(dataclasses.replace(build_timeline(n=3, stride=2, warmup=1, steps=6),
+                                     cooldown=1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(params, st.integers(0, 25))
+def test_cooldown_invariants(p, c):
+    n, s, w, t, shift, noise = p
+    s = min(s, 2) if noise == "official" else s
+    c = min(c, t - w)
+    tl = build_timeline(n, s, w, t, time_shift=shift, stride_noise=noise, cooldown=c)
+    validate(tl)
+    last = t - c
+    hold = noise == "official" and s == 2 and n > 1 and w % 2 == 0 and w < last
+    assert [r.steps for r in tl.rounds if r.kind == "cooldown"] == [(k,) for k in range(last, t)]
+    assert all(k < last for r in tl.parallel_rounds for k in r.steps)
+    assert len(tl.parallel_rounds) == math.ceil(max(last - w - hold, 0) / s)
+    assert sum(r.sequential for r in tl.rounds) == w + c
+    for r in tl.rounds:
+        if r.kind == "cooldown":  # fresh, fed τ_k, never shifted, stages 0 … N−1 in order
+            assert [(a.device, a.stage, a.t_step) for a in r.actions] == \
+                [(d, d, r.steps[0]) for d in range(n)]
+            assert all(a.fresh or n == 1 for a in r.actions)
+    if w + c == t:
+        assert all(r.sequential for r in tl.rounds)

@@ -116,7 +116,11 @@ BAD = [
     (["parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer in [1, 4]"),
     (["parallel.warmup=5"], "parallel.warmup=5; allowed: an integer in [1, 4]"),
     (["parallel.n=1", "parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer in [0, 4]"),
-    (["parallel.nn=3"], "parallel.nn: unknown key; allowed: n, stride, warmup, time_shift, "
+    (["parallel.cooldown=-1"], "parallel.cooldown=-1; allowed: an integer in [0, 3]"),
+    (["parallel.warmup=2", "parallel.cooldown=3"],
+     "parallel.cooldown=3; allowed: an integer in [0, 2] (W + C <= T = scheduler.steps; W = 2)"),
+    (["parallel.nn=3"], "parallel.nn: unknown key; allowed: n, stride, warmup, cooldown, "
+                        "time_shift, "
                         "stride_noise, backend, threads, replicas, step_timeout_s, "
                         "run_timeout_s, startup_timeout_s"),
     (["parallel.step_timeout_s=-5"],
