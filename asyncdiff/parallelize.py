@@ -66,7 +66,7 @@ DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
 
 
 def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int = 1,
-                cooldown: int = 0, time_shift: bool = False, stride_noise: str = "fresh",
+                cooldown: int = 0, sync: tuple[int, ...] = (), time_shift: bool = False, stride_noise: str = "fresh",
                 strategy: str | None = None, cost_model: str = "flops",
                 depth: int | None = 4, boundaries: list[str] | None = None,
                 stages: list[list[str]] | None = None, split: str | None = None,
@@ -77,9 +77,9 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
                 verify: bool = True, backend: str = "auto") -> "Handle":
     """Run ``pipe``'s denoiser as an N-stage asynchronous pipeline until ``detach()``.
 
-    ``n``, ``stride``, ``warmup``, ``cooldown``, ``time_shift``, ``stride_noise``: the
-    timeline (DESIGN.md §2, [Note: staleness]; a run of fewer steps than W + C keeps the
-    warm-up first); ``strategy`` (default ``balanced``), ``cost_model``,
+    ``n``, ``stride``, ``warmup``, ``cooldown``, ``sync``, ``time_shift``, ``stride_noise``:
+    the timeline (DESIGN.md §2, [Note: staleness]; a run of fewer steps than W + C keeps the
+    warm-up first and the sync steps that fall between the two); ``strategy`` (default ``balanced``), ``cost_model``,
     ``depth``: the partition (``partition.compile_model``). The split can also be given as
     the command line takes it: ``boundaries=[module, …]`` or ``stages=[[module, …], …]``
     (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
@@ -97,7 +97,7 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     """
     opts = _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
                     boundaries, stages, split, plan, mode, offload, verify, backend)
-    opts = dataclasses.replace(opts, cooldown=cooldown)
+    opts = dataclasses.replace(opts, cooldown=cooldown, sync=_sync(sync))
     _check_options(opts)
     return Handle(pipe, _find_denoisers(pipe, denoiser), opts)
 
@@ -135,6 +135,13 @@ def _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, 
                    plan=saved)
 
 
+def _sync(sync: Any) -> tuple[int, ...]:
+    try:
+        return tuple(sorted(set(sync)))
+    except TypeError:
+        raise ValueError(f"sync={sync!r}; allowed: a list of step indices") from None
+
+
 def _agree(key: str, given: Any, implied: Any, source: str) -> Any:
     if given is not None and implied is not None and given != implied:
         raise ValueError(f"{key}={given!r}; allowed: {implied!r} (what {source} sets)")
@@ -145,8 +152,9 @@ def _check_options(o: Options) -> None:
     """Bad arguments raise ValueError naming the key and the allowed values (STYLE 8)."""
     if not isinstance(o.cooldown, int) or isinstance(o.cooldown, bool) or o.cooldown < 0:
         raise ValueError(f"cooldown={o.cooldown!r}; allowed: an integer >= 0")
-    build_timeline(o.n, o.stride, o.warmup, max(o.warmup, 1) + o.stride + o.cooldown,
-                   o.time_shift, o.stride_noise, o.cooldown)
+    steps = max(o.warmup, 1, *(k + 1 for k in o.sync)) + o.stride + o.cooldown
+    build_timeline(o.n, o.stride, o.warmup, steps, o.time_shift, o.stride_noise, o.cooldown,
+                   o.sync)
     for key, value, allowed in (("strategy", o.strategy, tuple(STRATEGIES)),
                                 ("cost_model", o.cost_model, tuple(COST_MODELS)),
                                 ("mode", o.mode, MODES), ("offload", o.offload, OFFLOAD),
@@ -246,7 +254,7 @@ class Handle:
     # ------------------------------------------------------------------ schedule
     def set_timeline(self, *, stride: int | None = None, warmup: int | None = None,
                      time_shift: bool | None = None, stride_noise: str | None = None,
-                     cooldown: int | None = None) -> None:
+                     cooldown: int | None = None, sync: Any = None) -> None:
         """Change the schedule from the next pipeline run on, keeping the captures and plans
         (they depend on ``n`` and the shapes only): a warm-up or stride sweep on one capture."""
         o = self.options
@@ -254,6 +262,7 @@ class Handle:
             o, stride=o.stride if stride is None else stride,
             warmup=o.warmup if warmup is None else warmup,
             cooldown=o.cooldown if cooldown is None else cooldown,
+            sync=o.sync if sync is None else _sync(sync),
             time_shift=o.time_shift if time_shift is None else time_shift,
             stride_noise=o.stride_noise if stride_noise is None else stride_noise)
         _check_options(new)
@@ -399,8 +408,10 @@ class _Stream:
         steps = len(taus)
         self.fed = FedTimesteps(taus, f"{type(handle.pipe).__name__}, stream {key}")
         warmup = min(o.warmup, steps)
+        cooldown = min(o.cooldown, steps - warmup)
         timeline = build_timeline(o.n, o.stride, warmup, steps, o.time_shift, o.stride_noise,
-                                  min(o.cooldown, steps - warmup))
+                                  cooldown,
+                                  tuple(k for k in o.sync if warmup <= k < steps - cooldown))
         self.executor = self.session.executor(timeline, self.fed,
                                               call.tensors[call.latent].device)
         self.denoiser = PipelineDenoiser(self.executor)

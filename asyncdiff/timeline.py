@@ -47,6 +47,12 @@ from typing import Literal
 #   sequential round per step on fresh values: the steps where stage inputs change most
 #   between steps (docs/RESULTS.md) are computed exactly. W + C = T is the sequential sampler.
 #   Official's load-only step exists only when a parallel round follows it.
+# * Sync steps (``sync``, steps W ≤ k < T − C): the same sequential round in the middle of the
+#   run, a refresh: every stage recomputed on fresh values, every value published, so the next
+#   parallel round reads values no older than that step. Batches never span a sync step.
+#   Warm-up and cool-down are the two ends of this one per-step schedule (sequential or
+#   parallel). With stride_noise="official" at S = 2 a sync step must be even (batches keep
+#   starting at odd k) and not the load-only step.
 # * W = 0 with N > 1 is refused: nothing would seed the stale values of the first round.
 
 STRIDE_NOISE: tuple[str, ...] = ("fresh", "reuse", "official")
@@ -102,13 +108,13 @@ class Round:
     """One warm-up step, or one parallel batch of up to S steps; ``actions`` sorted by device."""
 
     index: int
-    kind: Literal["warmup", "parallel", "cooldown"]
+    kind: Literal["warmup", "parallel", "cooldown", "sync"]
     steps: tuple[int, ...]
     actions: tuple[Action, ...]
 
     @property
     def sequential(self) -> bool:
-        """Warm-up and cool-down rounds: every stage in order, on fresh values."""
+        """Warm-up, sync and cool-down rounds: every stage in order, on fresh values."""
         return self.kind != "parallel"
 
     def on(self, device: int) -> Action | None:
@@ -151,6 +157,7 @@ class Timeline:
     devices: int
     rounds: tuple[Round, ...]
     cooldown: int = 0
+    sync: tuple[int, ...] = ()  # sequential steps between warm-up and cool-down
 
     def round_of(self, step: int) -> Round:
         """The round that produces ε_step."""
@@ -187,7 +194,7 @@ def _check_int(key: str, value: object, low: int, high: int | None = None, why: 
 
 
 def _warmup_round(k: int, n: int, hold: bool = False, index: int | None = None,
-                  kind: Literal["warmup", "cooldown"] = "warmup") -> Round:
+                  kind: Literal["warmup", "cooldown", "sync"] = "warmup") -> Round:
     """Step k < W (or k ≥ T − C, round ``index``): stage s on device s, in order, fresh
     values, fed τ_k; everything published. ``hold`` (official, even W, k = W−1): its ε serves
     the load-only step k+1 too."""
@@ -226,9 +233,10 @@ def _parallel_round(r: int, batch: tuple[int, ...], n: int, time_shift: bool,
 
 
 def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: bool = False,
-                   stride_noise: str = "fresh", cooldown: int = 0) -> Timeline:
-    """The round × device schedule for N stages, stride S, W warm-up steps, T steps and C
-    cool-down steps.
+                   stride_noise: str = "fresh", cooldown: int = 0,
+                   sync: tuple[int, ...] | list[int] = ()) -> Timeline:
+    """The round × device schedule for N stages, stride S, W warm-up steps, T steps, C
+    cool-down steps and the ``sync`` steps in between.
 
     Follows [Note: staleness] (DESIGN.md §2; AsyncDiff Eq. 5, Sec. 3.2 "Stride Denoising").
     Devices: N−1+S with ``stride_noise="fresh"``, N with ``"reuse"`` or ``"official"``.
@@ -253,18 +261,46 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
                          "public code's strides)")
     last = steps - cooldown  # the first cool-down step
     hold = _load_only_step(n, stride, warmup, last, stride_noise)
+    sync = _check_sync(sync, warmup, last, hold, n, stride, stride_noise)
     rounds: list[Round] = [_warmup_round(r, n, hold and r == warmup - 1) for r in range(warmup)]
-    for k0 in range(warmup + hold, last, stride):
-        batch = tuple(range(k0, min(k0 + stride, last)))
-        rounds.append(_parallel_round(len(rounds), batch, n, time_shift, stride_noise))
+    k0 = warmup + hold
+    while k0 < last:
+        if k0 in sync:
+            rounds.append(_warmup_round(k0, n, index=len(rounds), kind="sync"))
+            k0 += 1
+            continue
+        k1 = min(k0 + stride, last, min((k for k in sync if k > k0), default=last))
+        rounds.append(_parallel_round(len(rounds), tuple(range(k0, k1)), n, time_shift,
+                                      stride_noise))
+        k0 = k1
     for k in range(last, steps):
         rounds.append(_warmup_round(k, n, index=len(rounds), kind="cooldown"))
     devices = devices_needed(n, stride, stride_noise)
     timeline = Timeline(n=n, stride=stride, warmup=warmup, steps=steps, time_shift=time_shift,
                         stride_noise=stride_noise, devices=devices, rounds=tuple(rounds),
-                        cooldown=cooldown)
+                        cooldown=cooldown, sync=sync)
     validate(timeline)
     return timeline
+
+
+def _check_sync(sync, warmup: int, last: int, hold: bool, n: int, stride: int,
+                stride_noise: str) -> tuple[int, ...]:
+    """The sync steps, sorted; each an integer W ≤ k < T − C (official: even, not the
+    load-only step)."""
+    try:
+        steps = sorted(set(sync))
+    except TypeError:
+        steps = [sync]
+    for k in steps:
+        _check_int("sync", k, warmup, last - 1,
+                   f" (steps between warm-up and cool-down: W = {warmup}, T − C = {last})")
+    aligned = stride_noise == "official" and stride == 2 and n > 1
+    bad = [k for k in steps if aligned and (k % 2 == 1 or (hold and k == warmup))]
+    if bad:
+        raise ValueError(f"sync={bad}; allowed: even steps other than the load-only step "
+                         f"{warmup if hold else ''} with stride_noise='official' (its batches "
+                         "start at odd steps)".replace("step  with", "step with"))
+    return tuple(steps)
 
 
 def validate(tl: Timeline) -> None:
@@ -277,7 +313,8 @@ def validate(tl: Timeline) -> None:
     no network input is fed a timestep later than its round's last step; device count is N−1+S
     ("fresh") or N ("reuse", "official"); only official's load-only step puts a second step
     in a warm-up round; the first W steps are warm-up rounds, the last C cool-down rounds,
-    and no parallel batch reaches into the cool-down.
+    the sync steps sync rounds, and no parallel batch reaches into the cool-down or spans a
+    sync step.
     """
     def fail(r: int, msg: str) -> None:
         raise ValueError(f"timeline round {r}: {msg}")
@@ -297,9 +334,9 @@ def validate(tl: Timeline) -> None:
             _load_only_step(tl.n, tl.stride, tl.warmup, last, tl.stride_noise)
         size = 2 if hold else 1 if rnd.sequential else tl.stride
         kind = "warmup" if rnd.steps[0] < tl.warmup else "cooldown" if rnd.steps[0] >= last \
-            else "parallel"
+            else "sync" if rnd.steps[0] in tl.sync else "parallel"
         if not 1 <= len(rnd.steps) <= size or rnd.kind != kind or rnd.steps[-1] >= last > \
-                rnd.steps[0]:
+                rnd.steps[0] or (kind == "parallel" and set(rnd.steps) & set(tl.sync)):
             fail(i, f"{rnd.kind} round covers steps {rnd.steps} (W={tl.warmup}, S={tl.stride}, "
                     f"C={tl.cooldown})")
         devices = [a.device for a in rnd.actions]
@@ -361,11 +398,12 @@ def format_grid(tl: Timeline) -> str:
     for rnd in tl.rounds:
         cells = [_cell(a, tl.n) if (a := rnd.on(d)) else "·" for d in range(tl.devices)]
         label = ",".join(map(str, rnd.steps))
-        kind = {"warmup": "warm", "parallel": "par", "cooldown": "cool"}[rnd.kind]
+        kind = {"warmup": "warm", "parallel": "par", "cooldown": "cool", "sync": "sync"}[rnd.kind]
         rows.append([f"r{rnd.index} {kind}", label] + cells)
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     title = (f"timeline N={tl.n} S={tl.stride} W={tl.warmup} T={tl.steps} "
              f"time_shift={tl.time_shift} stride_noise={tl.stride_noise}"
-             + (f" cooldown={tl.cooldown}" if tl.cooldown else ""))
+             + (f" cooldown={tl.cooldown}" if tl.cooldown else "")
+             + (f" sync={list(tl.sync)}" if tl.sync else ""))
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join([title] + lines)

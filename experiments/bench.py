@@ -33,7 +33,8 @@ from experiments import atomic
 from experiments import metrics as M
 from experiments.build import compiled_model, parallel_spec, sampling_jobs, sequential_sample
 from experiments.cli import checked
-from experiments.common import CONF_DIR, exit_on_bad_input, parallel_rounds, plain
+from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds, plain,
+                                sequential_rounds)
 from experiments.record import identity, write_json
 from experiments.run import save_plan
 from experiments.checks import resolved
@@ -75,8 +76,8 @@ def bench(cfg: DictConfig, out: Path) -> dict:
         **identity(plain(cfg)), "devices": p,
         "speedup_vs_1_thread": M.speedup(summary["sequential_1"]["median_s"], ours),
         f"speedup_vs_{p}_threads": M.speedup(summary[f"sequential_{p}"]["median_s"], ours),
-        "predicted": predict(compiled.plan, cfg.scheduler.steps, par.warmup + par.cooldown,
-                             par.stride,
+        "predicted": predict(compiled.plan, cfg.scheduler.steps,
+                             sequential_rounds(vars(par), cfg.scheduler.steps), par.stride,
                              parallel_rounds(vars(par), cfg.scheduler.steps)),
         "summary": summary, "rows": rows, "plan_hash": compiled.plan.plan_hash,
     }

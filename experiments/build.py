@@ -41,7 +41,7 @@ def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None)
     """The runtime's parallel settings; with the plan and T, its time limits (configured, or
     derived from the planned step time: asyncdiff/dist/limits.py)."""
     spec = ParallelSpec(n=par["n"], stride=par["stride"], warmup=par["warmup"],
-                        cooldown=par.get("cooldown", 0),
+                        cooldown=par.get("cooldown", 0), sync=tuple(par.get("sync") or ()),
                         time_shift=par["time_shift"], stride_noise=par["stride_noise"],
                         threads=par["threads"], replicas=par["replicas"],
                         backend=check_backend(par["backend"],

@@ -202,6 +202,6 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
     from asyncdiff.timeline import build_timeline
     try:
         build_timeline(n, stride, par["warmup"], steps, par["time_shift"], par["stride_noise"],
-                       par.get("cooldown", 0))
+                       par.get("cooldown", 0), tuple(par.get("sync") or ()))
     except ValueError as err:
         raise ConfigError(f"parallel.{err}") from None

@@ -38,13 +38,22 @@ def plain(cfg: DictConfig | Any) -> Any:
         if isinstance(cfg, DictConfig) else cfg
 
 
+def _timeline(par: Mapping, steps: int):
+    from asyncdiff.timeline import build_timeline
+    return build_timeline(par["n"], par["stride"], min(par["warmup"], steps), steps,
+                          bool(par.get("time_shift", False)), par.get("stride_noise", "fresh"),
+                          par.get("cooldown", 0), tuple(par.get("sync") or ()))
+
+
 def parallel_rounds(par: Mapping, steps: int) -> int:
     """The parallel rounds of the run's timeline (what the latency prediction counts)."""
-    from asyncdiff.timeline import build_timeline
-    return len(build_timeline(par["n"], par["stride"], min(par["warmup"], steps), steps,
-                              bool(par.get("time_shift", False)),
-                              par.get("stride_noise", "fresh"),
-                              par.get("cooldown", 0)).parallel_rounds)
+    return len(_timeline(par, steps).parallel_rounds)
+
+
+def sequential_rounds(par: Mapping, steps: int) -> int:
+    """The run's sequential rounds (warm-up, sync, cool-down; official's load-only step
+    rides on the last warm-up round): the full steps the latency prediction counts."""
+    return sum(r.sequential for r in _timeline(par, steps).rounds)
 
 
 def partition_request(part: dict, n: int) -> PartitionRequest:

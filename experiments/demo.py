@@ -27,7 +27,8 @@ from experiments import quality as Q
 from experiments.build import (compiled_model, job_labels, parallel_spec, sampling_jobs,
                                sequential_sample)
 from experiments.cli import checked
-from experiments.common import CONF_DIR, exit_on_bad_input, parallel_rounds, plain
+from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds, plain,
+                                sequential_rounds)
 from experiments.images import save_image_grid
 from experiments.reference.model import (classify, is_reference, reference_classifier,
                                          reference_tokens)
@@ -42,7 +43,8 @@ def hydra_main(cfg: DictConfig) -> None:
     bundle, compiled = compiled_model(cfg)
     spec = parallel_spec({**plain(cfg.parallel), "replicas": 1}, compiled.plan,
                          cfg.scheduler.steps)
-    print(format_plan(compiled.plan, steps=cfg.scheduler.steps, warmup=spec.warmup,
+    print(format_plan(compiled.plan, steps=cfg.scheduler.steps,
+                      warmup=sequential_rounds(vars(spec), cfg.scheduler.steps),
                       stride=spec.stride, rounds=parallel_rounds(vars(spec), cfg.scheduler.steps)))
     job = sampling_jobs(bundle, cfg, 1)[0]
     ref, t1 = sequential_sample(compiled.staged, job, 1, cfg.progress)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from asyncdiff.dist.launch import from_bytes, to_bytes
-from experiments.common import ConfigError, parallel_rounds, plain
+from experiments.common import ConfigError, parallel_rounds, plain, sequential_rounds
 from experiments.generate import Request, check_request, generate, load, request
 from partition.threads import intra_op_threads
 
@@ -56,7 +56,8 @@ def dropin_options(cfg: dict) -> dict:
                               "stages)")
     manual = {k: part[k] for k in ("boundaries", "stages") if part.get(k) is not None}
     return dict(n=par["n"], stride=par["stride"], warmup=par["warmup"],
-                cooldown=par.get("cooldown", 0), time_shift=bool(par["time_shift"]),
+                cooldown=par.get("cooldown", 0), sync=tuple(par.get("sync") or ()),
+                time_shift=bool(par["time_shift"]),
                 stride_noise=par["stride_noise"],
                 strategy=None if manual else part["strategy"], cost_model=part["cost_model"],
                 depth=part["depth"], verify=bool(part["verify"]), backend=part["backend"],
@@ -166,8 +167,7 @@ def predicted(cfg: dict, plan) -> dict:
     from partition import predict
 
     par, steps = cfg["parallel"], cfg["scheduler"]["steps"]
-    sequential = min(par["warmup"], steps) + par.get("cooldown", 0)
-    return predict(plan, steps=steps, warmup=sequential, stride=par["stride"],
+    return predict(plan, steps=steps, warmup=sequential_rounds(par, steps), stride=par["stride"],
                    rounds=parallel_rounds(par, steps))
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from experiments import atomic
 from experiments.cli import checked
 from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds,
-                                partition_request, plain, requested)
+                                partition_request, plain, requested, sequential_rounds)
 from experiments.checks import resolved
 from partition import compile_model, format_plan
 from experiments import zoo
@@ -39,7 +39,8 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
             verify=bool(part.get("verify", True)), backend=part.get("backend", "auto"))
     t_plan = time.perf_counter() - t0 - t_build
     if cfg.print_report:
-        print(format_plan(compiled.plan, steps=cfg.scheduler.steps, warmup=par["warmup"],
+        print(format_plan(compiled.plan, steps=cfg.scheduler.steps,
+                          warmup=sequential_rounds(par, cfg.scheduler.steps),
                           stride=par["stride"],
                           rounds=parallel_rounds(par, cfg.scheduler.steps)))
         print(f"build {t_build:.1f} s, plan {t_plan:.1f} s")

@@ -20,7 +20,7 @@ import torch
 
 from experiments import metrics as M
 from experiments import quality as Q
-from experiments.common import parallel_rounds
+from experiments.common import parallel_rounds, sequential_rounds
 from experiments.learned import learned_metrics
 from partition import Plan
 from partition.report import predict
@@ -44,7 +44,8 @@ def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: 
                 out: torch.Tensor, ref: torch.Tensor, rows: list[dict],
                 peak_rss: Mapping[int, int] | None, weights_dir) -> dict:
     """One flat dict per run: the row of a sweep's results table."""
-    pred = predict(plan, steps=steps, warmup=par.warmup + par.cooldown, stride=par.stride,
+    pred = predict(plan, steps=steps, warmup=sequential_rounds(vars(par), steps),
+                   stride=par.stride,
                    rounds=parallel_rounds(vars(par), steps))
     sent = M.bytes_sent(rows)
     macs = M.macs_per_device(plan, par.devices)
@@ -74,6 +75,7 @@ def identity(cfg: Mapping) -> dict:
             "scheduler": sch["name"], "steps": sch["steps"], "guidance": sch.get("guidance"),
             "strategy": cfg["partition"]["strategy"], "n": par["n"], "stride": par["stride"],
             "warmup": par["warmup"], "cooldown": par.get("cooldown", 0),
+            "sync": list(par.get("sync") or ()),
             "time_shift": par["time_shift"],
             "stride_noise": par["stride_noise"], "replicas": par["replicas"], "seed": cfg["seed"]}
 

@@ -38,7 +38,7 @@ from experiments.build import (compiled_model, job_labels, model_config, paralle
                                sampling_jobs, sequential_sample)
 from experiments.cli import checked
 from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds,
-                                partition_request, plain, requested)
+                                partition_request, plain, requested, sequential_rounds)
 from experiments.images import save_image_grid, save_latent_comparison
 from experiments.reference.model import (classify, is_reference, reference_classifier,
                                          reference_tokens)
@@ -61,7 +61,7 @@ def save_plan(cfg: DictConfig, out: Path, plan: Plan) -> None:
     atomic.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic.write_text(out / "plan.json", plan.to_json())
     table = format_plan(plan, steps=cfg.scheduler.steps,
-                        warmup=cfg.parallel.warmup + cfg.parallel.cooldown,
+                        warmup=sequential_rounds(plain(cfg.parallel), cfg.scheduler.steps),
                         stride=cfg.parallel.stride,
                         rounds=parallel_rounds(plain(cfg.parallel), cfg.scheduler.steps))
     atomic.write_text(out / "plan.txt", table + "\n")
@@ -82,7 +82,8 @@ def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tens
     atomic.save_torch(ref, out / "sequential.pt")
     write_json(out / "timeline.json", rows)
     write_json(out / "metrics.json", metrics)
-    cool = f" C={par.cooldown}" if par.cooldown else ""
+    cool = (f" C={par.cooldown}" if par.cooldown else "") + \
+        (f" sync={list(par.sync)}" if par.sync else "")
     label = (f"{metrics['model']} N={par.n} S={par.stride} W={par.warmup}{cool}, "
              f"{cfg.scheduler.steps} {cfg.scheduler.name} steps")
     images = {}

@@ -109,6 +109,7 @@ class ParallelConf:
     stride: int = 1            # S: steps one parallel round finishes
     warmup: int = 1            # W: sequential warm-up steps
     cooldown: int = 0          # C: the last C steps sequential too (W + C <= T)
+    sync: List[int] = field(default_factory=list)  # steps in between run sequential too
     time_shift: bool = False   # feed the network the previous step's timestep after warm-up
     stride_noise: StrideNoise = StrideNoise.fresh
     backend: CommBackend = CommBackend.auto

@@ -72,7 +72,7 @@ def format_plan(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,
              + f"   FLOPs: {plan.flops_imbalance:.3f}",
              f"bytes crossing per step: {plan.bytes_per_step / 2**20:.3f} MiB "
              f"({len(plan.values)} tensors point-to-point + ε to {plan.n - 1} devices)",
-             f"predicted (T={steps}, W={warmup}, S={stride}): step {p['step_ms']:.2f} "
+             f"predicted (T={steps}, {warmup} sequential, S={stride}): step {p['step_ms']:.2f} "
              f"{p['unit']}, speedup {p['speedup']:.2f}x (ideal {p['ideal_speedup']:.2f}x)"]
     if plan.hoisted:
         sent = [h for h in plan.hoisted if h.home >= 0]

@@ -44,6 +44,7 @@ class ParallelSpec:
     time_shift: bool = False
     stride_noise: str = "fresh"
     cooldown: int = 0
+    sync: tuple[int, ...] = ()
     threads: int = 1
     backend: str = "gloo"
     replicas: int = 1
@@ -114,7 +115,7 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
     scheduler = make_scheduler(task.scheduler, **task.scheduler_kwargs)
     scheduler.set_timesteps(task.steps)
     timeline = build_timeline(job.plan.n, par.stride, par.warmup, task.steps, par.time_shift,
-                              par.stride_noise, par.cooldown)
+                              par.stride_noise, par.cooldown, par.sync)
     executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps, device,
                                    replica * per, job.specs, job.placeholders, job.output,
                                    torch_device=where)

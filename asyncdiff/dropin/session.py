@@ -52,6 +52,7 @@ class Options:
     slack: float = 0.01
     plan: Plan | None = None  # a saved plan: its stages are rebuilt, not planned again
     cooldown: int = 0  # C: the last C steps of each run sequential ([Note: staleness])
+    sync: tuple[int, ...] = ()  # steps in between run sequential too
 
 
 @dataclass(eq=False)

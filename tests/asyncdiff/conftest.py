@@ -55,7 +55,7 @@ def emulate(c, par, x, cond, steps: int = STEPS):
     sched = make_scheduler("ddim")
     sched.set_timesteps(steps)
     tl = build_timeline(par.n, par.stride, par.warmup, steps, par.time_shift, par.stride_noise,
-                        par.cooldown)
+                        par.cooldown, par.sync)
     emu = Emulator(c.staged, c.plan, tl, sched.timesteps)
     return sample(PipelineDenoiser(emu), make_scheduler("ddim"), x, cond, steps=steps)
 

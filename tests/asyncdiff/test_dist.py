@@ -56,11 +56,12 @@ def test_distributed_equals_emulator(n, stride, warmup, shift, noise, strategy):
 
 
 @pytest.mark.timeout(300)
-def test_distributed_equals_emulator_with_cooldown():
-    """Parallel rounds, then sequential cool-down rounds (the stride copies idle again)."""
+def test_distributed_equals_emulator_with_sync_and_cooldown():
+    """Parallel rounds around a sync round, then a cool-down round (the stride copies idle
+    in sequential rounds, and are handed the values they read next)."""
     c = compiled(3)
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=3, stride=2, warmup=1, cooldown=2)
+    par = ParallelSpec(n=3, stride=2, warmup=1, cooldown=1, sync=(3,))
     want = emulate(c, par, x, cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0], want)

@@ -72,7 +72,9 @@ def test_cooldown_through_the_dropin():
     assert torch.equal(case.call(pipe, STEPS), plain)
     handle.set_timeline(cooldown=2)
     cooled = case.call(pipe, STEPS)
-    handle.set_timeline(cooldown=0)
+    handle.set_timeline(cooldown=1, sync=range(1, STEPS - 1))  # every step sequential again
+    assert torch.equal(case.call(pipe, STEPS), plain)
+    handle.set_timeline(cooldown=0, sync=())
     stale = case.call(pipe, STEPS)
     assert not torch.equal(cooled, plain) and not torch.equal(cooled, stale)
     with pytest.raises(ValueError, match="cooldown=-1; allowed"):

@@ -21,10 +21,10 @@ def timesteps(steps: int = STEPS) -> list[float]:
 
 
 def run_emulator(n, stride, warmup, steps=STEPS, time_shift=False, noise="fresh", tl=None,
-                 strategy="balanced", record=False, cooldown=0):
+                 strategy="balanced", record=False, cooldown=0, sync=()):
     c = compiled(n, strategy)
     cond, x = cond_and_noise()
-    tl = tl or build_timeline(n, stride, warmup, steps, time_shift, noise, cooldown)
+    tl = tl or build_timeline(n, stride, warmup, steps, time_shift, noise, cooldown, sync)
     emu = Emulator(c.staged, c.plan, tl, timesteps(steps), record=record)
     out = sample(PipelineDenoiser(emu), make_scheduler("ddim"), x, cond, steps=steps)
     return out, emu
@@ -60,6 +60,12 @@ def test_warmup_plus_cooldown_everything_is_sequential(n, stride, warmup, noise)
     """W + C = T: every round sequential, on fresh values (cool-down rounds run after nothing
     parallel), so the emulator is the sequential sampler bit for bit."""
     out, _ = run_emulator(n, stride, warmup, noise=noise, cooldown=STEPS - warmup)
+    assert torch.equal(out, sequential())
+
+
+def test_sync_steps_everywhere_between_warmup_and_cooldown_are_sequential():
+    """Every step sequential by a per-step schedule (W = 1, sync 1 … T−2, C = 1)."""
+    out, _ = run_emulator(3, 2, 1, cooldown=1, sync=tuple(range(1, STEPS - 1)))
     assert torch.equal(out, sequential())
 
 

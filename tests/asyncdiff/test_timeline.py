@@ -141,6 +141,10 @@ def test_time_shift_clamps_at_zero():
     (dict(n=2, stride=1, warmup=1, steps=4, time_shift="yes"), "time_shift="),
     (dict(n=2, stride=1, warmup=1, steps=4, cooldown=-1), "cooldown="),
     (dict(n=2, stride=1, warmup=2, steps=4, cooldown=3), "cooldown="),
+    (dict(n=2, stride=1, warmup=2, steps=6, cooldown=1, sync=[1]), "sync="),
+    (dict(n=2, stride=1, warmup=2, steps=6, cooldown=1, sync=[5]), "sync="),
+    (dict(n=2, stride=2, warmup=1, steps=6, stride_noise="official", sync=[3]), "sync="),
+    (dict(n=2, stride=2, warmup=2, steps=6, stride_noise="official", sync=[2]), "sync="),
 ])
 def test_bad_inputs_name_key_and_allowed(kwargs, key):
     with pytest.raises(ValueError, match="allowed") as err:
@@ -291,24 +295,45 @@ def test_validate_catches_broken_cooldown_rules(mutation, message):
                                      cooldown=1))
 
 
+def test_sync_steps_by_hand():
+    """A sync step in the middle: a sequential round; the batch before it is cut short and
+    the next parallel round reads the values the sync round published."""
+    tl = build_timeline(n=2, stride=2, warmup=1, steps=7, sync=[3])
+    assert [(r.kind, r.steps) for r in tl.rounds] == [
+        ("warmup", (0,)), ("parallel", (1, 2)), ("sync", (3,)), ("parallel", (4, 5)),
+        ("parallel", (6,))]
+    assert all(a.inputs_round == 2 for a in tl.rounds[3].actions)
+    assert all(a.fresh for a in tl.rounds[2].actions)
+    broken = list(tl.rounds)
+    broken[2] = dataclasses.replace(tl.rounds[2], kind="parallel")
+    with pytest.raises(ValueError, match="covers steps"):
+        validate(dataclasses.replace(tl, rounds=tuple(broken)))
+
+
 @settings(max_examples=200, deadline=None)
-@given(params, st.integers(0, 25))
-def test_cooldown_invariants(p, c):
+@given(params, st.integers(0, 25), st.sets(st.integers(0, 25), max_size=6))
+def test_cooldown_and_sync_invariants(p, c, sync):
     n, s, w, t, shift, noise = p
     s = min(s, 2) if noise == "official" else s
     c = min(c, t - w)
-    tl = build_timeline(n, s, w, t, time_shift=shift, stride_noise=noise, cooldown=c)
-    validate(tl)
     last = t - c
     hold = noise == "official" and s == 2 and n > 1 and w % 2 == 0 and w < last
+    aligned = noise == "official" and s == 2 and n > 1
+    sync = {k for k in sync if w <= k < last and not (aligned and (k % 2 or (hold and k == w)))}
+    tl = build_timeline(n, s, w, t, time_shift=shift, stride_noise=noise, cooldown=c,
+                        sync=sync)
+    validate(tl)
+    assert [r.steps for r in tl.rounds if r.kind == "sync"] == [(k,) for k in sorted(sync)]
+    assert all(not set(r.steps) & sync for r in tl.parallel_rounds)
     assert [r.steps for r in tl.rounds if r.kind == "cooldown"] == [(k,) for k in range(last, t)]
     assert all(k < last for r in tl.parallel_rounds for k in r.steps)
-    assert len(tl.parallel_rounds) == math.ceil(max(last - w - hold, 0) / s)
-    assert sum(r.sequential for r in tl.rounds) == w + c
+    if not sync:
+        assert len(tl.parallel_rounds) == math.ceil(max(last - w - hold, 0) / s)
+    assert sum(len(r.steps) for r in tl.rounds if r.sequential) == w + c + len(sync) + hold
     for r in tl.rounds:
-        if r.kind == "cooldown":  # fresh, fed τ_k, never shifted, stages 0 … N−1 in order
+        if r.kind in ("cooldown", "sync"):  # fresh, fed τ_k, unshifted, stages in order
             assert [(a.device, a.stage, a.t_step) for a in r.actions] == \
                 [(d, d, r.steps[0]) for d in range(n)]
             assert all(a.fresh or n == 1 for a in r.actions)
-    if w + c == t:
+    if w + c + len(sync) >= t - hold:
         assert all(r.sequential for r in tl.rounds)

@@ -119,8 +119,10 @@ BAD = [
     (["parallel.cooldown=-1"], "parallel.cooldown=-1; allowed: an integer in [0, 3]"),
     (["parallel.warmup=2", "parallel.cooldown=3"],
      "parallel.cooldown=3; allowed: an integer in [0, 2] (W + C <= T = scheduler.steps; W = 2)"),
+    (["parallel.sync=[0]"], "parallel.sync=0; allowed: an integer in [1, 3] (steps between "
+                            "warm-up and cool-down: W = 1, T − C = 4)"),
     (["parallel.nn=3"], "parallel.nn: unknown key; allowed: n, stride, warmup, cooldown, "
-                        "time_shift, "
+                        "sync, time_shift, "
                         "stride_noise, backend, threads, replicas, step_timeout_s, "
                         "run_timeout_s, startup_timeout_s"),
     (["parallel.step_timeout_s=-5"],
