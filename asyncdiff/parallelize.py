@@ -66,7 +66,8 @@ DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
 
 
 def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int = 1,
-                cooldown: int = 0, sync: tuple[int, ...] = (), time_shift: bool = False, stride_noise: str = "fresh",
+                cooldown: int = 0, sync: tuple[int, ...] = (), time_shift: bool = False,
+                stride_noise: str = "fresh",
                 strategy: str | None = None, cost_model: str = "flops",
                 depth: int | None = 4, boundaries: list[str] | None = None,
                 stages: list[list[str]] | None = None, split: str | None = None,
@@ -77,23 +78,23 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
                 verify: bool = True, backend: str = "auto") -> "Handle":
     """Run ``pipe``'s denoiser as an N-stage asynchronous pipeline until ``detach()``.
 
-    ``n``, ``stride``, ``warmup``, ``cooldown``, ``sync``, ``time_shift``, ``stride_noise``:
-    the timeline (DESIGN.md §2, [Note: staleness]; a run of fewer steps than W + C keeps the
-    warm-up first and the sync steps that fall between the two); ``strategy`` (default ``balanced``), ``cost_model``,
-    ``depth``: the partition (``partition.compile_model``). The split can also be given as
-    the command line takes it: ``boundaries=[module, …]`` or ``stages=[[module, …], …]``
-    (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
+    ``n``, ``stride``, ``warmup``, ``cooldown``, ``sync``, ``time_shift``, ``stride_noise``: the
+    timeline (DESIGN.md §2, [Note: staleness]; a run of fewer steps than W + C keeps the warm-up
+    first and the sync steps that fall between the two); ``strategy`` (default ``balanced``),
+    ``cost_model``, ``depth``: the partition (``partition.compile_model``). The split can also
+    be given as the command line takes it: ``boundaries=[module, …]`` or ``stages=[[module, …],
+    …]`` (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
     ``conf/partition/``, with its N) or ``plan=`` a saved ``plan.json`` (its N and stages,
     rebuilt and verified, its ``plan_hash`` kept); a split or a plan sets the strategy, cost
     model and depth, and a strategy given with it must agree. ``mode``: ``emulate`` or
-    ``distributed`` (see the module docstring); ``offload`` (distributed only): what happens
-    to the weights this rank's stage does not use, ``cpu`` (kept in host memory;
-    ``detach()`` restores them exactly) or ``drop`` (freed; ``detach()`` then refuses).
-    ``denoiser``: the pipeline attribute holding the network (default: every one of ``unet``,
-    ``transformer``, ``transformer_2``, … the pipeline holds; a name or a tuple of names). ``verify``: check each
+    ``distributed`` (see the module docstring); ``offload`` (distributed only): what happens to
+    the weights this rank's stage does not use, ``cpu`` (kept in host memory; ``detach()``
+    restores them exactly) or ``drop`` (freed; ``detach()`` then refuses). ``denoiser``: the
+    pipeline attribute holding the network (default: every one of ``unet``, ``transformer``,
+    ``transformer_2``, … the pipeline holds; a name or a tuple of names). ``verify``: check each
     compiled split against the denoiser on the first call's inputs (``partition/verify.py``;
-    ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the
-    module backend), ``graph`` or ``module``.
+    ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the module
+    backend), ``graph`` or ``module``.
     """
     opts = _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
                     boundaries, stages, split, plan, mode, offload, verify, backend)
@@ -152,6 +153,10 @@ def _check_options(o: Options) -> None:
     """Bad arguments raise ValueError naming the key and the allowed values (STYLE 8)."""
     if not isinstance(o.cooldown, int) or isinstance(o.cooldown, bool) or o.cooldown < 0:
         raise ValueError(f"cooldown={o.cooldown!r}; allowed: an integer >= 0")
+    bad = [k for k in o.sync if not isinstance(k, int) or isinstance(k, bool) or k < o.warmup]
+    if bad:
+        raise ValueError(f"sync={bad}; allowed: step indices >= warmup={o.warmup} (the run's "
+                         "steps between warm-up and cool-down)")
     steps = max(o.warmup, 1, *(k + 1 for k in o.sync)) + o.stride + o.cooldown
     build_timeline(o.n, o.stride, o.warmup, steps, o.time_shift, o.stride_noise, o.cooldown,
                    o.sync)
@@ -376,6 +381,9 @@ class _Denoiser:
             if value not in allowed.split(", "):
                 raise ValueError(f"{where}: {key}={value!r}; allowed: {allowed} (each rank "
                                  "loads only its own stage's weights)")
+        if o.plan is not None and o.plan.backend == "module":
+            raise ValueError(f"{where}: a plan of the module backend; allowed: a graph-backend "
+                             "plan (the module backend runs the denoiser to trace it)")
         return checkpoint
 
     @contextlib.contextmanager

@@ -39,7 +39,7 @@ UNVERIFIED = ("off: the denoiser was loaded lazily (on the meta device; each ran
 class Checkpoint:
     """The safetensors of one diffusers model folder (one file, or shards with an index),
     read tensor by tensor: ``safetensors.safe_open`` maps the file and copies out only the
-    tensors asked for (diffusers' own loaders read whole files)."""
+    tensors asked for (diffusers' loaders load every tensor of the model)."""
 
     def __init__(self, folder: str | os.PathLike, variant: str | None = None,
                  made: dict[str, torch.Tensor] | None = None):

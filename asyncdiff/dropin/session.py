@@ -24,8 +24,8 @@ from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import Timeline, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
 from partition.capture import Captured, capture
-from partition.plan import architecture_hash
 from partition.cost import NodeCosts, profile
+from partition.plan import architecture_hash
 from partition.stages import Segment, StagedModel
 
 
@@ -96,7 +96,8 @@ def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts:
                  runner=None, note: str = "", costs: NodeCosts | None = None) -> Compiled:
     """Plan the call into ``opts.n`` stages (the one place a plan is made): on its capture,
     or with the module backend where there is none; or rebuild a saved plan's stages.
-    ``costs``: the capture's, already counted (a capture on the meta device)."""
+    ``costs``: the capture's, already counted (a lazily loaded denoiser's, over fake
+    tensors only)."""
     if opts.plan is not None:
         return compile_from_plan(module, call.specs(), call.tensors, opts.plan,
                                  captured=captured, threads=torch.get_num_threads(),
