@@ -44,7 +44,7 @@ from experiments.build import compiled_model, guidance_of, model_config
 from experiments.checks import check_config, resolved
 from experiments.cli import checked, sweep_points
 from experiments.common import (CONF_DIR, ConfigError, exit_on_bad_input, parallel_rounds,
-                                plain)
+                                plain, sequential_rounds)
 from experiments.metrics import macs_per_device
 from experiments.plots import stage_similarity, study_quality
 from experiments.reference import model as R
@@ -55,7 +55,7 @@ from schedulers import make_scheduler, sample
 log = logging.getLogger(__name__)
 
 POINT_KEYS = ("parallel.n", "parallel.stride", "parallel.warmup", "parallel.time_shift",
-              "parallel.stride_noise", "scheduler.steps")
+              "parallel.stride_noise", "parallel.cooldown", "parallel.sync", "scheduler.steps")
 
 
 def points_of(cfg: DictConfig, sweep_params) -> list[list[str]]:
@@ -86,9 +86,14 @@ def describe(p: DictConfig) -> dict:
     if int(par.n) == 1:
         return {"n": 1, "stride": 1, "warmup": 0, "time_shift": False,
                 "stride_noise": "fresh", "steps": int(p.scheduler.steps)}
-    return {"n": int(par.n), "stride": int(par.stride), "warmup": int(par.warmup),
-            "time_shift": bool(par.time_shift), "stride_noise": str(par.stride_noise),
-            "steps": int(p.scheduler.steps)}
+    d = {"n": int(par.n), "stride": int(par.stride), "warmup": int(par.warmup),
+         "time_shift": bool(par.time_shift), "stride_noise": str(par.stride_noise),
+         "steps": int(p.scheduler.steps)}
+    if par.get("cooldown"):  # only when used: the cache keys of the other points stay
+        d["cooldown"] = int(par.cooldown)
+    if par.get("sync"):
+        d["sync"] = sorted(int(k) for k in par.sync)
+    return d
 
 
 def label(d: dict) -> str:
@@ -97,6 +102,8 @@ def label(d: dict) -> str:
     s = f"N={d['n']} S={d['stride']} W={d['warmup']}"
     s += ", time shift" if d["time_shift"] else ""
     s += f", {d['stride_noise']}" if d["stride_noise"] != "fresh" else ""
+    s += f", C={d['cooldown']}" if d.get("cooldown") else ""
+    s += f", sync {d['sync']}" if d.get("sync") else ""
     return s + f", {d['steps']} steps"
 
 
@@ -153,7 +160,7 @@ class Sampler:
         else:
             scheduler.set_timesteps(d["steps"])
             tl = build_timeline(d["n"], d["stride"], d["warmup"], d["steps"], d["time_shift"],
-                                d["stride_noise"])
+                                d["stride_noise"], d.get("cooldown", 0), tuple(d.get("sync", ())))
             denoiser = PipelineDenoiser(Emulator(compiled.staged, compiled.plan, tl,
                                                  scheduler.timesteps))
         cond, uncond = (to(c, self.device) for c in R.conditioning(self.tokens, self.labels(chunk)))
@@ -276,11 +283,11 @@ def evaluate_point(images, ref, labels, real_feats, feats, ref_feats, d, plan, s
     images_per_forward = int(st.chunk)  # the plan's batch is [uncond, cond] x chunk
     row = {"point": label(d), **d, "samples": len(images)}
     if plan is not None:
-        rounds = parallel_rounds(d, d["steps"])
-        pred = predict(plan, steps=d["steps"], warmup=d["warmup"], stride=d["stride"],
+        rounds, sequential = parallel_rounds(d, d["steps"]), sequential_rounds(d, d["steps"])
+        pred = predict(plan, steps=d["steps"], warmup=sequential, stride=d["stride"],
                        rounds=rounds)
         macs = macs_per_device(plan, devices_needed(d["n"], d["stride"], d["stride_noise"]))
-        per_image = (d["warmup"] * full + rounds * max(macs)) / images_per_forward
+        per_image = (sequential * full + rounds * max(macs)) / images_per_forward
         row.update(predicted_speedup=pred["speedup"], ideal_speedup=pred["ideal_speedup"],
                    macs_per_device_g=per_image / 1e9, devices=len(macs))
     else:  # the sequential sampler on one device: speedup over the configured step count

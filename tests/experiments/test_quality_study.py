@@ -123,3 +123,20 @@ def test_study_device_must_be_cpu_or_cuda():
     from experiments import study
     with pytest.raises(ValueError, match="study.device='tpu'; allowed: cpu, cuda"):
         study.use_device("tpu")
+
+
+def test_a_cooldown_or_sync_point_is_its_own_point():
+    """A study point with a cool-down or sync steps is described (its cache key, its label)
+    and run by them; a point without keeps the key it always had."""
+    from exp_helpers import compose_cfg
+    from experiments.schema import register
+    from experiments.study import describe, label, point_config
+
+    register()
+    cfg = compose_cfg("model=digits", "+experiment=quality_table1")
+    plain_point = describe(point_config(cfg, ["parallel.n=2", "parallel.warmup=1"]))
+    cooled = describe(point_config(cfg, ["parallel.n=2", "parallel.warmup=1",
+                                         "parallel.cooldown=2", "parallel.sync=[5]"]))
+    assert "cooldown" not in plain_point and "sync" not in plain_point
+    assert cooled == {**plain_point, "cooldown": 2, "sync": [5]}
+    assert label(cooled).endswith(f"C=2, sync [5], {cooled['steps']} steps")
