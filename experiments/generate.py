@@ -41,7 +41,7 @@ class Request:
     frames: int | None = None
     image: str | None = None
     dtype: str = "float32"
-    load: str = "whole"            # "lazy": the denoiser on the meta device (load_pipeline)
+    load: str = "lazy"             # the ranks' load: "lazy" (asyncdiff.load_pipeline), "whole"
     call: Mapping[str, Any] = field(default_factory=dict)
 
     @property

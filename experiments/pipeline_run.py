@@ -5,12 +5,15 @@
     torchrun --nproc-per-node=3 -m experiments.run pipeline=sd15 pipeline.path=… parallel.n=3
 
 Every rank of the asynchronous pipeline (self-spawned here, or started by torchrun) loads the
-checkpoint, runs ``asyncdiff.parallelize(pipe, mode="distributed")`` with the run's split
-and timeline, and makes the same pipeline calls from the same seeds (SPMD): the pipeline's
-own text encoders, guidance, scheduler and VAE run unchanged on every rank, the denoiser as
-the N-stage pipeline. Then the plain pipeline makes the same calls in one process (the
-sequential baseline; after the ranks have exited, so the two never share the cores). Both
-decode through the VAE; the run directory gets:
+checkpoint (``pipeline.load=lazy``, the default: the denoiser on the meta device, each rank
+reading only its own stage's weights; ``asyncdiff/dropin/lazy.py``), runs
+``asyncdiff.parallelize(pipe, mode="distributed")`` with the run's split and timeline, and
+makes the same pipeline calls from the same seeds (SPMD): the pipeline's own text encoders,
+guidance, scheduler and VAE run unchanged on every rank, the denoiser as the N-stage
+pipeline. The plain pipeline makes the same calls in one process (the sequential baseline;
+self-spawned, first, its step time sizing the ranks' time limits; under torchrun, on rank 0
+after the ranks are done; never sharing the cores with them). Both decode through the VAE;
+the run directory gets:
 
     config.yaml, plan.json, plan.txt   the resolved config; the denoiser's plan (rank 0's)
     images/sequential/NNN.png|.gif     one per item (prompt × seed); GIF for video
