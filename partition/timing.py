@@ -78,12 +78,18 @@ class ModuleClock:
 
 
 def own_times(inclusive: dict[str, float]) -> dict[str, float]:
-    """A module's own time: its inclusive time less its direct children's (never below 0)."""
-    out = {}
+    """A module's own time: its inclusive time less that of the modules called directly
+    inside it (never below 0). A container that is never called (``nn.ModuleList``,
+    ``nn.ModuleDict``) has no time, so a module inside one counts as inside the nearest
+    ancestor that was called; the own times then add up to the forward's time."""
+    inner: dict[str, float] = defaultdict(float)
     for path, t in inclusive.items():
-        children = sum(v for p, v in inclusive.items() if _parent(p) == path and p != path)
-        out[path] = max(t - children, 0.0)
-    return out
+        outer = _parent(path)
+        while outer is not None and outer not in inclusive:
+            outer = _parent(outer)
+        if outer is not None:
+            inner[outer] += t
+    return {path: max(t - inner[path], 0.0) for path, t in inclusive.items()}
 
 
 def _parent(path: str) -> str | None:

@@ -198,3 +198,17 @@ def test_time_profile_on_a_named_cpu_is_the_default():
     captured, inputs = _captured(ConvThenLinear(), specs)
     costs = profile(captured, inputs, repeats=1, device="cpu")
     assert costs.device == "cpu" and set(costs.ms) == set(costs.flops)
+
+
+def test_own_times_add_up_to_the_forward_through_uncalled_containers():
+    """A ModuleList is never called, so it has no time of its own: the blocks inside it count
+    as inside the nearest module that was called, and the own times add up to the forward's
+    time instead of counting every block twice."""
+    from partition.timing import own_times
+
+    inclusive = {"": 10.0, "conv_in": 1.0, "down_blocks.0": 4.0, "down_blocks.1": 3.0,
+                 "down_blocks.0.resnets.0": 2.5, "down_blocks.0.resnets.1": 1.0}
+    own = own_times(inclusive)
+    assert own == {"": 2.0, "conv_in": 1.0, "down_blocks.0": 0.5, "down_blocks.1": 3.0,
+                   "down_blocks.0.resnets.0": 2.5, "down_blocks.0.resnets.1": 1.0}
+    assert sum(own.values()) == inclusive[""]
