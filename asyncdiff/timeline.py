@@ -297,9 +297,9 @@ def _check_sync(sync, warmup: int, last: int, hold: bool, n: int, stride: int,
     aligned = stride_noise == "official" and stride == 2 and n > 1
     bad = [k for k in steps if aligned and (k % 2 == 1 or (hold and k == warmup))]
     if bad:
-        raise ValueError(f"sync={bad}; allowed: even steps other than the load-only step "
-                         f"{warmup if hold else ''} with stride_noise='official' (its batches "
-                         "start at odd steps)".replace("step  with", "step with"))
+        other = f" other than the load-only step {warmup}" if hold else ""
+        raise ValueError(f"sync={bad}; allowed: even steps{other} with stride_noise='official' "
+                         "(its batches start at odd steps)")
     return tuple(steps)
 
 

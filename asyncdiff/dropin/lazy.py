@@ -113,8 +113,8 @@ def materialise(parts: list[Segment], checkpoint: Checkpoint, hollows: set[int],
 
 
 def _tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(n, t) for n, t in [*gm.named_parameters(remove_duplicate=False),
-                                *gm.named_buffers(remove_duplicate=False)]]
+    return [*gm.named_parameters(remove_duplicate=False),
+            *gm.named_buffers(remove_duplicate=False)]
 
 
 def _get(module: nn.Module, name: str) -> torch.Tensor:
