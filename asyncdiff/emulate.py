@@ -46,6 +46,7 @@ class Emulator:
         self.produced_by = {s.index: s.outputs for s in plan.stages}
         self.cross = tuple(v.name for v in plan.values)
         self.published: dict[int, dict[str, torch.Tensor]] = {}  # round -> its values
+        self.read_later = _read_later(timeline)
         self.record = record
         self.log: list[RunRecord] = []
         self.once = OncePerRun(model_inputs_of(staged.prologues, staged.placeholders))
@@ -102,11 +103,22 @@ class Emulator:
 
     def _publish(self, index: int, values: dict[str, torch.Tensor]) -> None:
         self.published[index] = values
-        for old in [r for r in self.published if r < index - 1]:
-            del self.published[old]  # nothing reads further back than the previous round
+        for old in [r for r in self.published if r not in self.read_later[index]]:
+            del self.published[old]  # no later round reads it
 
     def _inputs_of(self, stage: int) -> tuple[str, ...]:
         return self.plan.stages[stage].inputs
+
+
+def _read_later(tl: Timeline) -> list[set[int]]:
+    """Per round i: the rounds whose published values rounds after i read (r−1 in a
+    pipeline; the last sequential round in a step cache)."""
+    out: list[set[int]] = []
+    later: set[int] = set()
+    for rnd in reversed(tl.rounds):
+        out.append(later | {rnd.index})
+        later = later | {a.inputs_round for a in rnd.actions if a.inputs_round is not None}
+    return out[::-1]
 
 
 def _first(t) -> float:

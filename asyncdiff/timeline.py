@@ -54,6 +54,13 @@ from typing import Literal
 #   parallel). With stride_noise="official" at S = 2 a sync step must be even (batches keep
 #   starting at odd k) and not the load-only step.
 # * W = 0 with N > 1 is refused: nothing would seed the stale values of the first round.
+# * Step cache (``build_cache_timeline``, interval K; DeepCache-style, one device): steps
+#   k ≡ 0 (mod K) are sequential rounds (step 0 the warm-up, the others sync steps) that
+#   publish every value; every other step is a *cached* round on the same device: only stage
+#   N−1 runs, fed τ_k on x_k, reading every other stage's values from the last sequential
+#   round (up to K−1 steps stale). With a shell/core split (``partition/strategies/shell.py``)
+#   stage N−1 holds the network's outer blocks, so the outer blocks run every step and the
+#   inner ones every K steps. K = 1 is the sequential sampler.
 
 STRIDE_NOISE: tuple[str, ...] = ("fresh", "reuse", "official")
 
@@ -108,14 +115,14 @@ class Round:
     """One warm-up step, or one parallel batch of up to S steps; ``actions`` sorted by device."""
 
     index: int
-    kind: Literal["warmup", "parallel", "cooldown", "sync"]
+    kind: Literal["warmup", "parallel", "cooldown", "sync", "cached"]
     steps: tuple[int, ...]
     actions: tuple[Action, ...]
 
     @property
     def sequential(self) -> bool:
         """Warm-up, sync and cool-down rounds: every stage in order, on fresh values."""
-        return self.kind != "parallel"
+        return self.kind not in ("parallel", "cached")
 
     def on(self, device: int) -> Action | None:
         """The action of ``device`` in this round, or None when it is idle."""
@@ -158,6 +165,7 @@ class Timeline:
     rounds: tuple[Round, ...]
     cooldown: int = 0
     sync: tuple[int, ...] = ()  # sequential steps between warm-up and cool-down
+    cache: int = 0  # step cache interval K (one device; ``build_cache_timeline``); 0: none
 
     def round_of(self, step: int) -> Round:
         """The round that produces ε_step."""
@@ -283,6 +291,65 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
     return timeline
 
 
+def build_cache_timeline(n: int, interval: int, steps: int) -> Timeline:
+    """Step caching on one device ([Note: staleness], "Step cache"): a sequential round at
+    every step k ≡ 0 (mod ``interval``), a cached round (stage N−1 alone, on the values of
+    the last sequential round) at every other step. ``interval`` = 1 is the sequential
+    sampler. Bad arguments raise ValueError naming the key and the allowed values."""
+    n = _check_int("n", n, 2, None, " (the step cache reuses the values of stages 0 … N−2)")
+    steps = _check_int("steps", steps, 1)
+    interval = _check_int("cache_interval", interval, 1, steps)
+    rounds: list[Round] = []
+    full = -1
+    for k in range(steps):
+        if k % interval == 0:
+            rnd = _warmup_round(k, n, kind="warmup" if k == 0 else "sync")
+            full = k
+            rounds.append(Round(index=k, kind=rnd.kind, steps=rnd.steps, actions=tuple(
+                Action(**{**a.__dict__, "device": 0}) for a in rnd.actions)))
+        else:
+            rounds.append(Round(index=k, kind="cached", steps=(k,), actions=(Action(
+                round=k, device=0, stage=n - 1, copy=0, t_step=k, latent_step=k,
+                inputs_round=full, eps_steps=(k,), publishes=False),)))
+    timeline = Timeline(n=n, stride=1, warmup=1, steps=steps, time_shift=False,
+                        stride_noise="fresh", devices=1, rounds=tuple(rounds),
+                        sync=tuple(range(interval, steps, interval)), cache=interval)
+    validate(timeline)
+    return timeline
+
+
+def _validate_cache(tl: Timeline) -> None:
+    """A step-cache timeline: one device; sequential rounds at k ≡ 0 (mod K), each stage once
+    in order on fresh values; cached rounds run stage N−1 alone, fed τ_k on x_k, on the
+    values of the last sequential round, publishing nothing."""
+    def fail(r: int, msg: str) -> None:
+        raise ValueError(f"step-cache timeline round {r}: {msg}")
+
+    if tl.devices != 1 or tl.n < 2 or tl.cache < 1:
+        raise ValueError(f"step-cache timeline: {tl.devices} devices, N={tl.n}, K={tl.cache}; "
+                         "allowed: 1 device, N >= 2, K >= 1")
+    if [k for r in tl.rounds for k in r.steps] != list(range(tl.steps)):
+        raise ValueError(f"step-cache timeline: rounds must cover 0 … {tl.steps - 1}, one each")
+    full = None
+    for i, rnd in enumerate(tl.rounds):
+        k = rnd.steps[0]
+        if rnd.index != i or any(a.device != 0 or a.round != i or a.latent_step != k
+                                 or a.t_step != k or a.eps_steps != (() if a.stage < tl.n - 1
+                                                                     else (k,))
+                                 for a in rnd.actions):
+            fail(i, "every action on device 0, of its own round, fed τ_k on x_k, ε_k from "
+                    f"stage {tl.n - 1}")
+        if k % tl.cache == 0:
+            if not rnd.sequential or [(a.stage, a.inputs_round, a.publishes) for a in
+                                      rnd.actions] != [(s, i, True) for s in range(tl.n)]:
+                fail(i, f"step {k} ≡ 0 (mod {tl.cache}) runs stages 0 … N−1 in order, fresh")
+            full = i
+        elif rnd.kind != "cached" or [(a.stage, a.inputs_round, a.publishes) for a in
+                                      rnd.actions] != [(tl.n - 1, full, False)]:
+            fail(i, f"cached step {k} runs stage {tl.n - 1} alone on the values of round "
+                    f"{full} (the last sequential round)")
+
+
 def _check_sync(sync, warmup: int, last: int, hold: bool, n: int, stride: int,
                 stride_noise: str) -> tuple[int, ...]:
     """The sync steps, sorted; each an integer W ≤ k < T − C (official: even, not the
@@ -316,6 +383,9 @@ def validate(tl: Timeline) -> None:
     the sync steps sync rounds, and no parallel batch reaches into the cool-down or spans a
     sync step.
     """
+    if tl.cache:
+        return _validate_cache(tl)
+
     def fail(r: int, msg: str) -> None:
         raise ValueError(f"timeline round {r}: {msg}")
 
@@ -396,14 +466,17 @@ def format_grid(tl: Timeline) -> str:
     head = ["round", "steps"] + [f"dev{d}" for d in range(tl.devices)]
     rows = [head]
     for rnd in tl.rounds:
-        cells = [_cell(a, tl.n) if (a := rnd.on(d)) else "·" for d in range(tl.devices)]
+        cells = [" ; ".join(_cell(a, tl.n) for a in rnd.actions if a.device == d) or "·"
+                 for d in range(tl.devices)]
         label = ",".join(map(str, rnd.steps))
-        kind = {"warmup": "warm", "parallel": "par", "cooldown": "cool", "sync": "sync"}[rnd.kind]
+        kind = {"warmup": "warm", "parallel": "par", "cooldown": "cool", "sync": "sync",
+                "cached": "cache"}[rnd.kind]
         rows.append([f"r{rnd.index} {kind}", label] + cells)
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     title = (f"timeline N={tl.n} S={tl.stride} W={tl.warmup} T={tl.steps} "
              f"time_shift={tl.time_shift} stride_noise={tl.stride_noise}"
              + (f" cooldown={tl.cooldown}" if tl.cooldown else "")
-             + (f" sync={list(tl.sync)}" if tl.sync else ""))
+             + (f" sync={list(tl.sync)}" if tl.sync and not tl.cache else "")
+             + (f" cache_interval={tl.cache}" if tl.cache else ""))
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join([title] + lines)

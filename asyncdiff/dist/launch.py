@@ -138,13 +138,15 @@ def _sampling(rank: int, world: int, jobs: str) -> tuple[bytes | None, list]:
     its own stage); device 0 of each replica returns the replica's latent."""
     job: WorkerJob = torch.load(os.path.join(jobs, f"{rank}.pt"), weights_only=False)
     out, stats = run_job(job, rank, world)
-    return (to_bytes(out) if rank % job.parallel.devices == 0 else None), stats
+    first = rank % (job.parallel.devices * job.parallel.groups) == 0
+    return (to_bytes(out) if first else None), stats
 
 
 def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: list[SamplingJob],
            *, fault: dict | None = None, timeout_s: float | None = None,
            plans: dict[int, Plan] | None = None, progress: bool = False) -> LaunchResult:
-    """Run ``len(sampling)`` = R pipelines of N−1+S workers each; return their latents.
+    """Run ``len(sampling)`` = R pipelines of N−1+S workers each (two per replica with
+    CFG-parallel, one per guidance half, each on ``plan``); return their latents.
 
     ``plans`` (tests) gives some ranks a different plan, to check the hash comparison.
     ``timeout_s``: the whole run (default ``parallel.run_timeout_s``); each wait for a peer is
@@ -155,7 +157,7 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
         raise ValueError(f"sampling: {len(sampling)} jobs for replicas={parallel.replicas}; "
                          "allowed: one job per replica")
     per = parallel.devices
-    world = parallel.replicas * per
+    world = parallel.world
     with tempfile.TemporaryDirectory(prefix="asyncdiff-jobs-") as jobs:
         for rank in range(world):
             stage = stage_of_device(rank % per, plan.n)
@@ -167,7 +169,7 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
                 os.path.join(jobs, f"{rank}.pt"))
         task = Task(_sampling, jobs, parallel.backend, parallel.timeout_s)
         done = run_ranks(task, world, timeout_s)
-    latents = {r // per: from_bytes(d.payload) for r, d in done.items() if d.payload is not None}
+    latents = {r // (per * parallel.groups): from_bytes(d.payload) for r, d in done.items() if d.payload is not None}
     return LaunchResult([latents[r] for r in range(parallel.replicas)],
                         {r: d.extra for r, d in done.items()}, max(d.wall_s for d in done.values()),
                         {r: d.peak_rss for r, d in done.items()})

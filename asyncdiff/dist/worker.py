@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dist.executor import DistributedExecutor
+from asyncdiff.guidance import GuidanceExchange
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition.plan import Plan
 from partition.threads import intra_op_threads
@@ -48,12 +49,24 @@ class ParallelSpec:
     threads: int = 1
     backend: str = "gloo"
     replicas: int = 1
+    cfg_parallel: bool = False    # the two guidance halves on two groups (asyncdiff/guidance.py)
     timeout_s: float = 30.0       # the longest wait for a peer (asyncdiff/dist/limits.py)
     run_timeout_s: float = 600.0  # the whole run, start-up included
 
     @property
     def devices(self) -> int:
+        """Devices of one pipeline (one guidance group): N−1+S, or N."""
         return devices_needed(self.n, self.stride, self.stride_noise)
+
+    @property
+    def groups(self) -> int:
+        """Guidance groups per replica: 2 with CFG-parallel (uncond, cond), else 1."""
+        return 2 if self.cfg_parallel else 1
+
+    @property
+    def world(self) -> int:
+        """Ranks: replicas × groups × devices; rank = (replica·groups + group)·devices + d."""
+        return self.replicas * self.groups * self.devices
 
 
 @dataclass
@@ -99,12 +112,16 @@ def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
 def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
     par = job.parallel
     per = par.devices
-    if world != par.replicas * per:
-        raise ValueError(f"world size {world}; allowed: replicas × (n−1+stride) = "
-                         f"{par.replicas} × {per} = {par.replicas * per}")
+    if world != par.world:
+        raise ValueError(f"world size {world}; allowed: replicas × groups × devices = "
+                         f"{par.replicas} × {par.groups} × {per} = {par.world}")
     check_plan_hash(job.plan, rank, world)
-    replica, device = divmod(rank, per)
+    pipeline, device = divmod(rank, per)
+    replica, group = divmod(pipeline, par.groups)
     task = job.sampling[replica]
+    if par.cfg_parallel and task.guidance is None:
+        raise ValueError("parallel.cfg_parallel=true without guidance; allowed: a guidance "
+                         "scale (scheduler.guidance), or cfg_parallel=false")
     where = torch.device("cpu")
     if par.backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
@@ -117,9 +134,11 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
     timeline = build_timeline(job.plan.n, par.stride, par.warmup, task.steps, par.time_shift,
                               par.stride_noise, par.cooldown, par.sync)
     executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps, device,
-                                   replica * per, job.specs, job.placeholders, job.output,
+                                   pipeline * per, job.specs, job.placeholders, job.output,
                                    torch_device=where)
     denoiser = PipelineDenoiser(executor)
+    if par.cfg_parallel:  # ε halves swapped with the same device of the other group
+        denoiser = GuidanceExchange(denoiser, group, rank + per * (1 - 2 * group))
     if job.fault and job.fault.get("rank") == rank:
         denoiser = _Faulty(denoiser, job.fault, timeline)
     bar = _progress(task.steps, rank) if job.progress and rank == 0 else None

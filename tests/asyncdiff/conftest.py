@@ -22,9 +22,14 @@ STEPS = 6
 
 
 @functools.lru_cache(maxsize=None)
-def tiny():
+def tiny(rows: int = 2):
+    """The tiny UNet captured for a batch of ``rows`` (the example's 2, or one guidance half
+    of it: CFG-parallel runs each half as its own batch)."""
     torch.set_num_threads(THREADS)
-    bundle = zoo.build(zoo.load_yaml("sd15"), seed=0)
+    cfg = zoo.load_yaml("sd15")
+    cfg["tiny"]["inputs"] = [{**d, "shape": [rows, *d["shape"][1:]]} if d.get("shape") else d
+                             for d in cfg["tiny"]["inputs"]]
+    bundle = zoo.build(cfg, seed=0)
     inputs = bundle.inputs(0)
     captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
     graph = build_graph(captured, profile(captured, inputs, repeats=0), "flops")
@@ -32,8 +37,8 @@ def tiny():
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(n: int, strategy: str = "balanced"):
-    _, _, graph = tiny()
+def compiled(n: int, strategy: str = "balanced", rows: int = 2):
+    _, _, graph = tiny(rows)
     return compile_graph(graph, PartitionRequest(n=n, depth=4), strategy=strategy,
                          cost_model="flops", name="sd15/tiny", config_hash="")
 

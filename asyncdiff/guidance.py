@@ -1,0 +1,84 @@
+"""CFG-parallel: the two halves of the classifier-free guidance batch on two device groups.
+
+The sampler (``schedulers/sampling.py``) calls its denoiser once per step on the batch
+[uncond, cond] (latent duplicated, conditioning concatenated along dim 0, as diffusers
+pipelines do). CFG-parallel hands each half to its own denoiser, one per *guidance group*,
+and concatenates the two ε halves before the guidance combination and the scheduler step:
+
+* group 0 (the unconditional half) and group 1 (the conditional half) each run a whole
+  model (N = 1: plain CFG-parallel, 2 devices) or an asynchronous pipeline of N−1+S devices
+  (the hybrid, 2·(N−1+S) devices). Each group's pipeline is the plain pipeline of
+  [Note: staleness] on its half: the same timeline, the same stale values, nothing shared
+  between the groups but ε, exchanged once per step.
+* Exactness: a half run as its own batch is bit-exact with the same half run as its own
+  call of the sequential model (``split_reference``), not with the batched call, whose
+  kernels may block the batch differently (``docs/results/cfg_split_exactness.txt``: a few
+  1e-6 relative). :class:`GuidanceSplit` is both: the emulator of CFG-parallel and, with two
+  sequential denoisers, the reference it equals.
+
+:class:`GuidanceSplit` runs both halves in one process (the emulator, the reference);
+:class:`GuidanceExchange` is one rank's side of the distributed run: its own half, then a
+point-to-point exchange of ε halves with the rank at the same place in the other group.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from schedulers.protocol import Denoiser
+
+TAG_GUIDANCE = 1 << 24  # + step: one ε half (asyncdiff/dist/comm.py's tags stay below)
+
+
+def guidance_half(x: torch.Tensor, cond: Mapping[str, torch.Tensor],
+                  group: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Group ``group``'s half (0: uncond, 1: cond) of the batch [uncond, cond]."""
+    if x.shape[0] % 2:
+        raise ValueError(f"CFG-parallel: batch of {x.shape[0]} rows; the guidance batch "
+                         "[uncond, cond] has an even number of rows")
+    rows = x.shape[0] // 2
+    sl = slice(group * rows, (group + 1) * rows)
+    return x[sl], {k: v[sl] if v.shape[0] == 2 * rows else v for k, v in cond.items()}
+
+
+class GuidanceSplit:
+    """Both guidance halves in one process: ``denoisers[g]`` gets half g; ε = [ε_u, ε_c]."""
+
+    def __init__(self, denoisers: Sequence[Denoiser]):
+        if len(denoisers) != 2:
+            raise ValueError(f"GuidanceSplit: {len(denoisers)} denoisers; allowed: 2 "
+                             "(uncond, cond)")
+        self.denoisers = tuple(denoisers)
+
+    def __call__(self, x, t, step, cond):
+        return torch.cat([den(*_call(x, cond, g, t, step)) for g, den in
+                          enumerate(self.denoisers)])
+
+
+def _call(x, cond, group, t, step):
+    xh, ch = guidance_half(x, cond, group)
+    return xh, t, step, ch
+
+
+class GuidanceExchange:
+    """One rank of a CFG-parallel run: ``denoiser`` (this group's pipeline) computes this
+    rank's guidance half, then ε halves are swapped with ``peer`` (the rank at the same
+    place in the other group) by one send and one receive; every rank returns [ε_u, ε_c]."""
+
+    def __init__(self, denoiser: Denoiser, group: int, peer: int):
+        if group not in (0, 1):
+            raise ValueError(f"guidance group {group}; allowed: 0 (uncond), 1 (cond)")
+        self.denoiser, self.group, self.peer = denoiser, group, peer
+        self.bytes_sent = 0
+
+    def __call__(self, x, t, step, cond):
+        mine = self.denoiser(*_call(x, cond, self.group, t, step)).contiguous()
+        other = torch.empty_like(mine)
+        ops = [dist.P2POp(dist.isend, mine, self.peer, tag=TAG_GUIDANCE + step),
+               dist.P2POp(dist.irecv, other, self.peer, tag=TAG_GUIDANCE + step)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        self.bytes_sent += mine.numel() * mine.element_size()
+        return torch.cat([mine, other] if self.group == 0 else [other, mine])
