@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from asyncdiff.denoiser import SequentialDenoiser
+from asyncdiff.guidance import GuidanceSplit
 from asyncdiff.dist import limits
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
 from experiments.checks import check_backend, devices
@@ -44,8 +45,10 @@ def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None)
                         cooldown=par.get("cooldown", 0), sync=tuple(par.get("sync") or ()),
                         time_shift=par["time_shift"], stride_noise=par["stride_noise"],
                         threads=par["threads"], replicas=par["replicas"],
-                        backend=check_backend(par["backend"],
-                                              par["replicas"] * devices(par), os.environ))
+                        cfg_parallel=bool(par.get("cfg_parallel", False)),
+                        backend=check_backend(par["backend"], par["replicas"] * devices(par)
+                                              * (2 if par.get("cfg_parallel") else 1),
+                                              os.environ))
     if plan is None:
         return spec
     if steps is None:
@@ -71,16 +74,21 @@ def _halves(example: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, d
 def model_config(cfg: DictConfig) -> dict:
     """The model YAML of ``cfg`` with ``batch`` applied: ``batch`` images per pipeline means
     every input whose dim 0 is the example batch gets dim 0 = ``batch`` (2·``batch`` under
-    classifier-free guidance: [uncond, cond]). The plan is captured for that shape."""
+    classifier-free guidance: [uncond, cond]). The plan is captured for that shape. With
+    CFG-parallel each guidance half is its own batch: the plan is captured for ``batch`` rows
+    (null: half the example batch)."""
     model_cfg = plain(cfg.model)
     batch = cfg.get("batch")
-    if batch is None:
+    halves = bool(cfg.parallel.get("cfg_parallel")) and guidance_of(cfg) is not None
+    if batch is None and not halves:
         return model_cfg
     variant = model_cfg.get("variant", "tiny")
     inputs = model_cfg[variant]["inputs"]
     latent = next(d for d in inputs if d.get("role") == "latent")
     rows = latent["shape"][0]
-    new = int(batch) * (1 if guidance_of(cfg) is None else 2)
+    if batch is None:
+        batch = rows // 2
+    new = int(batch) * (1 if guidance_of(cfg) is None or halves else 2)
     model_cfg[variant]["inputs"] = [
         {**d, "shape": [new, *d["shape"][1:]]} if d.get("shape") and d["shape"][0] == rows
         else d for d in inputs]
@@ -116,12 +124,16 @@ def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[S
     """
     jobs = []
     guidance = guidance_of(cfg)
+    halves = guidance is not None and bool(cfg.parallel.get("cfg_parallel"))
     model_cfg = plain(cfg.model)
     schedule = scheduler_kwargs(model_cfg, cfg.scheduler.name)
     cond_names = [s.name for s in bundle.specs if s.role == "cond"]
     tokens = reference_tokens(model_cfg) if is_reference(model_cfg) else None
     for r in range(replicas):
         example = bundle.inputs(cfg.seed + r)
+        if halves:  # the plan's batch is one guidance half: the example's cond and uncond
+            example = {k: torch.cat([v, bundle.inputs(cfg.seed + r + 1)[k]])  # from 2 draws
+                       for k, v in example.items() if v.dim() and k in [bundle.latent, *cond_names]}
         shape = list(example[bundle.latent].shape)
         uncond = None
         if guidance is not None:
@@ -201,14 +213,18 @@ def step_bar(total: int, desc: str, enabled: bool = True):
                 disable=None if enabled else True)
 
 
-def sequential_sample(staged, job: SamplingJob, threads: int,
-                      progress: bool = True) -> tuple[torch.Tensor, float]:
-    """The sequential sampler (whole model every step) on ``threads`` threads: latent, seconds."""
+def sequential_sample(staged, job: SamplingJob, threads: int, progress: bool = True,
+                      cfg_parallel: bool = False) -> tuple[torch.Tensor, float]:
+    """The sequential sampler (whole model every step) on ``threads`` threads: latent, seconds.
+    ``cfg_parallel``: one call per guidance half (what CFG-parallel equals bit for bit; the
+    plan is captured for one half)."""
     with intra_op_threads(threads), step_bar(job.steps, f"sequential ({threads} thr)",
                                               progress) as bar:
         t0 = time.perf_counter()
         scheduler = make_scheduler(job.scheduler, **job.scheduler_kwargs)
-        out = sample(SequentialDenoiser(staged), scheduler, job.x_T, job.cond, steps=job.steps,
+        denoiser = GuidanceSplit([SequentialDenoiser(staged)] * 2) if cfg_parallel \
+            else SequentialDenoiser(staged)
+        out = sample(denoiser, scheduler, job.x_T, job.cond, steps=job.steps,
                      guidance_scale=job.guidance, uncond=job.uncond,
                      callback=lambda info: bar.update(1))
         return out, time.perf_counter() - t0

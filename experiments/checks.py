@@ -51,6 +51,37 @@ def devices(par: Mapping) -> int:
     return devices_needed(par["n"], par["stride"], par["stride_noise"])
 
 
+def guidance_scale(cfg: Mapping) -> float | None:
+    """``scheduler.guidance``; for a trained reference model left at null, the model's own."""
+    g = cfg["scheduler"].get("guidance")
+    if g is None:
+        g = (cfg["model"].get("reference") or {}).get("guidance")
+    return None if g is None else float(g)
+
+
+def check_modes(cfg: Mapping, entry: str) -> None:
+    """CFG-parallel needs guidance; the step cache runs on one device, in the emulator, with
+    the shell/core split (its last stage holds the outer blocks)."""
+    par = cfg["parallel"]
+    if par.get("cfg_parallel") and guidance_scale(cfg) is None and cfg.get("pipeline") is None:
+        raise ConfigError("parallel.cfg_parallel=true without guidance; allowed: a guidance "
+                          "scale (scheduler.guidance=7.5), or parallel.cfg_parallel=false")
+    k = _int("parallel.cache_interval", par.get("cache_interval", 0), 0)
+    if not k:
+        return
+    strategy = cfg["partition"]["strategy"]
+    if par["n"] < 2 or strategy != "shell_core" or par.get("cfg_parallel"):
+        raise ConfigError(
+            f"parallel.cache_interval={k} with parallel.n={par['n']}, partition="
+            f"{strategy}, parallel.cfg_parallel={bool(par.get('cfg_parallel'))}; allowed: "
+            "n >= 2, partition=shell_core (the outer blocks on the last stage), no "
+            "cfg_parallel; or parallel.cache_interval=0")
+    if entry != "plan":
+        raise ConfigError(f"parallel.cache_interval={k}: the step cache runs on one device in "
+                          "the study's emulator (python -m experiments.study); allowed with "
+                          f"asyncdiff-{entry}: 0")
+
+
 def check_model(model: Mapping) -> str:
     """The model YAML's fields (``experiments.zoo.validate``); returns the variant."""
     try:
@@ -175,6 +206,7 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
         check_pipeline(cfg, entry)
     else:
         check_guidance(model, variant, sch["guidance"])
+    check_modes(cfg, entry)
     _int("seed", cfg["seed"], 0)
     if cfg["batch"] is not None:
         _int("batch", cfg["batch"], 1)
@@ -185,19 +217,24 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
     _int("bench.warmup_runs", cfg["bench"]["warmup_runs"], 0)
     if "RANK" in env and "WORLD_SIZE" in env:
         per = devices(par)
+        groups = 2 if par.get("cfg_parallel") else 1
         world = int(env["WORLD_SIZE"])
-        if world != replicas * per:
+        if world != replicas * groups * per:
+            cfgp = " × 2 (parallel.cfg_parallel: a group per guidance half)" if groups == 2 \
+                else ""
             raise ConfigError(
                 f"WORLD_SIZE={world} (torchrun --nproc-per-node × nodes); allowed: "
-                f"parallel.replicas × (n−1+stride) = {replicas} × ({n}−1+{stride}) = "
-                f"{replicas * per}" + (f" (stride_noise={par['stride_noise']}: n)"
-                                       if par["stride_noise"] != "fresh" else ""))
+                f"parallel.replicas × (n−1+stride){cfgp} = {replicas} × ({n}−1+{stride})"
+                f"{' × 2' if groups == 2 else ''} = {replicas * groups * per}"
+                + (f" (stride_noise={par['stride_noise']}: n)"
+                   if par["stride_noise"] != "fresh" else ""))
     for key in ("step_timeout_s", "run_timeout_s", "startup_timeout_s"):
         value = par.get(key)
         if value is not None and not value > 0:
             raise ConfigError(f"parallel.{key}={value!r}; allowed: a number of seconds > 0, or "
                               "null (derived from the plan)")
-    check_backend(par["backend"], replicas * devices(par), env)
+    check_backend(par["backend"], replicas * (2 if par.get("cfg_parallel") else 1)
+                  * devices(par), env)
     # the runtime's own schedule checks (pure; e.g. stride_noise rules)
     from asyncdiff.timeline import build_timeline
     try:

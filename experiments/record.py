@@ -46,7 +46,7 @@ def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: 
     """One flat dict per run: the row of a sweep's results table."""
     pred = predict(plan, steps=steps, warmup=sequential_rounds(vars(par), steps),
                    stride=par.stride,
-                   rounds=parallel_rounds(vars(par), steps))
+                   rounds=parallel_rounds(vars(par), steps), groups=par.groups)
     sent = M.bytes_sent(rows)
     macs = M.macs_per_device(plan, par.devices)
     out_m = {
@@ -56,7 +56,7 @@ def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: 
         "psnr_db": Q.psnr(out, ref), "ssim": Q.ssim(out, ref),
         "relative_l2": Q.relative_l2(out, ref),
         "max_abs_diff": float((out.double() - ref.double()).abs().max()),
-        "devices": par.devices, "world": par.devices * par.replicas,
+        "devices": par.devices, "world": par.world,
         "macs_per_device": macs, "max_device_macs": max(macs),
         "bytes_sent_total": sum(sent.values()), "bytes_sent_per_rank": list(sent.values()),
         "plan_bytes_per_step": plan.bytes_per_step, "imbalance": plan.imbalance,

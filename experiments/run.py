@@ -133,9 +133,11 @@ def run_spawn(cfg: DictConfig, out: Path) -> dict:
     save_plan(cfg, out, compiled.plan)
     jobs = sampling_jobs(bundle, cfg, par.replicas)
     log.info("asyncdiff: %d pipeline(s) × %d workers × %d thread(s), %d %s steps",
-             par.replicas, par.devices, par.threads, cfg.scheduler.steps, cfg.scheduler.name)
+             par.replicas * par.groups, par.devices, par.threads, cfg.scheduler.steps,
+             cfg.scheduler.name)
     result = launch(compiled.staged, compiled.plan, par, jobs, progress=bool(cfg.progress))
-    ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress)
+    ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress,
+                                   par.cfg_parallel)
     rows = timeline_rows(result.stats, par.devices)
     return finish(cfg, out, compiled.plan, par, result.latents, ref, t_seq, result.wall_s, rows,
                   result.peak_rss)
@@ -189,15 +191,16 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     t0 = time.perf_counter()
     latent, stats = run_job(job, rank, world)
     wall = time.perf_counter() - t0
-    if device == 0:
-        atomic.save_torch(latent, out / f"result_replica{rank // par.devices}.pt")
+    if rank % (par.devices * par.groups) == 0:  # the first rank of each replica
+        atomic.save_torch(latent, out / f"result_replica{rank // (par.devices * par.groups)}.pt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = [None] * world if rank == 0 else None
     dist.gather_object((stats, peak), gathered, dst=0)
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:  # the others are done; rank 0 runs the baseline and writes the results
-        ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress)
+        ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress,
+                                   par.cfg_parallel)
         rows = timeline_rows({r: g[0] for r, g in enumerate(gathered)}, par.devices)
         finish(cfg, out, plan, par, [latent], ref, t_seq, wall, rows,
                {r: g[1] for r, g in enumerate(gathered)})

@@ -115,6 +115,11 @@ class ParallelConf:
     backend: CommBackend = CommBackend.auto
     threads: int = 1           # intra-op threads per worker
     replicas: int = 1          # R independent pipelines (world size R x devices)
+    cfg_parallel: bool = False  # CFG-parallel: the guidance halves on two groups of devices
+    #                             (world size x 2; N = 1: the whole model per half; N > 1: the
+    #                             hybrid, one pipeline per half; asyncdiff/guidance.py)
+    cache_interval: int = 0    # step cache K (one device, the study's emulator; needs the
+    #                             shell_core split): 0 = off (asyncdiff/timeline.py)
     # how long a worker may wait for a peer / the whole run may take before it is stopped as
     # failed; null: derived from the plan's step time (asyncdiff/dist/limits.py)
     step_timeout_s: Optional[float] = None
@@ -170,6 +175,8 @@ class StudyConf:
     device: Device = Device.cpu
     out: str = "docs/results"    # results in <out>/<model>/<name>/
     cache: str = "outputs/study"  # samples per point and chunk, reused by reruns
+    frontier: List[int] = field(default_factory=list)  # device counts: the Pareto front of
+    #                                  the points that fit each (experiments/frontier.py)
 
 
 class PipelineKind(Enum):

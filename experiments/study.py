@@ -37,25 +37,28 @@ from threadpoolctl import threadpool_limits
 from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
 from asyncdiff.emulate import Emulator
 from asyncdiff.inputs import model_env
-from asyncdiff.timeline import build_timeline, devices_needed
+from asyncdiff.guidance import GuidanceSplit
+from asyncdiff.timeline import build_cache_timeline, build_timeline
 from experiments import atomic
+from experiments import frontier as fr
 from experiments import quality as Q
 from experiments.build import compiled_model, guidance_of, model_config
 from experiments.checks import check_config, resolved
 from experiments.cli import checked, sweep_points
-from experiments.common import (CONF_DIR, ConfigError, exit_on_bad_input, parallel_rounds,
-                                plain, sequential_rounds)
-from experiments.metrics import macs_per_device
+from experiments.common import CONF_DIR, ConfigError, exit_on_bad_input, plain
+from experiments.speed import measured_ms_per_flop, point_speed
 from experiments.plots import stage_similarity, study_quality
 from experiments.reference import model as R
-from partition import predict
 from experiments import zoo
 from schedulers import make_scheduler, sample
 
 log = logging.getLogger(__name__)
 
 POINT_KEYS = ("parallel.n", "parallel.stride", "parallel.warmup", "parallel.time_shift",
-              "parallel.stride_noise", "parallel.cooldown", "parallel.sync", "scheduler.steps")
+              "parallel.stride_noise", "parallel.cooldown", "parallel.sync",
+              "parallel.cfg_parallel", "parallel.cache_interval", "partition.strategy",
+              "scheduler.steps")
+STRATEGY = "balanced"  # the study's split (conf/study.yaml); a point may name another
 
 
 def points_of(cfg: DictConfig, sweep_params) -> list[list[str]]:
@@ -83,28 +86,42 @@ def point_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 def describe(p: DictConfig) -> dict:
     """A point as plain values; N = 1 is the sequential sampler (the other keys normalised)."""
     par = p.parallel
+    cfgp = {"cfg_parallel": True} if par.get("cfg_parallel") else {}
     if int(par.n) == 1:
         return {"n": 1, "stride": 1, "warmup": 0, "time_shift": False,
-                "stride_noise": "fresh", "steps": int(p.scheduler.steps)}
+                "stride_noise": "fresh", "steps": int(p.scheduler.steps), **cfgp}
+    if par.get("cache_interval"):  # one device: the timeline has no N/S/W choices
+        return {"n": int(par.n), "stride": 1, "warmup": 1, "time_shift": False,
+                "stride_noise": "fresh", "steps": int(p.scheduler.steps),
+                "cache": int(par.cache_interval), "strategy": str(p.partition.strategy)}
     d = {"n": int(par.n), "stride": int(par.stride), "warmup": int(par.warmup),
          "time_shift": bool(par.time_shift), "stride_noise": str(par.stride_noise),
          "steps": int(p.scheduler.steps)}
-    if par.get("cooldown"):  # only when used: the cache keys of the other points stay
+    # only when used: the cache keys of the other points stay
+    if par.get("cooldown"):
         d["cooldown"] = int(par.cooldown)
     if par.get("sync"):
         d["sync"] = sorted(int(k) for k in par.sync)
-    return d
+    if str(p.partition.strategy) != STRATEGY:
+        d["strategy"] = str(p.partition.strategy)
+    return {**d, **cfgp}
 
 
 def label(d: dict) -> str:
     if d["n"] == 1:
-        return f"sequential, {d['steps']} steps"
-    s = f"N={d['n']} S={d['stride']} W={d['warmup']}"
+        return ("CFG-parallel" if d.get("cfg_parallel") else "sequential") + \
+            f", {d['steps']} steps"
+    if d.get("cache"):
+        return f"step cache K={d['cache']} ({d['strategy']} N={d['n']}), {d['steps']} steps"
+    s = ("hybrid CFG × " if d.get("cfg_parallel") else "") + \
+        f"N={d['n']} S={d['stride']} W={d['warmup']}"
     s += ", time shift" if d["time_shift"] else ""
     s += f", {d['stride_noise']}" if d["stride_noise"] != "fresh" else ""
     s += f", C={d['cooldown']}" if d.get("cooldown") else ""
     s += f", sync {d['sync']}" if d.get("sync") else ""
+    s += f", {d['strategy']}" if d.get("strategy") else ""
     return s + f", {d['steps']} steps"
+
 
 
 # --------------------------------------------------------------------------- sampling
@@ -122,7 +139,7 @@ class Sampler:
         self.guidance = guidance_of(cfg)
         self.chunk = int(cfg.study.chunk)
         self.device = torch.device(cfg.study.device)
-        self._compiled: dict[int, object] = {}
+        self._compiled: dict[tuple, object] = {}
         self.shape = None
 
     @functools.cached_property
@@ -135,15 +152,47 @@ class Sampler:
             h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def compiled(self, n: int):
-        if n not in self._compiled:
+    def compiled(self, n: int, strategy: str = STRATEGY, half: bool = False):
+        """The plan at N for the chunk's CFG batch [uncond, cond] (2 × chunk rows), or with
+        ``half`` for one guidance half (chunk rows: CFG-parallel runs each half alone)."""
+        key = (n, strategy, half)
+        if key not in self._compiled:
             c = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
             OmegaConf.update(c, "parallel.n", n, merge=False)
+            OmegaConf.update(c, "partition.strategy", strategy, merge=False)
+            OmegaConf.update(c, "parallel.cfg_parallel", half, merge=False)
             OmegaConf.update(c, "batch", self.chunk, merge=False)
-            bundle, self._compiled[n] = compiled_model(c)
-            self._compiled[n].staged.to(self.device)
+            bundle, self._compiled[key] = compiled_model(c)
+            self._compiled[key].staged.to(self.device)
             self.shape = next(s.shape for s in bundle.specs if s.role == "latent")[1:]
-        return self._compiled[n]
+        return self._compiled[key]
+
+    @functools.cached_property
+    def ms_per_flop(self) -> float:
+        """This machine's rate for the whole model at the chunk's batch (chunk 0's inputs),
+        measured once and kept in the sample cache: a rerun gives the same table."""
+        import diffusers
+        key = json.dumps({"weights": self.weights_hash, "chunk": self.chunk,
+                          "device": self.device.type, "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "diffusers": diffusers.__version__},
+                         sort_keys=True)
+        path = Path(self.cfg.study.cache) / self.model_cfg["name"] / \
+            f"rate-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        if path.is_file():
+            return float(json.loads(path.read_text())["ms_per_flop"])
+        compiled = self.compiled(1)
+        cond, uncond = R.conditioning(self.tokens, self.labels(0))
+        x = self.noise(0).to(self.device)
+        both = {k: torch.cat([uncond[k], cond[k]]).to(self.device) for k in cond}
+        rate = measured_ms_per_flop(compiled.staged, compiled.plan, torch.cat([x, x]), 500.0,
+                                    both)
+        atomic.write_json(path, {"ms_per_flop": rate, "key": json.loads(key)})
+        return rate
+
+    def plan_of(self, d: dict):
+        """The compiled model point ``d`` runs (its plan is in the point's cache key)."""
+        return self.compiled(max(d["n"], 1), d.get("strategy", STRATEGY),
+                             bool(d.get("cfg_parallel")))
 
     def labels(self, chunk: int) -> torch.Tensor:
         return torch.arange(chunk * self.chunk, (chunk + 1) * self.chunk) % self.classes
@@ -152,17 +201,28 @@ class Sampler:
         g = torch.Generator().manual_seed(int(self.cfg.seed) + chunk)
         return torch.randn((self.chunk, *self.shape), generator=g)
 
-    def run(self, d: dict, chunk: int, recorder=None) -> torch.Tensor:
-        compiled = self.compiled(max(d["n"], 1))
-        scheduler = make_scheduler(self.cfg.scheduler.name, **self.schedule)
+    def denoiser(self, d: dict, recorder=None, half: bool = False):
+        """Point ``d``'s denoiser: the sequential model, a pipeline or a step cache on the
+        emulator; with CFG-parallel one of those per guidance half (asyncdiff/guidance.py),
+        each on the plan for one half."""
+        if d.get("cfg_parallel") and not half:
+            return GuidanceSplit([self.denoiser(d, half=True) for _ in range(2)])
+        compiled = self.plan_of(d)
         if d["n"] == 1:
-            denoiser = recorder or SequentialDenoiser(compiled.staged)
-        else:
-            scheduler.set_timesteps(d["steps"])
-            tl = build_timeline(d["n"], d["stride"], d["warmup"], d["steps"], d["time_shift"],
-                                d["stride_noise"], d.get("cooldown", 0), tuple(d.get("sync", ())))
-            denoiser = PipelineDenoiser(Emulator(compiled.staged, compiled.plan, tl,
-                                                 scheduler.timesteps))
+            return recorder or SequentialDenoiser(compiled.staged)
+        scheduler = make_scheduler(self.cfg.scheduler.name, **self.schedule)
+        scheduler.set_timesteps(d["steps"])
+        tl = build_cache_timeline(d["n"], d["cache"], d["steps"]) if d.get("cache") else \
+            build_timeline(d["n"], d["stride"], d["warmup"], d["steps"], d["time_shift"],
+                           d["stride_noise"], d.get("cooldown", 0), tuple(d.get("sync", ())))
+        return PipelineDenoiser(Emulator(compiled.staged, compiled.plan, tl,
+                                         scheduler.timesteps))
+
+    def run(self, d: dict, chunk: int, recorder=None) -> torch.Tensor:
+        if self.shape is None:
+            self.plan_of(d)
+        scheduler = make_scheduler(self.cfg.scheduler.name, **self.schedule)
+        denoiser = self.denoiser(d, recorder)
         cond, uncond = (to(c, self.device) for c in R.conditioning(self.tokens, self.labels(chunk)))
         return sample(denoiser, scheduler, self.noise(chunk).to(self.device), cond,
                       steps=d["steps"], guidance_scale=self.guidance, uncond=uncond).cpu()
@@ -195,7 +255,7 @@ def cache_key(sampler: Sampler, d: dict) -> dict:
     versions. A retrained model or another split never reuses old samples."""
     import diffusers
 
-    plan = sampler.compiled(max(d["n"], 1)).plan
+    plan = sampler.plan_of(d).plan
     return {**d, "model": sampler.model_cfg["name"], "weights": sampler.weights_hash,
             "split": plan.plan_hash, "seed": int(sampler.cfg.seed), "chunk": sampler.chunk,
             "guidance": sampler.guidance, "scheduler": sampler.cfg.scheduler.name,
@@ -273,27 +333,17 @@ def similarity(sampler: Sampler, n: int, steps: int) -> dict:
 # --------------------------------------------------------------------------- the study
 
 
-def evaluate_point(images, ref, labels, real_feats, feats, ref_feats, d, plan, seq_plan,
+def evaluate_point(images, ref, labels, real_feats, feats, ref_feats, d, sampler,
                    cfg) -> dict:
-    """One table row: predicted speedup; MACs of the busiest device per image over the whole
-    run (warm-up included, both halves of the CFG batch, as the paper's Table 1 counts them);
-    consistency with the sequential samples, FD, accuracy."""
+    """One table row: predicted speedups and the busiest device's MACs per image
+    (``experiments/speed.py``); consistency with the sequential samples, FD, accuracy."""
     st = cfg.study
-    full = sum(s.macs for s in seq_plan.stages)
-    images_per_forward = int(st.chunk)  # the plan's batch is [uncond, cond] x chunk
     row = {"point": label(d), **d, "samples": len(images)}
-    if plan is not None:
-        rounds, sequential = parallel_rounds(d, d["steps"]), sequential_rounds(d, d["steps"])
-        pred = predict(plan, steps=d["steps"], warmup=sequential, stride=d["stride"],
-                       rounds=rounds)
-        macs = macs_per_device(plan, devices_needed(d["n"], d["stride"], d["stride_noise"]))
-        per_image = (sequential * full + rounds * max(macs)) / images_per_forward
-        row.update(predicted_speedup=pred["speedup"], ideal_speedup=pred["ideal_speedup"],
-                   macs_per_device_g=per_image / 1e9, devices=len(macs))
-    else:  # the sequential sampler on one device: speedup over the configured step count
-        full_steps = int(cfg.scheduler.steps)
-        row.update(predicted_speedup=full_steps / d["steps"], ideal_speedup=full_steps / d["steps"],
-                   macs_per_device_g=d["steps"] * full / images_per_forward / 1e9, devices=1)
+    half = bool(d.get("cfg_parallel"))
+    row.update(point_speed(d, sampler.plan_of(d).plan, sampler.compiled(1, half=half).plan,
+                           sampler.compiled(1).plan, int(cfg.scheduler.steps), int(st.chunk),
+                           sampler.ms_per_flop))
+    row["ms_per_flop"] = sampler.ms_per_flop
     psnr = Q.psnr_per_sample(images, ref)
     rel = Q.relative_l2_per_sample(images, ref)
     row["psnr_db"] = Q.bootstrap_ci(psnr.numpy(), resamples=st.bootstrap)
@@ -322,7 +372,7 @@ def cfg_classifier(cfg: DictConfig) -> torch.nn.Module:
 def write_outputs(rows: list[dict], floor, sim: dict | None, out: Path, title: str,
                   device: str = "cpu") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device, "torch": torch.__version__}
+    meta = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
     atomic.write_json(out / "results.json", {"rows": rows, "fd_real_floor": floor,
                                              "similarity": sim, **meta})
     if rows:
@@ -393,16 +443,17 @@ def hydra_main(cfg: DictConfig) -> None:
             p = point_config(cfg, overrides)
             d = describe(p)
             images = ref if d == ref_d else cached_samples(sampler, d, chunks, cache)
-            plan = sampler.compiled(d["n"]).plan if d["n"] > 1 else None
             row = evaluate_point(images, ref, labels, real_feats,
-                                 reference.features(images).numpy(), ref_feats, d, plan,
-                                 sampler.compiled(1).plan, cfg)
+                                 reference.features(images).numpy(), ref_feats, d, sampler, cfg)
             rows.append(row)
             log.info("%s: PSNR %s dB, FD %.2f (vs sequential %s), accuracy %s", row["point"],
                      Q.fmt_ci(row["psnr_db"], 1), row["fd"], Q.fmt_ci(row["fd_delta"], 2),
                      Q.fmt_ci(row["accuracy"], 3))
     write_outputs(rows, floor, sim, out, title, sampler.device.type)
-    if rows:
+    if rows and st.frontier:
+        fr.write(rows, list(st.frontier), out, title)
+        print((out / "frontier.md").read_text())
+    elif rows:
         print(markdown_table(rows, floor, title))
     log.info("wrote %s", out)
 

@@ -18,31 +18,49 @@ def comm_ms(nbytes: int, latency_ms: float = COMM_LATENCY_MS,
 
 
 def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,
-            rounds: int | None = None) -> dict:
-    """Latency ≈ W·t_full + R·(max_n t(E^n) + t_comm); speedup over one device. W: the
-    sequential steps (warm-up and cool-down), R: the
-    timeline's parallel rounds (``rounds``; default ⌈(T−W)/S⌉, which the public code's
-    schedule with an even W beats by its load-only step: pass the timeline's count).
+            rounds: int | None = None, *, groups: int = 1, cached: int = 0,
+            ms_per_flop: float | None = None, comm: bool = True) -> dict:
+    """Latency ≈ W·(t_full + t_seq_comm) + R·(max_n t(E^n) + t_comm) + K·t(E^N)
+    + (G−1)·T·t_ε; speedup over the sequential sampler on one device. W: the sequential
+    steps (warm-up, sync, cool-down; a step cache's full steps), R: the timeline's parallel
+    rounds (``rounds``; default ⌈(T−W)/S⌉, which the public code's schedule with an even W
+    beats by its load-only step: pass the timeline's count), K: a step cache's ``cached``
+    steps (the last stage alone), G: guidance ``groups`` (2: CFG-parallel; the plan is
+    one guidance half's, the sequential sampler runs both halves on one device, and each
+    step swaps one ε half, t_ε).
 
     t_full (the sequential step) counts every node once (``Plan.step_flops``, or the measured
     whole forward): the conditioning each stage replicates is extra work of the pipeline, not
-    of the sequential model. Each stage's time includes the conditioning it recomputes."""
-    stage = (list(plan.measured.stage_ms) if plan.measured
-             else [s.flops for s in plan.stages])  # FLOPs as a time proxy if nothing measured
-    full = plan.measured.total_ms if plan.measured else plan.step_flops
+    of the sequential model. Each stage's time includes the conditioning it recomputes.
+    Communication (``comm_ms``: latency + bytes / bandwidth) is counted in milliseconds: with
+    measured stage times, or with FLOPs converted at ``ms_per_flop``; in FLOP units it is left
+    out (``unit`` says which). A sequential round sends each crossing value once, in turn; a
+    parallel round the largest stage input. ``comm=False``: one device (a step cache)."""
+    if plan.measured:
+        stage, full, unit = list(plan.measured.stage_ms), plan.measured.total_ms, "ms"
+    elif ms_per_flop:
+        stage = [s.flops * ms_per_flop for s in plan.stages]
+        full, unit = plan.step_flops * ms_per_flop, "ms"
+    else:  # FLOPs as a time proxy
+        stage, full, unit = [s.flops for s in plan.stages], plan.step_flops, "flops"
     per_stage_in = [sum(v.bytes for v in plan.values if s in v.consumers) + plan.output_bytes
                     for s in range(plan.n)]
-    comm = comm_ms(max(per_stage_in)) if plan.measured and plan.n > 1 else 0.0
+    timed = unit == "ms" and comm
+    t_comm = comm_ms(max(per_stage_in)) if timed and plan.n > 1 else 0.0
+    t_seq_comm = sum(comm_ms(v.bytes) for v in plan.values) if timed and plan.n > 1 else 0.0
+    t_eps = comm_ms(plan.output_bytes) if unit == "ms" and groups > 1 else 0.0
     if rounds is None:
-        rounds = math.ceil(max(steps - warmup, 0) / stride)
-    step = max(stage) + comm
-    latency = warmup * full + rounds * step
-    seq = steps * full
-    ideal = steps / (warmup + rounds / plan.n) if plan.n else 1.0
+        rounds = math.ceil(max(steps - warmup - cached, 0) / stride)
+    step = max(stage) + t_comm
+    latency = (warmup * (full + t_seq_comm) + rounds * step + cached * stage[-1]
+               + (groups - 1) * steps * t_eps)
+    seq = steps * full * groups
+    ideal = steps * groups / (warmup + (rounds / plan.n if plan.n else 0)
+                              + cached * stage[-1] / full)
     return {"steps": steps, "warmup": warmup, "stride": stride, "step_ms": step,
-            "comm_ms": comm, "latency_ms": latency, "sequential_ms": seq,
+            "comm_ms": t_comm, "seq_comm_ms": t_seq_comm, "eps_comm_ms": t_eps, "latency_ms": latency, "sequential_ms": seq,
             "speedup": seq / latency if latency else 1.0, "ideal_speedup": ideal,
-            "unit": "ms" if plan.measured else "flops"}
+            "unit": unit}
 
 
 def format_plan(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,

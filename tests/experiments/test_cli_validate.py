@@ -45,7 +45,7 @@ def test_scheduler_configs_are_the_schedulers():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_sweeps_expand_and_validate(name):
     configs = cli.job_configs([f"+experiment={name}"], multirun=True)
-    if name.startswith("quality_"):  # the quality study's points (experiments/study.py)
+    if name.startswith(("quality_", "frontier")):  # the quality study's points (experiments/study.py)
         from experiments import study
         full = cli.job_configs([f"+experiment={name}"], False, "study")[0]
         params = full.hydra.sweeper.params
@@ -123,8 +123,19 @@ BAD = [
                             "warm-up and cool-down: W = 1, T − C = 4)"),
     (["parallel.nn=3"], "parallel.nn: unknown key; allowed: n, stride, warmup, cooldown, "
                         "sync, time_shift, "
-                        "stride_noise, backend, threads, replicas, step_timeout_s, "
+                        "stride_noise, backend, threads, replicas, cfg_parallel, "
+                        "cache_interval, step_timeout_s, "
                         "run_timeout_s, startup_timeout_s"),
+    (["parallel.cfg_parallel=true"], "parallel.cfg_parallel=true without guidance; allowed: a "
+                                     "guidance scale (scheduler.guidance=7.5), or "
+                                     "parallel.cfg_parallel=false"),
+    (["parallel.cache_interval=-1"], "parallel.cache_interval=-1; allowed: an integer >= 0"),
+    (["parallel.cache_interval=2"], "parallel.cache_interval=2 with parallel.n=2, partition="
+                                    "balanced, parallel.cfg_parallel=False; allowed: n >= 2, "
+                                    "partition=shell_core"),
+    (["parallel.cache_interval=2", "partition=shell_core"],
+     "parallel.cache_interval=2: the step cache runs on one device in the study's emulator "
+     "(python -m experiments.study); allowed with asyncdiff-run: 0"),
     (["parallel.step_timeout_s=-5"],
      "parallel.step_timeout_s=-5.0; allowed: a number of seconds > 0, or null"),
     (["parallel.stride_noise=official", "parallel.stride=3"],
@@ -200,6 +211,11 @@ def test_world_size_must_be_replicas_times_devices():
     with pytest.raises(ConfigError, match=r"WORLD_SIZE=6 .*allowed: .* = 8$"):
         check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "6"})
     check_config(cfg, env={"WORLD_SIZE": "6"})  # not under torchrun: not checked
+    cfg["parallel"] = {**par, "cfg_parallel": True}  # a group per guidance half
+    cfg["scheduler"]["guidance"] = 3.0
+    check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "16"})
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=8 .*cfg_parallel.* = 16$"):
+        check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "8"})
 
 
 def test_bad_input_subprocesses(tmp_path):

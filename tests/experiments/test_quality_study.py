@@ -140,3 +140,52 @@ def test_a_cooldown_or_sync_point_is_its_own_point():
     assert "cooldown" not in plain_point and "sync" not in plain_point
     assert cooled == {**plain_point, "cooldown": 2, "sync": [5]}
     assert label(cooled).endswith(f"C=2, sync [5], {cooled['steps']} steps")
+
+
+def test_frontier_study_runs_every_method(tmp_path, monkeypatch):
+    """Sequential with fewer steps, CFG-parallel, the hybrid, the step cache and cool-down
+    as study points, with the fronts per device count; the exact cases are exact."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments import study
+    from experiments.common import CONF_DIR
+
+    torch.set_num_threads(1)
+    points = [["parallel.n=1"], ["parallel.n=1", "scheduler.steps=2"],
+              ["parallel.n=1", "parallel.cfg_parallel=true"],
+              ["parallel.n=2", "parallel.warmup=4", "parallel.cfg_parallel=true"],
+              ["parallel.n=2", "parallel.cfg_parallel=true"],
+              ["parallel.n=2", "parallel.cache_interval=1", "partition.strategy=shell_core"],
+              ["parallel.n=2", "parallel.cache_interval=2", "partition.strategy=shell_core"],
+              ["parallel.n=2", "parallel.cooldown=1"]]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="study", overrides=[
+            "scheduler.steps=4", "study.samples=4", "study.chunk=4", "study.fd_samples=4",
+            "study.bootstrap=20", "study.fd_bootstrap=5", "study.name=f",
+            f"study.out={tmp_path / 'out'}", f"study.cache={tmp_path / 'cache'}",
+            "study.frontier=[1,2,4]"])
+    cfg.study.points = points
+    monkeypatch.setattr(study, "HydraConfig", type("H", (), {"initialized": staticmethod(lambda: False)}))
+    study.hydra_main.__wrapped__(cfg)
+    out = tmp_path / "out" / "digits" / "f"
+    rows = {r["point"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    cfgp, hyb_w4 = rows["CFG-parallel, 4 steps"], rows["hybrid CFG × N=2 S=1 W=4, 4 steps"]
+    # every step sequential: the hybrid is CFG-parallel, the K = 1 cache the sequential sampler
+    assert hyb_w4["psnr_db"] == cfgp["psnr_db"] and hyb_w4["fd_delta"] == cfgp["fd_delta"]
+    k1 = rows["step cache K=1 (shell_core N=2), 4 steps"]
+    assert k1["psnr_db"] == [Q.PSNR_CAP] * 3 and k1["devices"] == 1
+    k2 = rows["step cache K=2 (shell_core N=2), 4 steps"]
+    assert k2["psnr_db"][0] < Q.PSNR_CAP and k2["devices"] == 1
+    assert 1 < k2["predicted_speedup"] < 2 and k1["predicted_speedup"] == pytest.approx(1, 0.05)
+    assert [cfgp["devices"], hyb_w4["devices"], rows["N=2 S=1 W=1, C=1, 4 steps"]["devices"]] \
+        == [2, 4, 2]
+    assert rows["sequential, 2 steps"]["predicted_speedup"] == 2.0
+    assert 1 < cfgp["predicted_speedup_comm"] < cfgp["predicted_speedup"] == 2.0
+    fronts = json.loads((out / "frontier.json").read_text())["fronts"]
+    assert [f["devices"] for f in fronts] == [1, 2, 4]
+    assert "hybrid CFG × N=2 S=1 W=1, 4 steps" in fronts[2]["candidates"]
+    assert "hybrid CFG × N=2 S=1 W=1, 4 steps" not in fronts[1]["candidates"]
+    assert "sequential, 4 steps" in fronts[0]["psnr_front"]  # the exact one: capped PSNR
+    text = (out / "frontier.md").read_text()
+    assert "### 4 devices" in text and "●" in text
+    assert (out / "frontier.png").stat().st_size > 0
