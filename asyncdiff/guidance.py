@@ -11,10 +11,10 @@ and concatenates the two ε halves before the guidance combination and the sched
   [Note: staleness] on its half: the same timeline, the same stale values, nothing shared
   between the groups but ε, exchanged once per step.
 * Exactness: a half run as its own batch is bit-exact with the same half run as its own
-  call of the sequential model (``split_reference``), not with the batched call, whose
+  call of the sequential model (:class:`GuidanceSplit` of two sequential denoisers: the
+  reference CFG-parallel is tested against), not with the batched call, whose
   kernels may block the batch differently (``docs/results/cfg_split_exactness.txt``: a few
-  1e-6 relative). :class:`GuidanceSplit` is both: the emulator of CFG-parallel and, with two
-  sequential denoisers, the reference it equals.
+  1e-6 relative).
 
 :class:`GuidanceSplit` runs both halves in one process (the emulator, the reference);
 :class:`GuidanceExchange` is one rank's side of the distributed run: its own half, then a
@@ -74,11 +74,24 @@ class GuidanceExchange:
         self.bytes_sent = 0
 
     def __call__(self, x, t, step, cond):
-        mine = self.denoiser(*_call(x, cond, self.group, t, step)).contiguous()
-        other = torch.empty_like(mine)
-        ops = [dist.P2POp(dist.isend, mine, self.peer, tag=TAG_GUIDANCE + step),
-               dist.P2POp(dist.irecv, other, self.peer, tag=TAG_GUIDANCE + step)]
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        mine = self.denoiser(*_call(x, cond, self.group, t, step))
         self.bytes_sent += mine.numel() * mine.element_size()
-        return torch.cat([mine, other] if self.group == 0 else [other, mine])
+        return swap_halves(mine, self.group, self.peer, step)
+
+
+def peer_of(rank: int, devices: int) -> tuple[int, int]:
+    """(guidance group, the rank at the same place in the other group) of ``rank``, groups of
+    ``devices`` ranks: group g holds ranks g·devices … (g+1)·devices − 1 of each replica."""
+    group = (rank // devices) % 2
+    return group, rank + devices * (1 - 2 * group)
+
+
+def swap_halves(mine: torch.Tensor, group: int, peer: int, step: int) -> torch.Tensor:
+    """Send this group's ε half to ``peer``, receive the other; return [ε_u, ε_c]."""
+    mine = mine.contiguous()
+    other = torch.empty_like(mine)
+    ops = [dist.P2POp(dist.isend, mine, peer, tag=TAG_GUIDANCE + step),
+           dist.P2POp(dist.irecv, other, peer, tag=TAG_GUIDANCE + step)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return torch.cat([mine, other] if group == 0 else [other, mine])

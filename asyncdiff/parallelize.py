@@ -46,11 +46,12 @@ from asyncdiff.dropin import session as sessions
 from asyncdiff.dropin import splits
 from asyncdiff.dist.sharing import try_capture
 from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
-from asyncdiff.dropin.call import Call, answer, bind_call, output_form, with_static
+from asyncdiff.dropin.call import Call, answer, bind_call, half_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
 from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
 from asyncdiff.dropin.weights import OFFLOAD, Parked
+from asyncdiff.guidance import peer_of, swap_halves
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition import STRATEGIES
 from partition.api import BACKENDS
@@ -66,7 +67,8 @@ DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
 
 
 def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int = 1,
-                cooldown: int = 0, sync: tuple[int, ...] = (), time_shift: bool = False,
+                cooldown: int = 0, sync: tuple[int, ...] = (), cfg_parallel: bool = False,
+                time_shift: bool = False,
                 stride_noise: str = "fresh",
                 strategy: str | None = None, cost_model: str = "flops",
                 depth: int | None = 4, boundaries: list[str] | None = None,
@@ -80,7 +82,11 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
 
     ``n``, ``stride``, ``warmup``, ``cooldown``, ``sync``, ``time_shift``, ``stride_noise``: the
     timeline (DESIGN.md §2, [Note: staleness]; a run of fewer steps than W + C keeps the warm-up
-    first and the sync steps that fall between the two); ``strategy`` (default ``balanced``),
+    first and the sync steps that fall between the two); ``cfg_parallel``: CFG-parallel
+    (``asyncdiff/guidance.py``): each half of the denoiser's batch — [uncond, cond] when the
+    pipeline runs guidance as one batched call — is its own pipeline of N−1+S devices, on
+    twice the ranks, ε halves swapped once per step (N = 1: plain CFG-parallel; emulate mode
+    runs both halves in this process); ``strategy`` (default ``balanced``),
     ``cost_model``, ``depth``: the partition (``partition.compile_model``). The split can also
     be given as the command line takes it: ``boundaries=[module, …]`` or ``stages=[[module, …],
     …]`` (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
@@ -98,7 +104,8 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     """
     opts = _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
                     boundaries, stages, split, plan, mode, offload, verify, backend)
-    opts = dataclasses.replace(opts, cooldown=cooldown, sync=_sync(sync))
+    opts = dataclasses.replace(opts, cooldown=cooldown, sync=_sync(sync),
+                               cfg_parallel=cfg_parallel)
     _check_options(opts)
     return Handle(pipe, _find_denoisers(pipe, denoiser), opts)
 
@@ -151,6 +158,8 @@ def _agree(key: str, given: Any, implied: Any, source: str) -> Any:
 
 def _check_options(o: Options) -> None:
     """Bad arguments raise ValueError naming the key and the allowed values (STYLE 8)."""
+    if not isinstance(o.cfg_parallel, bool):
+        raise ValueError(f"cfg_parallel={o.cfg_parallel!r}; allowed: True, False")
     if not isinstance(o.cooldown, int) or isinstance(o.cooldown, bool) or o.cooldown < 0:
         raise ValueError(f"cooldown={o.cooldown!r}; allowed: an integer >= 0")
     bad = [k for k in o.sync if not isinstance(k, int) or isinstance(k, bool) or k < o.warmup]
@@ -189,10 +198,12 @@ def _check_group(opts: Options) -> None:
         raise RuntimeError("mode='distributed' needs an initialised torch.distributed process "
                            "group (run under torchrun and call "
                            "torch.distributed.init_process_group() first)")
-    devices = devices_needed(opts.n, opts.stride, opts.stride_noise)
+    devices = devices_needed(opts.n, opts.stride, opts.stride_noise) * \
+        (2 if opts.cfg_parallel else 1)
     if dist.get_world_size() != devices:
         raise ValueError(f"world size {dist.get_world_size()}; n={opts.n}, stride={opts.stride}, "
-                         f"stride_noise={opts.stride_noise} need exactly {devices} ranks")
+                         f"stride_noise={opts.stride_noise}, cfg_parallel={opts.cfg_parallel} "
+                         f"need exactly {devices} ranks")
 
 
 class Handle:
@@ -213,7 +224,7 @@ class Handle:
         except Exception:
             self.detach()
             raise
-        self.streams: dict[tuple[str, int], _Stream] = {}
+        self.streams: dict[tuple, _Stream] = {}  # (attr, j) or, CFG-parallel, (attr, j, g)
         self.executor: Any = None
         self.attached = True
 
@@ -236,7 +247,23 @@ class Handle:
         t = call.tensors[call.timestep]
         _, taus = self.clock.locate(t)
         step, j = self.clock.call(d.attr)
-        key = (d.attr, j)
+        if not self.options.cfg_parallel:
+            stream = self._stream(d, (d.attr, j), step, taus, call)
+            return answer(stream.denoise(call), stream.session.form)
+        # CFG-parallel: each half of the batch is its own stream (its own pipeline)
+        if self.options.mode == "distributed":
+            import torch.distributed as dist
+            group, peer = peer_of(dist.get_rank(), self.options.devices)
+            stream = self._stream(d, (d.attr, j, group), step, taus, half_call(call, group))
+            eps = swap_halves(stream.denoise(half_call(call, group)), group, peer, step)
+        else:
+            halves = [half_call(call, g) for g in (0, 1)]
+            streams = [self._stream(d, (d.attr, j, g), step, taus, halves[g]) for g in (0, 1)]
+            eps = torch.cat([s.denoise(h) for s, h in zip(streams, halves)])
+            stream = streams[1]
+        return answer(eps, stream.session.form)
+
+    def _stream(self, d: "_Denoiser", key: tuple, step: int, taus, call: Call) -> "_Stream":
         stream = self.streams.get(key)
         if stream is None or stream.run != self.clock.run:
             stream = self.streams[key] = _Stream(self, d, key, self.clock.run, step,
@@ -247,14 +274,13 @@ class Handle:
                                f"non-tensor arguments); one stream of a run has one shape")
         elif step != stream.first + stream.k:
             raise RuntimeError(
-                f"{type(self.pipe).__name__}: stream {key} (call {j} of pipe.{d.attr} within "
+                f"{type(self.pipe).__name__}: stream {key} (call {key[1]} of pipe.{d.attr} within "
                 f"a step) is called at step {step} of the run after {stream.k} calls from step "
                 f"{stream.first}: it skipped a step, and its asynchronous state would be "
                 "stale by more than the schedule says (a pipeline that calls a branch only on "
                 "some steps is not supported)")
         self.executor = stream.executor
-        eps = stream.denoise(call)
-        return answer(eps, stream.session.form)
+        return stream
 
     # ------------------------------------------------------------------ schedule
     def set_timeline(self, *, stride: int | None = None, warmup: int | None = None,
@@ -408,7 +434,7 @@ class _Stream:
     """One stream of one run ([Note: drop-in steps]): its timeline, the timesteps its network
     is fed, its executor."""
 
-    def __init__(self, handle: Handle, d: _Denoiser, key: tuple[str, int], run: int,
+    def __init__(self, handle: Handle, d: _Denoiser, key: tuple, run: int,
                  first: int, taus: list[float], call: Call):
         o = handle.options
         self.run, self.first, self.k, self.call_key = run, first, 0, call.key

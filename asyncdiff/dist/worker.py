@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dist.executor import DistributedExecutor
-from asyncdiff.guidance import GuidanceExchange
+from asyncdiff.guidance import GuidanceExchange, peer_of
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition.plan import Plan
 from partition.threads import intra_op_threads
@@ -138,7 +138,7 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
                                    torch_device=where)
     denoiser = PipelineDenoiser(executor)
     if par.cfg_parallel:  # ε halves swapped with the same device of the other group
-        denoiser = GuidanceExchange(denoiser, group, rank + per * (1 - 2 * group))
+        denoiser = GuidanceExchange(denoiser, *peer_of(rank, per))
     if job.fault and job.fault.get("rank") == rank:
         denoiser = _Faulty(denoiser, job.fault, timeline)
     bar = _progress(task.steps, rank) if job.progress and rank == 0 else None

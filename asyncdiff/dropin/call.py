@@ -196,3 +196,17 @@ def answer(eps: torch.Tensor, form: Any) -> Any:
         return eps
     first = dataclasses.fields(form)[0].name
     return form(**{first: eps})
+
+
+def half_call(call: Call, group: int) -> Call:
+    """Half ``group`` (0: first, the unconditional one) of a call's batch, for CFG-parallel:
+    every tensor whose dim 0 is the latent's batch is cut in two (the timestep too, when the
+    pipeline passes one per sample); the rest is shared."""
+    rows = call.tensors[call.latent].shape[0]
+    if rows % 2:
+        raise ValueError(f"cfg_parallel=True: the denoiser was called with a batch of {rows}; "
+                         "allowed: an even batch, the guidance batch [uncond, cond] of a "
+                         "pipeline that runs guidance as one call (guidance scale > 1)")
+    half = slice(group * rows // 2, (group + 1) * rows // 2)
+    return dataclasses.replace(call, tensors={
+        n: t[half] if t.dim() and t.shape[0] == rows else t for n, t in call.tensors.items()})

@@ -21,7 +21,7 @@ from torch import nn
 from asyncdiff.dist.executor import DistributedExecutor
 from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
-from asyncdiff.timeline import Timeline, stage_of_device
+from asyncdiff.timeline import Timeline, devices_needed, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
 from partition.capture import Captured, capture
 from partition.cost import NodeCosts, profile
@@ -53,6 +53,18 @@ class Options:
     plan: Plan | None = None  # a saved plan: its stages are rebuilt, not planned again
     cooldown: int = 0  # C: the last C steps of each run sequential ([Note: staleness])
     sync: tuple[int, ...] = ()  # steps in between run sequential too
+    cfg_parallel: bool = False  # each half of the denoiser batch its own pipeline (group)
+
+    @property
+    def devices(self) -> int:
+        """Devices of one pipeline (one guidance group)."""
+        return devices_needed(self.n, self.stride, self.stride_noise)
+
+
+def place(opts: Options) -> tuple[int, int]:
+    """(device in its pipeline, the global rank of the pipeline's device 0) of this rank."""
+    rank = dist.get_rank()
+    return rank % opts.devices, rank - rank % opts.devices
 
 
 @dataclass(eq=False)
@@ -68,14 +80,16 @@ class Session:
     output: str
     staged: StagedModel | None = None
     segments: tuple[Segment, ...] = ()
-    rank: int = 0
+    rank: int = 0  # this process's device in its pipeline (distributed)
+    base: int = 0  # the global rank of its pipeline's device 0 (CFG-parallel: group 1's)
     state: str = ""  # the module's state_key when captured (asyncdiff/parallelize.py)
 
     def executor(self, timeline: Timeline, timesteps: Sequence[float], device: torch.device):
         if self.staged is not None:
             return Emulator(self.staged, self.plan, timeline, timesteps)
         return DistributedExecutor(list(self.segments), self.plan, timeline, timesteps,
-                                   self.rank, 0, self.specs, self.placeholders, self.output,
+                                   self.rank, self.base, self.specs, self.placeholders,
+                                   self.output,
                                    device)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -131,7 +145,7 @@ def distributed(module: nn.Module, call: Call,
     raised on every rank)."""
     from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0
 
-    rank = dist.get_rank()
+    rank, base = place(opts)
     captured, fallback = on_every_rank(capture, "asyncdiff.parallelize: capture")
     plan = plan_from_rank0(lambda: compile_call(module, call, captured, opts, runner,
                                                 fallback).plan,
@@ -144,7 +158,7 @@ def distributed(module: nn.Module, call: Call,
     placeholders = captured.placeholders if captured is not None and plan.backend == "graph" \
         else {s.name: s.name for s in specs}
     return Session(call.key, plan, None, specs, placeholders, plan.output, segments=tuple(mine),
-                   rank=rank)
+                   rank=rank, base=base)
 
 
 def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -> Session:
@@ -156,7 +170,7 @@ def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -
     from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0
     from asyncdiff.dropin.lazy import UNVERIFIED, hollow, materialise
 
-    rank, device = dist.get_rank(), call.tensors[call.latent].device
+    (rank, base), device = place(opts), call.tensors[call.latent].device
     hollows = hollow(module, device, checkpoint)
     captured: Captured = on_every_rank(lambda: capture(module, call.specs(), call.tensors),
                                        "asyncdiff.parallelize: capture")
@@ -168,11 +182,11 @@ def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -
 
     plan = dataclasses.replace(plan_from_rank0(make, "asyncdiff.parallelize: planning"),
                                verification=UNVERIFIED)
-    if rank == 0:
+    if rank + base == 0:
         log.warning("%s: %s", type(module).__name__, UNVERIFIED)
     mine = on_every_rank(lambda: materialise(
         own_stage(plan, captured, module, call.specs(), call.tensors, None,
                   stage_of_device(rank, plan.n), torch.get_num_threads()),
         checkpoint, hollows, device), "asyncdiff.parallelize: loading this rank's stage")
     return Session(call.key, plan, None, tuple(call.specs()), captured.placeholders,
-                   plan.output, segments=tuple(mine), rank=rank)
+                   plan.output, segments=tuple(mine), rank=rank, base=base)
