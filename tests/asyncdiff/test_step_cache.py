@@ -96,3 +96,14 @@ def test_longer_intervals_move_further_from_sequential():
 def test_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         build_cache_timeline(*args)
+
+
+def test_every_cache_timeline_validates_and_counts_its_full_steps():
+    for n in (2, 3, 4):
+        for steps in range(1, 8):
+            for k in range(1, steps + 1):
+                tl = build_cache_timeline(n, k, steps)
+                full = [r for r in tl.rounds if r.sequential]
+                assert [r.steps[0] for r in full] == list(range(0, steps, k))
+                assert all(len(r.actions) == 1 for r in tl.rounds if not r.sequential)
+                assert tl.devices == 1 and "cache_interval" in str(tl)
