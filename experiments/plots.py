@@ -72,10 +72,10 @@ def latency_vs_n(rows: Sequence[dict], path: Path) -> Path:
 
 def device_timeline(rows: Sequence[dict], path: Path, title: str = "",
                     replica: int = 0) -> Path:
-    """Gantt chart of one pipeline's rounds: solid = stage compute, light = waiting for and
+    """Gantt chart of one pipeline's rounds (CFG-parallel: the first guidance group's): solid = stage compute, light = waiting for and
     sending values (until the round's ε is in)."""
     plt = _plt()
-    mine = [r for r in rows if r.get("replica", 0) == replica]
+    mine = [r for r in rows if r.get("replica", 0) == replica and r.get("group", 0) == 0]
     devices = sorted({r["device"] for r in mine})
     t0 = min((r["start_s"] for r in mine), default=0.0)
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(devices)))

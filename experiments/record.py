@@ -26,14 +26,16 @@ from partition import Plan
 from partition.report import predict
 
 
-def timeline_rows(stats: Mapping[int, Sequence], devices: int) -> list[dict]:
+def timeline_rows(stats: Mapping[int, Sequence], devices: int, groups: int = 1) -> list[dict]:
     """Per-rank ``RoundStats`` as rows. Times are seconds since each rank's executor started
     (the ranks meet at the plan-hash check just before, so the clocks agree to a few ms)."""
     rows = []
     for rank in sorted(stats):
-        replica, device = divmod(rank, devices)
+        pipeline, device = divmod(rank, devices)
+        replica, group = divmod(pipeline, groups)  # group: the guidance half (CFG-parallel)
         for s in stats[rank]:
-            rows.append({"rank": rank, "replica": replica, "device": device, "round": s.round,
+            rows.append({"rank": rank, "replica": replica, "group": group, "device": device,
+                         "round": s.round,
                          "stage": s.stage, "start_s": s.start, "computed_s": s.computed,
                          "done_s": s.done, "compute_ms": (s.computed - s.start) * 1e3,
                          "round_ms": (s.done - s.start) * 1e3, "bytes_sent": s.bytes_sent})

@@ -138,7 +138,7 @@ def run_spawn(cfg: DictConfig, out: Path) -> dict:
     result = launch(compiled.staged, compiled.plan, par, jobs, progress=bool(cfg.progress))
     ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress,
                                    par.cfg_parallel)
-    rows = timeline_rows(result.stats, par.devices)
+    rows = timeline_rows(result.stats, par.devices, par.groups)
     return finish(cfg, out, compiled.plan, par, result.latents, ref, t_seq, result.wall_s, rows,
                   result.peak_rss)
 
@@ -201,7 +201,8 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     if rank == 0:  # the others are done; rank 0 runs the baseline and writes the results
         ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress,
                                    par.cfg_parallel)
-        rows = timeline_rows({r: g[0] for r, g in enumerate(gathered)}, par.devices)
+        rows = timeline_rows({r: g[0] for r, g in enumerate(gathered)}, par.devices,
+                             par.groups)
         finish(cfg, out, plan, par, [latent], ref, t_seq, wall, rows,
                {r: g[1] for r, g in enumerate(gathered)})
 

@@ -68,12 +68,13 @@ class RunLogger:
                                      "plan/hash": plan.plan_hash})
 
     def timings(self, rows: Sequence[Mapping], replica: int = 0) -> None:
-        """Per-round timings of every device of one pipeline as history (step = round)."""
+        """Per-round timings of every device of one pipeline (CFG-parallel: the first guidance
+        group's) as history (step = round)."""
         if not self.run:
             return
         by_round: dict[int, dict] = {}
         for r in rows:
-            if r["replica"] == replica:
+            if r["replica"] == replica and r.get("group", 0) == 0:
                 d = by_round.setdefault(r["round"], {})
                 d[f"device{r['device']}/compute_ms"] = r["compute_ms"]
                 d[f"device{r['device']}/round_ms"] = r["round_ms"]
