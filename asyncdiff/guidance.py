@@ -36,11 +36,12 @@ def guidance_half(x: torch.Tensor, cond: Mapping[str, torch.Tensor],
                   group: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Group ``group``'s half (0: uncond, 1: cond) of the batch [uncond, cond]."""
     if x.shape[0] % 2:
-        raise ValueError(f"CFG-parallel: batch of {x.shape[0]} rows; the guidance batch "
-                         "[uncond, cond] has an even number of rows")
+        raise ValueError(f"CFG-parallel: a batch of {x.shape[0]}; allowed: an even batch, the "
+                         "guidance batch [uncond, cond]")
     rows = x.shape[0] // 2
     sl = slice(group * rows, (group + 1) * rows)
-    return x[sl], {k: v[sl] if v.shape[0] == 2 * rows else v for k, v in cond.items()}
+    return x[sl], {k: v[sl] if v.dim() and v.shape[0] == 2 * rows else v
+                   for k, v in cond.items()}
 
 
 class GuidanceSplit:
@@ -71,11 +72,9 @@ class GuidanceExchange:
         if group not in (0, 1):
             raise ValueError(f"guidance group {group}; allowed: 0 (uncond), 1 (cond)")
         self.denoiser, self.group, self.peer = denoiser, group, peer
-        self.bytes_sent = 0
 
     def __call__(self, x, t, step, cond):
         mine = self.denoiser(*_call(x, cond, self.group, t, step))
-        self.bytes_sent += mine.numel() * mine.element_size()
         return swap_halves(mine, self.group, self.peer, step)
 
 

@@ -332,6 +332,8 @@ def _validate_cache(tl: Timeline) -> None:
         raise ValueError(f"step-cache timeline: rounds must cover 0 … {tl.steps - 1}, one each")
     full = None
     for i, rnd in enumerate(tl.rounds):
+        if len(rnd.steps) != 1:
+            fail(i, f"covers steps {rnd.steps}; a step-cache round covers one step")
         k = rnd.steps[0]
         if rnd.index != i or any(a.device != 0 or a.round != i or a.latent_step != k
                                  or a.t_step != k or a.eps_steps != (() if a.stage < tl.n - 1
@@ -340,7 +342,7 @@ def _validate_cache(tl: Timeline) -> None:
             fail(i, "every action on device 0, of its own round, fed τ_k on x_k, ε_k from "
                     f"stage {tl.n - 1}")
         if k % tl.cache == 0:
-            if not rnd.sequential or [(a.stage, a.inputs_round, a.publishes) for a in
+            if rnd.kind != ("warmup" if k == 0 else "sync") or [(a.stage, a.inputs_round, a.publishes) for a in
                                       rnd.actions] != [(s, i, True) for s in range(tl.n)]:
                 fail(i, f"step {k} ≡ 0 (mod {tl.cache}) runs stages 0 … N−1 in order, fresh")
             full = i

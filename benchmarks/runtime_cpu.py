@@ -162,7 +162,8 @@ def main() -> None:
         sp1 = t_seq1 / wall
         spp = t_seqp / wall
         torch_speedup = t_seq1 / t_seqp
-        par_rounds = [st for st in result.stats[0] if st.round >= args.warmup]
+        parallel = {r.index for r in tl.parallel_rounds}
+        par_rounds = [st for st in result.stats[0] if st.round in parallel]
         wait = statistics.mean((st.done - st.computed) * 1e3 for st in par_rounds)
         step = statistics.mean((st.done - st.start) * 1e3 for st in par_rounds)
         sent = sum(st.bytes_sent for r in result.stats.values() for st in r
@@ -186,7 +187,7 @@ def main() -> None:
         peaks = [v / 2**30 for _, v in sorted(result.peak_rss.items())]
         print(f"  peak RSS per worker {[round(p, 2) for p in peaks]} GiB; the sequential "
               f"process {seq_rss / 2**10:.2f} GiB; drift vs sequential rel. L2 {rel:.4f}")
-        if n == 2 and s == 1 and args.plot:
+        if n == 2 and s == 1 and not cfg and not cooldown and args.plot:
             plot_timeline(result, args.plot, range(args.warmup + 2, args.warmup + 6))
             print(f"  timeline plot: {args.plot}")
 

@@ -22,7 +22,7 @@ from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.guidance import GuidanceSplit
 from asyncdiff.dist import limits
 from asyncdiff.dist.worker import ParallelSpec, SamplingJob
-from experiments.checks import check_backend, devices
+from experiments.checks import check_backend, devices, guidance_scale
 from experiments.common import partition_request, plain, requested
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
                                          scheduler_kwargs)
@@ -95,12 +95,12 @@ def model_config(cfg: DictConfig) -> dict:
     return model_cfg
 
 
+UNCOND_DRAW = 1 << 20  # CFG-parallel's second example draw: no replica's first draw
+
+
 def guidance_of(cfg: DictConfig) -> float | None:
     """``scheduler.guidance``; for a trained reference model left at null, the model's own."""
-    g = cfg.scheduler.get("guidance")
-    if g is None and is_reference(plain(cfg.model)):
-        g = cfg.model.reference.get("guidance")
-    return None if g is None else float(g)
+    return guidance_scale({"scheduler": plain(cfg.scheduler), "model": plain(cfg.model)})
 
 
 def job_labels(cfg: DictConfig, replica: int, batch: int, classes: int) -> torch.Tensor:
@@ -118,7 +118,9 @@ def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[S
 
     With guidance (``scheduler.guidance``, or a reference model's own), the latent batch is
     half the example's and each step runs the [uncond, cond] batch (the example's shape,
-    which the plan was captured for). A model YAML's ``schedule`` block (the training betas)
+    which the plan was captured for). With CFG-parallel the plan is one half's: a model
+    without class tokens takes its cond from draw seed + r and its uncond from draw
+    seed + r + UNCOND_DRAW. A model YAML's ``schedule`` block (the training betas)
     and its ``scheduler_options`` for this scheduler go to the scheduler. A trained reference model is conditioned on its class tokens
     (:func:`job_labels`), otherwise on the example batch's conditioning.
     """
@@ -131,9 +133,10 @@ def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[S
     tokens = reference_tokens(model_cfg) if is_reference(model_cfg) else None
     for r in range(replicas):
         example = bundle.inputs(cfg.seed + r)
-        if halves:  # the plan's batch is one guidance half: the example's cond and uncond
-            example = {k: torch.cat([v, bundle.inputs(cfg.seed + r + 1)[k]])  # from 2 draws
-                       for k, v in example.items() if v.dim() and k in [bundle.latent, *cond_names]}
+        if halves:  # the plan's batch is one guidance half: uncond and cond from two draws
+            other = bundle.inputs(cfg.seed + r + UNCOND_DRAW)
+            example = {k: torch.cat([other[k], v]) if k in [bundle.latent, *cond_names] else v
+                       for k, v in example.items()}
         shape = list(example[bundle.latent].shape)
         uncond = None
         if guidance is not None:

@@ -60,26 +60,42 @@ def guidance_scale(cfg: Mapping) -> float | None:
 
 
 def check_modes(cfg: Mapping, entry: str) -> None:
-    """CFG-parallel needs guidance; the step cache runs on one device, in the emulator, with
-    the shell/core split (its last stage holds the outer blocks)."""
+    """CFG-parallel needs guidance and runs in asyncdiff-run and the study (a pipeline run
+    takes it through ``asyncdiff.parallelize(pipe, cfg_parallel=True)`` in Python); the step
+    cache runs on one device, in the study's emulator, with the shell/core split (its last
+    stage holds the outer blocks) and nothing else of the pipeline's schedule."""
     par = cfg["parallel"]
-    if par.get("cfg_parallel") and guidance_scale(cfg) is None and cfg.get("pipeline") is None:
-        raise ConfigError("parallel.cfg_parallel=true without guidance; allowed: a guidance "
-                          "scale (scheduler.guidance=7.5), or parallel.cfg_parallel=false")
-    k = _int("parallel.cache_interval", par.get("cache_interval", 0), 0)
+    if par.get("cfg_parallel"):
+        if cfg.get("pipeline") is not None or entry in ("bench", "demo"):
+            what = f"pipeline={cfg['pipeline'].get('name')}" if cfg.get("pipeline") \
+                else f"asyncdiff-{entry}"
+            raise ConfigError(f"parallel.cfg_parallel=true with {what}; allowed: false (CFG-"
+                              "parallel runs in asyncdiff-run model=…, the study, "
+                              "asyncdiff.parallelize(pipe, cfg_parallel=True) and "
+                              "benchmarks/runtime_cpu.py --configs cfg)")
+        if guidance_scale(cfg) is None:
+            raise ConfigError("parallel.cfg_parallel=true without guidance; allowed: a "
+                              "guidance scale (scheduler.guidance=7.5), or "
+                              "parallel.cfg_parallel=false")
+    k = _int("parallel.cache_interval", par.get("cache_interval", 0), 0,
+             cfg["scheduler"]["steps"], " (at most T = scheduler.steps)")
     if not k:
         return
     strategy = cfg["partition"]["strategy"]
-    if par["n"] < 2 or strategy != "shell_core" or par.get("cfg_parallel"):
+    schedule = {"stride": par["stride"] != 1, "cooldown": bool(par.get("cooldown")),
+                "sync": bool(par.get("sync")), "time_shift": bool(par["time_shift"]),
+                "cfg_parallel": bool(par.get("cfg_parallel"))}
+    if par["n"] < 2 or strategy != "shell_core" or any(schedule.values()):
         raise ConfigError(
-            f"parallel.cache_interval={k} with parallel.n={par['n']}, partition="
-            f"{strategy}, parallel.cfg_parallel={bool(par.get('cfg_parallel'))}; allowed: "
-            "n >= 2, partition=shell_core (the outer blocks on the last stage), no "
-            "cfg_parallel; or parallel.cache_interval=0")
-    if entry != "plan":
+            f"parallel.cache_interval={k} with parallel.n={par['n']}, partition={strategy}"
+            + "".join(f", parallel.{key}" for key, on in schedule.items() if on)
+            + "; allowed: n >= 2, partition=shell_core (the outer blocks on the last stage), "
+            "stride 1 and no cooldown, sync, time_shift or cfg_parallel; or "
+            "parallel.cache_interval=0")
+    if entry not in ("plan", "study"):
         raise ConfigError(f"parallel.cache_interval={k}: the step cache runs on one device in "
-                          "the study's emulator (python -m experiments.study); allowed with "
-                          f"asyncdiff-{entry}: 0")
+                          "the study's emulator (a point of python -m experiments.study); "
+                          f"allowed with asyncdiff-{entry}: 0")
 
 
 def check_model(model: Mapping) -> str:

@@ -84,7 +84,8 @@ def point_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def describe(p: DictConfig) -> dict:
-    """A point as plain values; N = 1 is the sequential sampler (the other keys normalised)."""
+    """A point as plain values; N = 1 is the sequential sampler, or CFG-parallel (the other
+    keys normalised); a step cache keeps only its interval and split."""
     par = p.parallel
     cfgp = {"cfg_parallel": True} if par.get("cfg_parallel") else {}
     if int(par.n) == 1:
@@ -206,6 +207,9 @@ class Sampler:
         emulator; with CFG-parallel one of those per guidance half (asyncdiff/guidance.py),
         each on the plan for one half."""
         if d.get("cfg_parallel") and not half:
+            if recorder is not None:
+                raise ValueError("a recorder records the sequential sampler's batched calls; "
+                                 "allowed: a point without cfg_parallel")
             return GuidanceSplit([self.denoiser(d, half=True) for _ in range(2)])
         compiled = self.plan_of(d)
         if d["n"] == 1:

@@ -20,14 +20,14 @@ def comm_ms(nbytes: int, latency_ms: float = COMM_LATENCY_MS,
 def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,
             rounds: int | None = None, *, groups: int = 1, cached: int = 0,
             ms_per_flop: float | None = None, comm: bool = True) -> dict:
-    """Latency ≈ W·(t_full + t_seq_comm) + R·(max_n t(E^n) + t_comm) + K·t(E^N)
+    """Latency ≈ W·(t_full + t_seq_comm) + R·(max_n t(E^n) + t_comm) + M·t(E^N)
     + (G−1)·T·t_ε; speedup over the sequential sampler on one device. W: the sequential
     steps (warm-up, sync, cool-down; a step cache's full steps), R: the timeline's parallel
-    rounds (``rounds``; default ⌈(T−W)/S⌉, which the public code's schedule with an even W
-    beats by its load-only step: pass the timeline's count), K: a step cache's ``cached``
+    rounds (``rounds``; default ⌈(T−W−M)/S⌉, which the public code's schedule with an even W
+    beats by its load-only step: pass the timeline's count), M: a step cache's ``cached``
     steps (the last stage alone), G: guidance ``groups`` (2: CFG-parallel; the plan is
     one guidance half's, the sequential sampler runs both halves on one device, and each
-    step swaps one ε half, t_ε).
+    step swaps one ε half, t_ε, whatever ``comm`` says).
 
     t_full (the sequential step) counts every node once (``Plan.step_flops``, or the measured
     whole forward): the conditioning each stage replicates is extra work of the pipeline, not

@@ -81,7 +81,7 @@ class Session:
     staged: StagedModel | None = None
     segments: tuple[Segment, ...] = ()
     rank: int = 0  # this process's device in its pipeline (distributed)
-    base: int = 0  # the global rank of its pipeline's device 0 (CFG-parallel: group 1's)
+    base: int = 0  # the global rank of its pipeline's device 0 (0 but for CFG-parallel)
     state: str = ""  # the module's state_key when captured (asyncdiff/parallelize.py)
 
     def executor(self, timeline: Timeline, timesteps: Sequence[float], device: torch.device):

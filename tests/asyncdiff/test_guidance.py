@@ -68,7 +68,7 @@ def test_cfg_parallel_equals_the_per_half_sequential_reference():
 
 
 def test_guidance_half_rejects_an_odd_batch():
-    with pytest.raises(ValueError, match="even number of rows"):
+    with pytest.raises(ValueError, match="a batch of 3; allowed: an even batch"):
         guidance_half(torch.zeros(3, 1), {}, 0)
 
 
@@ -99,18 +99,25 @@ def test_a_group_on_another_schedule_breaks_the_hybrid():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("n,stride", [(1, 1), (2, 1)])
-def test_distributed_cfg_parallel_equals_the_emulator(n, stride):
-    """CFG-parallel (N = 1, 2 ranks) and the hybrid (N = 2, 4 ranks) over gloo."""
+@pytest.mark.parametrize("n,replicas", [(1, 2), (2, 1)])
+def test_distributed_cfg_parallel_equals_the_emulator(n, replicas):
+    """CFG-parallel (N = 1: two replicas of 2 ranks, each its own noise) and the hybrid
+    (N = 2, 4 ranks) over gloo."""
     c = compiled(n, rows=1)
     x, cond, uncond = guided_inputs()
-    want = guided(cfg_parallel() if n == 1 else
-                  GuidanceSplit([pipeline(n, 1, stride=stride), pipeline(n, 1, stride=stride)]))
-    par = ParallelSpec(n=n, stride=stride, warmup=1, cfg_parallel=True)
-    got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond, guidance=SCALE,
-                                                     uncond=uncond)])
-    assert torch.equal(got.latents[0], want)
-    assert len(got.stats) == par.world == 2 * par.devices
+    noises = [x] + [torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+                    for _ in range(replicas - 1)]
+    wants = []
+    for xr in noises:
+        den = cfg_parallel() if n == 1 else GuidanceSplit([pipeline(n, 1), pipeline(n, 1)])
+        wants.append(sample(den, make_scheduler("ddim"), xr, cond, steps=STEPS,
+                            guidance_scale=SCALE, uncond=uncond))
+    par = ParallelSpec(n=n, warmup=1, cfg_parallel=True, replicas=replicas)
+    got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, xr, cond, guidance=SCALE,
+                                                     uncond=uncond) for xr in noises])
+    assert all(torch.equal(g, w) for g, w in zip(got.latents, wants))
+    assert not torch.equal(got.latents[0], got.latents[-1]) or replicas == 1
+    assert len(got.stats) == replicas * 2 * (n - 1 + 1)
 
 
 @pytest.mark.timeout(120)

@@ -129,13 +129,18 @@ BAD = [
     (["parallel.cfg_parallel=true"], "parallel.cfg_parallel=true without guidance; allowed: a "
                                      "guidance scale (scheduler.guidance=7.5), or "
                                      "parallel.cfg_parallel=false"),
-    (["parallel.cache_interval=-1"], "parallel.cache_interval=-1; allowed: an integer >= 0"),
+    (["parallel.cache_interval=-1"], "parallel.cache_interval=-1; allowed: an integer in [0, 4]"),
     (["parallel.cache_interval=2"], "parallel.cache_interval=2 with parallel.n=2, partition="
-                                    "balanced, parallel.cfg_parallel=False; allowed: n >= 2, "
-                                    "partition=shell_core"),
+                                    "balanced; allowed: n >= 2, partition=shell_core"),
+    (["parallel.cache_interval=2", "partition=shell_core", "parallel.cooldown=1"],
+     "parallel.cache_interval=2 with parallel.n=2, partition=shell_core, parallel.cooldown; "
+     "allowed: n >= 2, partition=shell_core (the outer blocks on the last stage), stride 1 "
+     "and no cooldown, sync, time_shift or cfg_parallel; or parallel.cache_interval=0"),
+    (["parallel.cache_interval=9"], "parallel.cache_interval=9; allowed: an integer in [0, 4] "
+                                    "(at most T = scheduler.steps)"),
     (["parallel.cache_interval=2", "partition=shell_core"],
      "parallel.cache_interval=2: the step cache runs on one device in the study's emulator "
-     "(python -m experiments.study); allowed with asyncdiff-run: 0"),
+     "(a point of python -m experiments.study); allowed with asyncdiff-run: 0"),
     (["parallel.step_timeout_s=-5"],
      "parallel.step_timeout_s=-5.0; allowed: a number of seconds > 0, or null"),
     (["parallel.stride_noise=official", "parallel.stride=3"],
@@ -216,6 +221,9 @@ def test_world_size_must_be_replicas_times_devices():
     check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "16"})
     with pytest.raises(ConfigError, match=r"WORLD_SIZE=8 .*cfg_parallel.* = 16$"):
         check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "8"})
+    with pytest.raises(ConfigError, match=r"cfg_parallel=true with asyncdiff-bench; allowed: "
+                                          r"false \(CFG-parallel runs in asyncdiff-run"):
+        check_config(cfg, env={}, entry="bench")
 
 
 def test_bad_input_subprocesses(tmp_path):
