@@ -342,8 +342,9 @@ def _validate_cache(tl: Timeline) -> None:
             fail(i, "every action on device 0, of its own round, fed τ_k on x_k, ε_k from "
                     f"stage {tl.n - 1}")
         if k % tl.cache == 0:
-            if rnd.kind != ("warmup" if k == 0 else "sync") or [(a.stage, a.inputs_round, a.publishes) for a in
-                                      rnd.actions] != [(s, i, True) for s in range(tl.n)]:
+            runs = [(a.stage, a.inputs_round, a.publishes) for a in rnd.actions]
+            if rnd.kind != ("warmup" if k == 0 else "sync") or \
+                    runs != [(s, i, True) for s in range(tl.n)]:
                 fail(i, f"step {k} ≡ 0 (mod {tl.cache}) runs stages 0 … N−1 in order, fresh")
             full = i
         elif rnd.kind != "cached" or [(a.stage, a.inputs_round, a.publishes) for a in

@@ -72,8 +72,8 @@ def latency_vs_n(rows: Sequence[dict], path: Path) -> Path:
 
 def device_timeline(rows: Sequence[dict], path: Path, title: str = "",
                     replica: int = 0) -> Path:
-    """Gantt chart of one pipeline's rounds (CFG-parallel: the first guidance group's): solid = stage compute, light = waiting for and
-    sending values (until the round's ε is in)."""
+    """Gantt chart of one pipeline's rounds (CFG-parallel: the first guidance group's):
+    solid = stage compute, light = waiting for and sending values (until the round's ε is in)."""
     plt = _plt()
     mine = [r for r in rows if r.get("replica", 0) == replica and r.get("group", 0) == 0]
     devices = sorted({r["device"] for r in mine})

@@ -58,7 +58,8 @@ def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,
     ideal = steps * groups / (warmup + (rounds / plan.n if plan.n else 0)
                               + cached * stage[-1] / full)
     return {"steps": steps, "warmup": warmup, "stride": stride, "step_ms": step,
-            "comm_ms": t_comm, "seq_comm_ms": t_seq_comm, "eps_comm_ms": t_eps, "latency_ms": latency, "sequential_ms": seq,
+            "comm_ms": t_comm, "seq_comm_ms": t_seq_comm, "eps_comm_ms": t_eps,
+            "latency_ms": latency, "sequential_ms": seq,
             "speedup": seq / latency if latency else 1.0, "ideal_speedup": ideal,
             "unit": unit}
 

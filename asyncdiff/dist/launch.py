@@ -169,7 +169,8 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
                 os.path.join(jobs, f"{rank}.pt"))
         task = Task(_sampling, jobs, parallel.backend, parallel.timeout_s)
         done = run_ranks(task, world, timeout_s)
-    latents = {r // (per * parallel.groups): from_bytes(d.payload) for r, d in done.items() if d.payload is not None}
+    latents = {r // (per * parallel.groups): from_bytes(d.payload) for r, d in done.items()
+               if d.payload is not None}
     return LaunchResult([latents[r] for r in range(parallel.replicas)],
                         {r: d.extra for r, d in done.items()}, max(d.wall_s for d in done.values()),
                         {r: d.peak_rss for r, d in done.items()})

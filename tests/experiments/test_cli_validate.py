@@ -45,7 +45,7 @@ def test_scheduler_configs_are_the_schedulers():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_sweeps_expand_and_validate(name):
     configs = cli.job_configs([f"+experiment={name}"], multirun=True)
-    if name.startswith(("quality_", "frontier")):  # the quality study's points (experiments/study.py)
+    if name.startswith(("quality_", "frontier")):  # the study's points (experiments/study.py)
         from experiments import study
         full = cli.job_configs([f"+experiment={name}"], False, "study")[0]
         params = full.hydra.sweeper.params

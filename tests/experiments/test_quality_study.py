@@ -165,7 +165,8 @@ def test_frontier_study_runs_every_method(tmp_path, monkeypatch):
             f"study.out={tmp_path / 'out'}", f"study.cache={tmp_path / 'cache'}",
             "study.frontier=[1,2,4]"])
     cfg.study.points = points
-    monkeypatch.setattr(study, "HydraConfig", type("H", (), {"initialized": staticmethod(lambda: False)}))
+    monkeypatch.setattr(study, "HydraConfig",
+                        type("H", (), {"initialized": staticmethod(lambda: False)}))
     study.hydra_main.__wrapped__(cfg)
     out = tmp_path / "out" / "digits" / "f"
     rows = {r["point"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
