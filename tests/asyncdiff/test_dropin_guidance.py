@@ -5,12 +5,6 @@ state); emulated, both run in this process; distributed, each on its own group o
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -107,19 +101,9 @@ dist.destroy_process_group()
 @pytest.mark.timeout(300)
 def test_torchrun_cfg_parallel_equals_the_emulated_dropin(tmp_path):
     """Two ranks, one guidance half each, ε halves swapped every step."""
-    result = tmp_path / "result.pt"
-    script = tmp_path / "run_cfg.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(tests=str(Path(__file__).parent),
-                                                    result=str(result))))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
-                                          os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--standalone", str(script)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = tp.torchrun(SCRIPT, tmp_path)
     pipe, _ = tp.pipeline(NAME)
     with asyncdiff.parallelize(pipe, n=1, cfg_parallel=True):
         want = tp.FAMILIES[NAME].run(pipe)
-    for r, got in enumerate(torch.load(result)):
+    for r, got in enumerate(ranks):
         assert torch.equal(got, want), r

@@ -483,20 +483,26 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.timeout(300)
-def test_torchrun_equals_emulated_dropin(tmp_path):
+def torchrun(script: str, tmp_path: Path, nproc: int = 2) -> list:
+    """Run ``script`` (formatted with ``tests`` and ``result``) under torchrun on ``nproc``
+    ranks; return what rank 0 saved (every rank's output, gathered)."""
     result = tmp_path / "result.pt"
-    script = tmp_path / "run_dropin.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(tests=str(Path(__file__).parent),
-                                                    result=str(result))))
+    path = tmp_path / "run_dropin.py"
+    path.write_text(textwrap.dedent(script.format(tests=str(Path(__file__).parent),
+                                                  result=str(result))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
                                           os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--standalone", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--standalone", str(path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = torch.load(result)
+    return torch.load(result)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_equals_emulated_dropin(tmp_path):
+    ranks = torchrun(SCRIPT, tmp_path)
     _, sequential = pipeline("sd15")
     sd15, pixart = dropin("sd15", 2, 1, False)["got"], dropin("pixart", 2, 1, False)["got"]
     for r, out in enumerate(ranks):  # every rank holds the same latents
