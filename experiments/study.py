@@ -86,25 +86,26 @@ def point_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 def describe(p: DictConfig) -> dict:
     """A point as plain values; N = 1 is the sequential sampler, or CFG-parallel (the other
     keys normalised); a step cache keeps only its interval and split."""
-    par = p.parallel
+    par, strategy = plain(p.parallel), plain(p.partition)["strategy"]  # enums as names
+    steps = int(p.scheduler.steps)
     cfgp = {"cfg_parallel": True} if par.get("cfg_parallel") else {}
-    if int(par.n) == 1:
+    if int(par["n"]) == 1:
         return {"n": 1, "stride": 1, "warmup": 0, "time_shift": False,
-                "stride_noise": "fresh", "steps": int(p.scheduler.steps), **cfgp}
+                "stride_noise": "fresh", "steps": steps, **cfgp}
     if par.get("cache_interval"):  # one device: the timeline has no N/S/W choices
-        return {"n": int(par.n), "stride": 1, "warmup": 1, "time_shift": False,
-                "stride_noise": "fresh", "steps": int(p.scheduler.steps),
-                "cache": int(par.cache_interval), "strategy": str(p.partition.strategy)}
-    d = {"n": int(par.n), "stride": int(par.stride), "warmup": int(par.warmup),
-         "time_shift": bool(par.time_shift), "stride_noise": str(par.stride_noise),
-         "steps": int(p.scheduler.steps)}
+        return {"n": int(par["n"]), "stride": 1, "warmup": 1, "time_shift": False,
+                "stride_noise": "fresh", "steps": steps,
+                "cache": int(par["cache_interval"]), "strategy": str(strategy)}
+    d = {"n": int(par["n"]), "stride": int(par["stride"]), "warmup": int(par["warmup"]),
+         "time_shift": bool(par["time_shift"]), "stride_noise": str(par["stride_noise"]),
+         "steps": steps}
     # only when used: the cache keys of the other points stay
     if par.get("cooldown"):
-        d["cooldown"] = int(par.cooldown)
+        d["cooldown"] = int(par["cooldown"])
     if par.get("sync"):
-        d["sync"] = sorted(int(k) for k in par.sync)
-    if str(p.partition.strategy) != STRATEGY:
-        d["strategy"] = str(p.partition.strategy)
+        d["sync"] = sorted(int(k) for k in par["sync"])
+    if str(strategy) != STRATEGY:
+        d["strategy"] = str(strategy)
     return {**d, **cfgp}
 
 

@@ -139,7 +139,8 @@ def test_a_cooldown_or_sync_point_is_its_own_point():
                                          "parallel.cooldown=2", "parallel.sync=[5]"]))
     assert "cooldown" not in plain_point and "sync" not in plain_point
     assert cooled == {**plain_point, "cooldown": 2, "sync": [5]}
-    assert label(cooled).endswith(f"C=2, sync [5], {cooled['steps']} steps")
+    assert label(cooled) == f"N=2 S=1 W=1, C=2, sync [5], {cooled['steps']} steps"
+    assert plain_point["stride_noise"] == "fresh" and "strategy" not in plain_point
 
 
 def test_frontier_study_runs_every_method(tmp_path, monkeypatch):
