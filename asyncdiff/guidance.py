@@ -38,10 +38,18 @@ def guidance_half(x: torch.Tensor, cond: Mapping[str, torch.Tensor],
     if x.shape[0] % 2:
         raise ValueError(f"CFG-parallel: a batch of {x.shape[0]}; allowed: an even batch, the "
                          "guidance batch [uncond, cond]")
-    rows = x.shape[0] // 2
-    sl = slice(group * rows, (group + 1) * rows)
-    return x[sl], {k: v[sl] if v.dim() and v.shape[0] == 2 * rows else v
-                   for k, v in cond.items()}
+    return x[_rows(x.shape[0], group)], half_of(cond, x.shape[0], group)
+
+
+def half_of(tensors: Mapping[str, torch.Tensor], batch: int,
+            group: int) -> dict[str, torch.Tensor]:
+    """Half ``group`` of every tensor whose dim 0 is ``batch`` (even); the rest shared."""
+    sl = _rows(batch, group)
+    return {k: v[sl] if v.dim() and v.shape[0] == batch else v for k, v in tensors.items()}
+
+
+def _rows(batch: int, group: int) -> slice:
+    return slice(group * batch // 2, (group + 1) * batch // 2)
 
 
 class GuidanceSplit:

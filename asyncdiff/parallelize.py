@@ -254,8 +254,9 @@ class Handle:
         if self.options.mode == "distributed":
             import torch.distributed as dist
             group, peer = peer_of(dist.get_rank(), self.options.devices)
-            stream = self._stream(d, (d.attr, j, group), step, taus, half_call(call, group))
-            eps = swap_halves(stream.denoise(half_call(call, group)), group, peer, step)
+            half = half_call(call, group)
+            stream = self._stream(d, (d.attr, j, group), step, taus, half)
+            eps = swap_halves(stream.denoise(half), group, peer, step)
         else:
             halves = [half_call(call, g) for g in (0, 1)]
             streams = [self._stream(d, (d.attr, j, g), step, taus, halves[g]) for g in (0, 1)]

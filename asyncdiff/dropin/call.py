@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from asyncdiff.guidance import half_of
 from partition.spec import InputSpec
 
 TIMESTEP = "timestep"
@@ -207,6 +208,4 @@ def half_call(call: Call, group: int) -> Call:
         raise ValueError(f"cfg_parallel=True: the denoiser was called with a batch of {rows}; "
                          "allowed: an even batch, the guidance batch [uncond, cond] of a "
                          "pipeline that runs guidance as one call (guidance scale > 1)")
-    half = slice(group * rows // 2, (group + 1) * rows // 2)
-    return dataclasses.replace(call, tensors={
-        n: t[half] if t.dim() and t.shape[0] == rows else t for n, t in call.tensors.items()})
+    return dataclasses.replace(call, tensors=half_of(call.tensors, rows, group))
