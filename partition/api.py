@@ -111,20 +111,20 @@ def compile_graph(graph: TrunkGraph, request: PartitionRequest, *, strategy: str
     assignment = (Assignment((0,) * graph.size, 1, strategy) if request.n == 1
                   else get_strategy(strategy)(graph, request))
     staged = build_stages(graph, assignment)
-    checked, stage_ms = _check(graph, staged, inputs, threads, verify, name)
+    checked, stage_ms, step_ms = _check(graph, staged, inputs, threads, verify, name)
     plan = make_plan(graph, assignment, staged, model=name, config_hash=config_hash,
                      cost_model=cost_model, depth=request.depth, verification=checked,
-                     stage_ms=stage_ms if graph.costs.ms else None)
+                     stage_ms=stage_ms, step_ms=step_ms)
     return Compiled(plan=plan, staged=staged, graph=graph)
 
 
 def _check(graph, staged, inputs, threads, verify: bool, name: str):
     if not verify:
-        return "off: not verified (verify=False)", None
+        return "off: not verified (verify=False)", None, None
     if inputs is None:
-        return "off: not verified (no example inputs given to compile_graph)", None
+        return "off: not verified (no example inputs given to compile_graph)", None, None
     result = verify_stages(graph, staged, inputs, threads=threads, model=name)
-    return result.note, result.stage_ms
+    return result.note, result.stage_ms, result.step_ms
 
 
 def compile_from_plan(model: nn.Module, specs: tuple[InputSpec, ...],
@@ -150,7 +150,7 @@ def compile_from_plan(model: nn.Module, specs: tuple[InputSpec, ...],
             captured = capture(model, specs, inputs, contract or DenoiserContract())
         graph = build_graph(captured, NodeCosts({}, {}, {}), "flops")
         staged = stages_from_plan(graph, plan)
-        checked, _ = _check(graph, staged, inputs, threads, verify, name)  # raises if it differs
+        checked = _check(graph, staged, inputs, threads, verify, name)[0]  # raises if it differs
     # what this load checked (excluded from plan_hash, like the measured times)
     return Compiled(plan=dataclasses.replace(plan, verification=checked), staged=staged,
                     graph=graph)

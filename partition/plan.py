@@ -92,12 +92,12 @@ class Measured:
     """Timing-dependent numbers: excluded from the hash (they differ run to run)."""
 
     stage_ms: tuple[float, ...]
-    total_ms: float
+    total_ms: float  # the sequential step (prediction's t_full), timed as stage_ms was
     threads: int
     repeats: int
     device: str = "cpu"  # where the nodes were timed
-    source: str = "modules"  # stage_ms: "stages" (the stages themselves, timed while they
-    #                          were verified) or "modules" (the summed module times)
+    source: str = "modules"  # "stages": the stages and the whole forward timed side by side
+    #   after verification (partition.verify.time_step); "modules": the summed module times
 
 
 @dataclass(frozen=True)
@@ -213,11 +213,13 @@ def _versions() -> tuple[tuple[str, str], ...]:
 
 def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *, model: str,
               config_hash: str, cost_model: str, depth: int | None,
-              verification: str = "", stage_ms: tuple[float, ...] | None = None) -> Plan:
+              verification: str = "", stage_ms: tuple[float, ...] | None = None,
+              step_ms: float | None = None) -> Plan:
     """Describe a materialised split: per-stage costs, parameters, crossing and hoisted values.
 
-    ``stage_ms``: each stage's measured time (the verification's run of the stages); without
-    it, measured times are the summed module times of its nodes."""
+    ``stage_ms``, ``step_ms``: each stage's and the whole forward's time, measured side by side
+    (``partition.verify.time_step``); without them, measured times are the summed module times
+    of the nodes."""
     from partition.validate import validate_assignment
 
     validate_assignment(graph, assignment)
@@ -293,7 +295,9 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
     out_bytes = int(out_val.numel() * out_val.element_size())
     measured = None
     if costs.ms:
-        if stage_ms is None:
+        total = step_ms
+        if stage_ms is None or step_ms is None:
+            total = sum(costs.ms.values())
             stage_ms = tuple(round(sum(costs.ms.get(graph.trunk[i], 0.0) for i in range(k)
                                        if stage_of[i] == s)
                                    + sum(costs.ms.get(c, 0.0) for sg in staged.stage_segments(s)
@@ -301,7 +305,7 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
             source = "modules"
         else:
             source = "stages"
-        measured = Measured(stage_ms=tuple(stage_ms), total_ms=round(sum(costs.ms.values()), 4),
+        measured = Measured(stage_ms=tuple(stage_ms), total_ms=round(total, 4),
                             threads=costs.threads, repeats=costs.repeats, device=costs.device,
                             source=source)
     return Plan(

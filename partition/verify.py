@@ -5,8 +5,10 @@ prologue, then every segment: exactly what a warm-up step runs) must equal the e
 for bit. That one comparison covers the whole compiler (capture, functionalization, staging,
 conditioning replication and hoisting); it costs one run of the stages, and the eager output is
 the one the time cost model already produced while timing the modules (``partition/timing.py``),
-so with ``cost_model=time`` verification adds a single forward. The run of the stages is timed
-per stage: the plan's measured stage times are the real stages', conditioning included.
+so with ``cost_model=time`` verification adds a single forward. With ``cost_model=time`` the
+stages and the sequential step (the graph as one stage) are then timed side by side
+(:func:`time_step`): the plan's measured stage times are the real stages', conditioning
+included, and its sequential step is timed the same way.
 
 When they differ the compile is refused with :class:`VerificationError`, unless eager itself
 took another kernel path: ``nn.MultiheadAttention`` (and a few other modules) switch to a fused
@@ -41,23 +43,31 @@ class VerificationError(RuntimeError):
 @dataclass(frozen=True)
 class Verified:
     note: str                       # what the plan records (``Plan.verification``)
-    stage_ms: tuple[float, ...]     # each stage's time in the verifying run
+    stage_ms: tuple[float, ...] | None  # each stage's time (time_step; None: not timed)
+    step_ms: float | None = None    # the sequential step, timed the same way
 
 
 def verify(graph: TrunkGraph, staged: StagedModel, inputs: dict[str, torch.Tensor], *,
            threads: int | None, model: str = "model") -> Verified:
-    """Check stages == eager on ``inputs``; raise :class:`VerificationError` if they differ."""
+    """Check stages == eager on ``inputs``; raise :class:`VerificationError` if they differ.
+    With measured module times (``cost_model=time``) the stages and the sequential step are
+    timed (:func:`time_step`)."""
     with intra_op_threads(threads), torch.no_grad():
         eager = reference(graph, inputs, threads)
-        out, stage_ms = run_timed(staged, graph.captured.env(inputs))
+        env = graph.captured.env(inputs)
+        out = run_stages(staged, env)
+        stage_ms = step_ms = None
+        if graph.costs.ms:
+            one = None if staged.n == 1 else sequential_step(graph, env)
+            stage_ms, step_ms = time_step(staged, env, one, graph.costs.repeats)
         if same(out, eager):
             captured = graph.costs.captured
             note = "exact: stages == eager"
             if captured is not None and same(captured, eager):
                 note += " == captured"
             return Verified(note + f" (bit for bit, {torch.get_num_threads()} thread(s))",
-                            stage_ms)
-        return Verified(_explain(graph, staged, inputs, out, eager, model), stage_ms)
+                            stage_ms, step_ms)
+        return Verified(_explain(graph, staged, inputs, out, eager, model), stage_ms, step_ms)
 
 
 def reference(graph: TrunkGraph, inputs: dict[str, torch.Tensor], threads: int | None) -> torch.Tensor:
@@ -73,22 +83,70 @@ def reference(graph: TrunkGraph, inputs: dict[str, torch.Tensor], threads: int |
     return out
 
 
-def run_timed(staged: StagedModel, env: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
-    """The stages chained in order (a warm-up step), with each stage's per-step wall time in
-    ms (its prologue runs first and is not counted: it runs once per sampling run)."""
-    cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in env.values())
-    ms = [0.0] * staged.n
+def run_stages(staged: StagedModel, env: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The stages chained in order: every prologue, then every segment (a warm-up step)."""
     env = dict(env)
     for seg in [*staged.prologues, *staged.segments]:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
         env.update(seg(env))
+    return env[staged.output]
+
+
+def sequential_step(graph: TrunkGraph, env: dict[str, torch.Tensor]):
+    """One step of the sequential sampler in the form the stages run: the graph as one stage,
+    every node once, its hoisted conditioning computed beforehand, once per run
+    (``asyncdiff.denoiser.SequentialDenoiser``)."""
+    from partition.stages import build_stages
+    from partition.strategies.base import Assignment
+
+    one = build_stages(graph, Assignment((0,) * graph.size, 1, "whole"))
+    base = dict(env)
+    for seg in one.prologues:
+        base.update(seg(base))
+
+    def step() -> None:
+        run = dict(base)
+        for seg in one.segments:
+            run.update(seg(run))
+    return step
+
+
+def time_step(staged: StagedModel, env: dict[str, torch.Tensor], sequential, repeats: int = 1
+              ) -> tuple[tuple[float, ...], float]:
+    """Each stage's per-step wall time and the ``sequential`` step's, in ms, timed the same
+    way (no hooks; CUDA synchronised), alternating, the minimum of ``repeats`` (at least 1)
+    runs each, after the verifying run warmed the stages. A prologue (conditioning hoisted to
+    once per sampling run) is not counted. ``sequential=None``: the stages are the whole model
+    (N = 1), and the sequential step is their sum, not a second noisy timing of the same work.
+
+    A predicted speedup divides the sequential step by the stage times, so both must come from
+    one harness: the cost pass's per-node times, summed, include every node's timing overhead
+    (on a model of a few ms the sum is about twice its forward), and a speedup predicted
+    against that sum came out above the ideal."""
+    cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in env.values())
+
+    def clock() -> float:
         if cuda:
             torch.cuda.synchronize()
-        if not seg.prologue:
-            ms[seg.stage] += (time.perf_counter() - t0) * 1e3
-    return env[staged.output], tuple(round(t, 4) for t in ms)
+        return time.perf_counter()
+
+    stage = [float("inf")] * staged.n
+    step = float("inf")
+    for _ in range(max(int(repeats), 1)):
+        if sequential is not None:
+            t0 = clock()
+            sequential()
+            step = min(step, (clock() - t0) * 1e3)
+        run = dict(env)
+        ms = [0.0] * staged.n
+        for seg in [*staged.prologues, *staged.segments]:
+            t0 = clock()
+            run.update(seg(run))
+            if not seg.prologue:
+                ms[seg.stage] += (clock() - t0) * 1e3
+        stage = [min(a, b) for a, b in zip(stage, ms)]
+    if sequential is None:
+        step = sum(stage)
+    return tuple(round(t, 4) for t in stage), round(step, 4)
 
 
 def same(a, b) -> bool:

@@ -138,30 +138,36 @@ def compile_modular(model, specs, inputs, request: PartitionRequest, *, strategy
                         threads=threads, contract=contract)
     a = assign(graph, request, strategy)
     staged = build_block_stages(graph, a, runner)
-    checked, stage_ms = "off: not verified (verify=False)", None
+    checked, stage_ms, step_ms = "off: not verified (verify=False)", None, None
     if verify:
-        checked, stage_ms = verify_blocks(graph, staged, inputs, threads, name)
+        checked, stage_ms, step_ms = verify_blocks(graph, staged, inputs, threads, name)
     plan = make_module_plan(graph, a, staged, model=name, config_hash=config_hash,
                             depth=request.depth, verification=checked, stage_ms=stage_ms,
-                            note=note)
+                            step_ms=step_ms, note=note)
     return Compiled(plan=plan, staged=staged, graph=graph)
 
 
 def verify_blocks(graph: BlockGraph, staged: StagedModel, inputs, threads, name: str):
-    """Stages chained (a warm-up step) == the eager model, bit for bit."""
+    """Stages chained (a warm-up step) == the eager model, bit for bit; with measured block
+    times, the stages and the forward timed side by side (``partition.verify.time_step``)."""
     from partition.spec import call_denoiser
-    from partition.verify import VerificationError, max_diff, run_timed, same
+    from partition.verify import VerificationError, max_diff, run_stages, same, time_step
 
     with intra_op_threads(threads) as used, torch.no_grad():
         want = call_denoiser(graph.model, inputs, graph.contract, graph.specs)
-        got, stage_ms = run_timed(staged, {s.name: inputs[s.name] for s in graph.specs})
+        env = {s.name: inputs[s.name] for s in graph.specs}
+        got = run_stages(staged, env)
+        stage_ms = step_ms = None
+        if graph.ms_measured:
+            stage_ms, step_ms = time_step(staged, env, None if staged.n == 1 else (
+                lambda: call_denoiser(graph.model, inputs, graph.contract, graph.specs)))
     if not same(got, want):
         raise VerificationError(
             f"{name}: the module backend's stages differ from the eager model by "
             f"{max_diff(got, want):.3g} (max abs): the network's blocks do not compose the way "
             "its forward calls them (a block whose output is consumed inside another block, or "
             "state kept between calls); the plan is refused")
-    return f"exact: stages == eager (bit for bit, {used} thread(s))", stage_ms
+    return f"exact: stages == eager (bit for bit, {used} thread(s))", stage_ms, step_ms
 
 
 def graph_for_plan(model, specs, inputs, plan, contract=None, threads: int | None = 1) -> BlockGraph:

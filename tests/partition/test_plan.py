@@ -140,6 +140,34 @@ def test_time_cost_model(sd15):
     assert "time:" in format_plan(plan)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_sequential_step_is_timed_like_the_stages(sd15, n, monkeypatch):
+    """The prediction divides the sequential step by the stage times, so both come from one
+    harness (partition.verify.time_step). With a clock that ticks 1 ms per read, a stage
+    costs 1 ms per segment and the whole forward 1 ms, whatever the cost pass measured per
+    node (its sum made N=1 with CFG-parallel predict 2.89x, ideal 2x)."""
+    import types
+
+    import partition.verify
+    from partition.report import predict
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(partition.verify, "time",
+                        types.SimpleNamespace(perf_counter=lambda: next(ticks) * 1e-3))
+    compiled = compile_model(sd15.bundle.module, sd15.bundle.specs, sd15.inputs,
+                             PartitionRequest(n=n), cost_model="time", repeats=2,
+                             captured=sd15.captured, name="sd15/tiny")
+    m = compiled.plan.measured
+    assert m.source == "stages" and m.total_ms == pytest.approx(1.0)
+    assert m.stage_ms == tuple(pytest.approx(float(len(compiled.staged.stage_segments(s))))
+                               for s in range(n))
+    assert sum(compiled.graph.costs.ms.values()) != pytest.approx(1.0)  # not the summed nodes
+    if n == 1:  # one stage is the whole forward: CFG-parallel predicts exactly its ideal
+        p = predict(compiled.plan, steps=3, warmup=1, rounds=2, groups=2, comm=False)
+        assert p["sequential_ms"] == pytest.approx(6.0)
+        assert p["speedup"] <= p["ideal_speedup"]
+
+
 # --------------------------------------------------------------------------- asyncdiff-plan
 
 
