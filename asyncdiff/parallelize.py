@@ -52,7 +52,7 @@ from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
 from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
 from asyncdiff.dropin.weights import OFFLOAD, Parked
 from asyncdiff.guidance import peer_of, swap_halves
-from asyncdiff.timeline import build_timeline, devices_needed
+from asyncdiff.timeline import build_cache_timeline, build_timeline, devices_needed
 from partition import STRATEGIES
 from partition.api import BACKENDS
 from partition.capture import capture
@@ -68,7 +68,7 @@ DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
 
 def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int = 1,
                 cooldown: int = 0, sync: tuple[int, ...] = (), cfg_parallel: bool = False,
-                time_shift: bool = False,
+                cache_interval: int = 0, time_shift: bool = False,
                 stride_noise: str = "fresh",
                 strategy: str | None = None, cost_model: str = "flops",
                 depth: int | None = 4, boundaries: list[str] | None = None,
@@ -86,7 +86,10 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     (``asyncdiff/guidance.py``): each half of the denoiser's batch — [uncond, cond] when the
     pipeline runs guidance as one batched call — is its own pipeline of N−1+S devices, on
     twice the ranks, ε halves swapped once per step (N = 1: plain CFG-parallel; emulate mode
-    runs both halves in this process); ``strategy`` (default ``balanced``),
+    runs both halves in this process); ``cache_interval=K``: the step cache instead of the
+    pipeline (one device, emulate mode, ``strategy="shell_core"``; [Note: staleness], "Step
+    cache": the outer blocks every step, the inner ones every K-th); ``strategy`` (default
+    ``balanced``),
     ``cost_model``, ``depth``: the partition (``partition.compile_model``). The split can also
     be given as the command line takes it: ``boundaries=[module, …]`` or ``stages=[[module, …],
     …]`` (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
@@ -105,7 +108,7 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     opts = _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
                     boundaries, stages, split, plan, mode, offload, verify, backend)
     opts = dataclasses.replace(opts, cooldown=cooldown, sync=_sync(sync),
-                               cfg_parallel=cfg_parallel)
+                               cfg_parallel=cfg_parallel, cache_interval=cache_interval)
     _check_options(opts)
     return Handle(pipe, _find_denoisers(pipe, denoiser), opts)
 
@@ -169,6 +172,7 @@ def _check_options(o: Options) -> None:
     steps = max(o.warmup, 1, *(k + 1 for k in o.sync)) + o.stride + o.cooldown
     build_timeline(o.n, o.stride, o.warmup, steps, o.time_shift, o.stride_noise, o.cooldown,
                    o.sync)
+    _check_cache(o)
     for key, value, allowed in (("strategy", o.strategy, tuple(STRATEGIES)),
                                 ("cost_model", o.cost_model, tuple(COST_MODELS)),
                                 ("mode", o.mode, MODES), ("offload", o.offload, OFFLOAD),
@@ -177,6 +181,27 @@ def _check_options(o: Options) -> None:
             raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
     if o.mode == "distributed":
         _check_group(o)
+
+
+def _check_cache(o: Options) -> None:
+    """The step cache is its own schedule on one device, on a shell/core split."""
+    k = o.cache_interval
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"cache_interval={k!r}; allowed: an integer >= 0 (0: no step cache)")
+    if not k:
+        return
+    for key, value, allowed in (("mode", o.mode, "emulate"), ("strategy", o.strategy,
+                                                             "shell_core"),
+                                ("warmup", o.warmup, 1), ("stride", o.stride, 1),
+                                ("cooldown", o.cooldown, 0), ("sync", o.sync, ()),
+                                ("time_shift", o.time_shift, False),
+                                ("stride_noise", o.stride_noise, "fresh"),
+                                ("cfg_parallel", o.cfg_parallel, False)):
+        if value != allowed:
+            raise ValueError(f"{key}={value!r} with cache_interval={k}; allowed: {allowed!r} "
+                             "(the step cache is its own schedule, on one device, on a "
+                             "shell/core split)")
+    build_cache_timeline(o.n, k, k)
 
 
 def _find_denoisers(pipe: Any, attr: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -286,7 +311,8 @@ class Handle:
     # ------------------------------------------------------------------ schedule
     def set_timeline(self, *, stride: int | None = None, warmup: int | None = None,
                      time_shift: bool | None = None, stride_noise: str | None = None,
-                     cooldown: int | None = None, sync: Any = None) -> None:
+                     cooldown: int | None = None, sync: Any = None,
+                     cache_interval: int | None = None) -> None:
         """Change the schedule from the next pipeline run on, keeping the captures and plans
         (they depend on ``n`` and the shapes only): a warm-up or stride sweep on one capture."""
         o = self.options
@@ -296,7 +322,8 @@ class Handle:
             cooldown=o.cooldown if cooldown is None else cooldown,
             sync=o.sync if sync is None else _sync(sync),
             time_shift=o.time_shift if time_shift is None else time_shift,
-            stride_noise=o.stride_noise if stride_noise is None else stride_noise)
+            stride_noise=o.stride_noise if stride_noise is None else stride_noise,
+            cache_interval=o.cache_interval if cache_interval is None else cache_interval)
         _check_options(new)
         self.options = new
         self.streams.clear()  # the next call starts new streams
@@ -444,9 +471,12 @@ class _Stream:
         self.fed = FedTimesteps(taus, f"{type(handle.pipe).__name__}, stream {key}")
         warmup = min(o.warmup, steps)
         cooldown = min(o.cooldown, steps - warmup)
-        timeline = build_timeline(o.n, o.stride, warmup, steps, o.time_shift, o.stride_noise,
-                                  cooldown,
-                                  tuple(k for k in o.sync if warmup <= k < steps - cooldown))
+        if o.cache_interval:  # a run of fewer steps than K: step 0 full, the rest cached
+            timeline = build_cache_timeline(o.n, min(o.cache_interval, steps), steps)
+        else:
+            timeline = build_timeline(o.n, o.stride, warmup, steps, o.time_shift,
+                                      o.stride_noise, cooldown,
+                                      tuple(k for k in o.sync if warmup <= k < steps - cooldown))
         self.executor = self.session.executor(timeline, self.fed,
                                               call.tensors[call.latent].device)
         self.denoiser = PipelineDenoiser(self.executor)

@@ -54,6 +54,7 @@ class Options:
     cooldown: int = 0  # C: the last C steps of each run sequential ([Note: staleness])
     sync: tuple[int, ...] = ()  # steps in between run sequential too
     cfg_parallel: bool = False  # each half of the denoiser batch its own pipeline (group)
+    cache_interval: int = 0  # K > 0: the step cache (one device) instead of the pipeline
 
     @property
     def devices(self) -> int:

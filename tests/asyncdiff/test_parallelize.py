@@ -34,7 +34,7 @@ import torch
 import asyncdiff
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.emulate import Emulator
-from asyncdiff.timeline import build_timeline
+from asyncdiff.timeline import build_cache_timeline, build_timeline
 from experiments import zoo
 from schedulers import make_scheduler, sample
 
@@ -200,14 +200,16 @@ def pipeline(name: str):
 
 def reference(name: str, handle, *, n: int, stride: int = 1, warmup: int = 1,
               time_shift: bool = False, steps: int = STEPS,
-              stride_noise: str = "fresh") -> torch.Tensor:
-    """``schedulers.sample`` + ``PipelineDenoiser(Emulator)`` on the handle's staged model."""
+              stride_noise: str = "fresh", timeline=None) -> torch.Tensor:
+    """``schedulers.sample`` + ``PipelineDenoiser(Emulator)`` on the handle's staged model
+    (on ``timeline``, else the one the arguments build)."""
     fam = FAMILIES[name]
     pipe, _ = pipeline(name)
     (session,) = handle.sessions.values()
     tau = fam.fresh_scheduler(pipe)
     tau.set_timesteps(steps)
-    timeline = build_timeline(n, stride, min(warmup, steps), steps, time_shift, stride_noise)
+    timeline = timeline or build_timeline(n, stride, min(warmup, steps), steps, time_shift,
+                                          stride_noise)
     inner = PipelineDenoiser(Emulator(session.staged, session.plan, timeline, tau.timesteps))
 
     def denoiser(x, t, k, cond):
@@ -319,6 +321,45 @@ def test_a_saved_plan_gives_the_same_plan_and_result(tmp_path):
     with asyncdiff.parallelize(pixart, plan=tmp_path / "plan.json"):
         with pytest.raises(ValueError, match="plan graph_hash=.* but this capture is"):
             FAMILIES["pixart"].run(pixart)
+
+
+def test_step_cache_through_the_dropin():
+    """cache_interval=K on one device (emulate): K = 1 is the plain pipeline bit for bit;
+    K = 2 and K = 3 (the last run of 4 steps has one full step and three cached) equal
+    schedulers.sample + Emulator on the cache timeline, on the handle's shell/core stages."""
+    pipe, sequential = pipeline("sd15")
+    with asyncdiff.parallelize(pipe, n=3, strategy="shell_core", cache_interval=1) as handle:
+        assert torch.equal(FAMILIES["sd15"].run(pipe), sequential)
+        results = {}
+        for k in (2, 3, STEPS + 2):
+            handle.set_timeline(cache_interval=k)
+            got = FAMILIES["sd15"].run(pipe)
+            want = reference("sd15", handle, n=3, timeline=build_cache_timeline(
+                3, min(k, STEPS), STEPS))
+            assert torch.equal(got, want), k
+            results[k] = got
+        assert len(handle.sessions) == 1
+        assert handle.executor.timeline.cache == STEPS
+    assert not torch.equal(results[2], sequential) and not torch.equal(results[2], results[3])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(cache_interval=-1), r"^cache_interval=-1; allowed: an integer >= 0"),
+    (dict(cache_interval=2), r"^strategy='balanced' with cache_interval=2; allowed: "
+                             r"'shell_core'"),
+    (dict(cache_interval=2, strategy="shell_core", mode="distributed"),
+     r"^mode='distributed' with cache_interval=2; allowed: 'emulate'"),
+    (dict(cache_interval=2, strategy="shell_core", cooldown=1),
+     r"^cooldown=1 with cache_interval=2; allowed: 0"),
+    (dict(cache_interval=2, strategy="shell_core", cfg_parallel=True),
+     r"^cfg_parallel=True with cache_interval=2; allowed: False"),
+    (dict(cache_interval=2, strategy="shell_core", n=1), r"^n=1; allowed: "),
+])
+def test_step_cache_arguments_are_checked(kwargs, message):
+    pipe, _ = pipeline("sd15")
+    with pytest.raises(ValueError, match=message):
+        asyncdiff.parallelize(pipe, **{"n": 2, **kwargs})
+    assert "forward" not in pipe.unet.__dict__
 
 
 @pytest.mark.parametrize("kwargs,message", [
