@@ -96,8 +96,11 @@ class Measured:
     threads: int
     repeats: int
     device: str = "cpu"  # where the nodes were timed
-    source: str = "modules"  # "stages": the stages and the whole forward timed side by side
-    #   after verification (partition.verify.time_step); "modules": the summed module times
+    source: str = "modules"  # stage_ms: "stages" (the stages themselves, timed) or "modules"
+    #   (the summed module times)
+    step_source: str = "modules"  # total_ms: "stages" (timed beside the stages after
+    #   verification, partition.verify.time_step) or "modules" (the summed module times; a
+    #   plan saved before step_source existed says "modules" whatever its source)
 
 
 @dataclass(frozen=True)
@@ -307,7 +310,7 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
             source = "stages"
         measured = Measured(stage_ms=tuple(stage_ms), total_ms=round(total, 4),
                             threads=costs.threads, repeats=costs.repeats, device=costs.device,
-                            source=source)
+                            source=source, step_source=source)
     return Plan(
         model=model, config_hash=config_hash, graph_hash=graph.captured.graph_hash(),
         inputs=graph.captured.specs, n=n, strategy=assignment.strategy, cost_model=cost_model,

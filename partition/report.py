@@ -1,11 +1,14 @@
 """Tables for people: the plan per stage, and the performance prediction (DESIGN.md §4)."""
 from __future__ import annotations
 
+import logging
 import math
 
 from tabulate import tabulate
 
 from partition.plan import Plan
+
+log = logging.getLogger(__name__)
 
 # CPU loopback gloo, one way (research/feasibility.md §4): ~0.07 ms + ~3.4 GB/s.
 COMM_LATENCY_MS = 0.07
@@ -38,6 +41,11 @@ def predict(plan: Plan, steps: int = 50, warmup: int = 1, stride: int = 1,
     parallel round the largest stage input. ``comm=False``: one device (a step cache)."""
     if plan.measured:
         stage, full, unit = list(plan.measured.stage_ms), plan.measured.total_ms, "ms"
+        if plan.measured.source == "stages" != plan.measured.step_source:
+            log.warning("plan %s: stage times measured on the stages, the sequential step from "
+                        "the summed module times (a plan saved by an earlier version): the "
+                        "predicted speedup is too high by their timing overhead; compile it "
+                        "again", plan.plan_hash)
     elif ms_per_flop:
         stage = [s.flops * ms_per_flop for s in plan.stages]
         full, unit = plan.step_flops * ms_per_flop, "ms"

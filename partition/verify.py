@@ -51,23 +51,26 @@ def verify(graph: TrunkGraph, staged: StagedModel, inputs: dict[str, torch.Tenso
            threads: int | None, model: str = "model") -> Verified:
     """Check stages == eager on ``inputs``; raise :class:`VerificationError` if they differ.
     With measured module times (``cost_model=time``) the stages and the sequential step are
-    timed (:func:`time_step`)."""
+    then timed (:func:`time_step`), where the inputs are; if the modules were timed on another
+    device (``compile_model(device=…)``), the plan keeps the module times of that device."""
     with intra_op_threads(threads), torch.no_grad():
         eager = reference(graph, inputs, threads)
         env = graph.captured.env(inputs)
         out = run_stages(staged, env)
-        stage_ms = step_ms = None
-        if graph.costs.ms:
-            one = None if staged.n == 1 else sequential_step(graph, env)
-            stage_ms, step_ms = time_step(staged, env, one, graph.costs.repeats)
         if same(out, eager):
             captured = graph.costs.captured
             note = "exact: stages == eager"
             if captured is not None and same(captured, eager):
                 note += " == captured"
-            return Verified(note + f" (bit for bit, {torch.get_num_threads()} thread(s))",
-                            stage_ms, step_ms)
-        return Verified(_explain(graph, staged, inputs, out, eager, model), stage_ms, step_ms)
+            note += f" (bit for bit, {torch.get_num_threads()} thread(s))"
+        else:  # raises, unless eager took a kernel path the capture does not have
+            note = _explain(graph, staged, inputs, out, eager, model)
+        stage_ms = step_ms = None
+        here = next(iter(inputs.values())).device.type
+        if graph.costs.ms and torch.device(graph.costs.device).type == here:
+            one = None if staged.n == 1 else sequential_step(graph, env, out)
+            stage_ms, step_ms = time_step(staged, env, one, graph.costs.repeats)
+        return Verified(note, stage_ms, step_ms)
 
 
 def reference(graph: TrunkGraph, inputs: dict[str, torch.Tensor], threads: int | None) -> torch.Tensor:
@@ -91,10 +94,11 @@ def run_stages(staged: StagedModel, env: dict[str, torch.Tensor]) -> torch.Tenso
     return env[staged.output]
 
 
-def sequential_step(graph: TrunkGraph, env: dict[str, torch.Tensor]):
+def sequential_step(graph: TrunkGraph, env: dict[str, torch.Tensor], want: torch.Tensor):
     """One step of the sequential sampler in the form the stages run: the graph as one stage,
     every node once, its hoisted conditioning computed beforehand, once per run
-    (``asyncdiff.denoiser.SequentialDenoiser``)."""
+    (``asyncdiff.denoiser.SequentialDenoiser`` on an N = 1 split). Run once untimed, and
+    checked against ``want`` (the stages' output): what is timed is the same computation."""
     from partition.stages import build_stages
     from partition.strategies.base import Assignment
 
@@ -103,10 +107,16 @@ def sequential_step(graph: TrunkGraph, env: dict[str, torch.Tensor]):
     for seg in one.prologues:
         base.update(seg(base))
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         run = dict(base)
         for seg in one.segments:
             run.update(seg(run))
+        return run[one.output]
+    got = step()
+    if not same(got, want):
+        raise VerificationError(f"the graph as one stage differs from the plan's stages by "
+                                f"{max_diff(got, want):.3g} (max abs): one of the two "
+                                "stagings is wrong")
     return step
 
 
@@ -114,14 +124,16 @@ def time_step(staged: StagedModel, env: dict[str, torch.Tensor], sequential, rep
               ) -> tuple[tuple[float, ...], float]:
     """Each stage's per-step wall time and the ``sequential`` step's, in ms, timed the same
     way (no hooks; CUDA synchronised), alternating, the minimum of ``repeats`` (at least 1)
-    runs each, after the verifying run warmed the stages. A prologue (conditioning hoisted to
-    once per sampling run) is not counted. ``sequential=None``: the stages are the whole model
+    runs each, after one untimed run of each. A prologue (conditioning hoisted to once per
+    sampling run) is not counted. ``sequential=None``: the stages are the whole model
     (N = 1), and the sequential step is their sum, not a second noisy timing of the same work.
 
     A predicted speedup divides the sequential step by the stage times, so both must come from
     one harness: the cost pass's per-node times, summed, include every node's timing overhead
     (on a model of a few ms the sum is about twice its forward), and a speedup predicted
-    against that sum came out above the ideal."""
+    against that sum came out above the ideal. (A run's measured baseline chains the N stages,
+    ``SequentialDenoiser(staged)``, and so also repeats the per-step conditioning each stage
+    replicates, ``StagePlan.cond_flops``; the prediction's sequential step does not.)"""
     cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in env.values())
 
     def clock() -> float:

@@ -140,14 +140,16 @@ def compile_modular(model, specs, inputs, request: PartitionRequest, *, strategy
     staged = build_block_stages(graph, a, runner)
     checked, stage_ms, step_ms = "off: not verified (verify=False)", None, None
     if verify:
-        checked, stage_ms, step_ms = verify_blocks(graph, staged, inputs, threads, name)
+        checked, stage_ms, step_ms = verify_blocks(graph, staged, inputs, threads, name,
+                                                   repeats)
     plan = make_module_plan(graph, a, staged, model=name, config_hash=config_hash,
                             depth=request.depth, verification=checked, stage_ms=stage_ms,
-                            step_ms=step_ms, note=note)
+                            step_ms=step_ms, repeats=repeats, note=note)
     return Compiled(plan=plan, staged=staged, graph=graph)
 
 
-def verify_blocks(graph: BlockGraph, staged: StagedModel, inputs, threads, name: str):
+def verify_blocks(graph: BlockGraph, staged: StagedModel, inputs, threads, name: str,
+                  repeats: int = 1):
     """Stages chained (a warm-up step) == the eager model, bit for bit; with measured block
     times, the stages and the forward timed side by side (``partition.verify.time_step``)."""
     from partition.spec import call_denoiser
@@ -157,16 +159,17 @@ def verify_blocks(graph: BlockGraph, staged: StagedModel, inputs, threads, name:
         want = call_denoiser(graph.model, inputs, graph.contract, graph.specs)
         env = {s.name: inputs[s.name] for s in graph.specs}
         got = run_stages(staged, env)
+        if not same(got, want):
+            raise VerificationError(
+                f"{name}: the module backend's stages differ from the eager model by "
+                f"{max_diff(got, want):.3g} (max abs): the network's blocks do not compose the "
+                "way its forward calls them (a block whose output is consumed inside another "
+                "block, or state kept between calls); the plan is refused")
         stage_ms = step_ms = None
         if graph.ms_measured:
             stage_ms, step_ms = time_step(staged, env, None if staged.n == 1 else (
-                lambda: call_denoiser(graph.model, inputs, graph.contract, graph.specs)))
-    if not same(got, want):
-        raise VerificationError(
-            f"{name}: the module backend's stages differ from the eager model by "
-            f"{max_diff(got, want):.3g} (max abs): the network's blocks do not compose the way "
-            "its forward calls them (a block whose output is consumed inside another block, or "
-            "state kept between calls); the plan is refused")
+                lambda: call_denoiser(graph.model, inputs, graph.contract, graph.specs)),
+                repeats)
     return f"exact: stages == eager (bit for bit, {used} thread(s))", stage_ms, step_ms
 
 

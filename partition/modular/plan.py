@@ -15,7 +15,7 @@ from partition.strategies.base import Assignment
 def make_module_plan(graph: BlockGraph, a: Assignment, staged: StagedModel, *, model: str,
                      config_hash: str, depth, verification: str,
                      stage_ms: tuple[float, ...] | None, step_ms: float | None = None,
-                     note: str = "") -> Plan:
+                     repeats: int = 1, note: str = "") -> Plan:
     n, k = a.n, graph.size
     values = []
     for i in range(k):
@@ -56,12 +56,14 @@ def make_module_plan(graph: BlockGraph, a: Assignment, staged: StagedModel, *, m
     eps = graph.output
     measured = None
     if graph.ms_measured:  # as the graph backend: timings only with the time cost model
-        measured = Measured(stage_ms=tuple(stage_ms) if stage_ms else tuple(
+        timed = stage_ms is not None and step_ms is not None
+        measured = Measured(stage_ms=tuple(stage_ms) if timed else tuple(
                                 float(graph.weights[st.segments[0].start:st.segments[0].stop].sum()
                                       + graph.glue_cost) for st in stages),
-                            total_ms=round(step_ms if stage_ms and step_ms else root.ms, 4),
-                            threads=graph.threads, repeats=1, device=str(eps.device),
-                            source="stages" if stage_ms and step_ms else "modules")
+                            total_ms=round(step_ms if timed else root.ms, 4),
+                            threads=graph.threads, repeats=repeats if timed else 1,
+                            device=str(eps.device), source="stages" if timed else "modules",
+                            step_source="stages" if timed else "modules")
     glue_share = graph.glue_flops / graph.total_flops if graph.total_flops else 0.0
     notes = [f"module backend: {k} blocks run eagerly; the glue between them "
              f"({graph.glue_flops / 1e9:.4f} GFLOPs, {glue_share:.1%} of a step) runs on every "

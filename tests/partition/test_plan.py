@@ -15,6 +15,7 @@ import torch
 
 import experiments.plan
 from partition import PartitionRequest, Plan, compile_model, format_plan, stages_from_plan
+from partition.plan import Measured
 from experiments import zoo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,10 +163,31 @@ def test_sequential_step_is_timed_like_the_stages(sd15, n, monkeypatch):
     assert m.stage_ms == tuple(pytest.approx(float(len(compiled.staged.stage_segments(s))))
                                for s in range(n))
     assert sum(compiled.graph.costs.ms.values()) != pytest.approx(1.0)  # not the summed nodes
+    assert m.step_source == "stages"
     if n == 1:  # one stage is the whole forward: CFG-parallel predicts exactly its ideal
         p = predict(compiled.plan, steps=3, warmup=1, rounds=2, groups=2, comm=False)
         assert p["sequential_ms"] == pytest.approx(6.0)
         assert p["speedup"] <= p["ideal_speedup"]
+
+
+def test_a_plan_whose_step_was_not_timed_with_its_stages_is_flagged(sd15, caplog):
+    """A plan saved before the sequential step was timed beside the stages (its Measured has
+    no step_source): predict says its speedup is too high, loudly."""
+    from partition.report import predict
+
+    plan = sd15.compile(PartitionRequest(n=2)).plan
+    old = dataclasses.replace(plan, measured=Measured(stage_ms=(1.0, 1.0), total_ms=4.0,
+                                                      threads=1, repeats=1, source="stages"))
+    loaded = Plan.from_json(old.to_json())
+    assert loaded.measured.step_source == "modules"
+    with caplog.at_level("WARNING", logger="partition.report"):
+        predict(loaded, steps=4)
+    assert "predicted speedup is too high" in caplog.text
+    caplog.clear()
+    timed = dataclasses.replace(old.measured, step_source="stages")
+    with caplog.at_level("WARNING", logger="partition.report"):
+        predict(dataclasses.replace(old, measured=timed), steps=4)
+    assert not caplog.text
 
 
 # --------------------------------------------------------------------------- asyncdiff-plan
