@@ -220,7 +220,7 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
               step_ms: float | None = None) -> Plan:
     """Describe a materialised split: per-stage costs, parameters, crossing and hoisted values.
 
-    ``stage_ms``, ``step_ms``: each stage's and the whole forward's time, measured side by side
+    ``stage_ms``, ``step_ms``: each stage's and the sequential step's time, measured side by side
     (``partition.verify.time_step``); without them, measured times are the summed module times
     of the nodes."""
     from partition.validate import validate_assignment
