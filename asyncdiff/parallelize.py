@@ -42,27 +42,23 @@ import torch
 from torch import nn
 
 from asyncdiff.denoiser import PipelineDenoiser
+from asyncdiff.dropin import arguments
 from asyncdiff.dropin import session as sessions
-from asyncdiff.dropin import splits
 from asyncdiff.dist.sharing import try_capture
 from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
 from asyncdiff.dropin.call import Call, answer, bind_call, half_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
 from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
-from asyncdiff.dropin.weights import OFFLOAD, Parked
+from asyncdiff.dropin.weights import Parked
 from asyncdiff.guidance import peer_of, swap_halves
-from asyncdiff.timeline import build_cache_timeline, build_timeline, devices_needed
-from partition import STRATEGIES
-from partition.api import BACKENDS
+from asyncdiff.timeline import build_cache_timeline, build_timeline
 from partition.capture import capture
 from partition.contract import DenoiserContract
-from partition.cost import COST_MODELS
 from partition.spec import nest
 
 log = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("emulate", "distributed")
 DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
 
 
@@ -105,103 +101,12 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the module
     backend), ``graph`` or ``module``.
     """
-    opts = _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
+    opts = arguments.options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
                     boundaries, stages, split, plan, mode, offload, verify, backend)
-    opts = dataclasses.replace(opts, cooldown=cooldown, sync=_sync(sync),
+    opts = dataclasses.replace(opts, cooldown=cooldown, sync=arguments.sync_steps(sync),
                                cfg_parallel=cfg_parallel, cache_interval=cache_interval)
-    _check_options(opts)
+    arguments.check(opts)
     return Handle(pipe, _find_denoisers(pipe, denoiser), opts)
-
-
-def _options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
-             boundaries, stages, split, plan, mode, offload, verify, backend) -> Options:
-    """One split source: a strategy (with manual cut points), a named split, or a plan."""
-    given = [k for k, v in (("boundaries", boundaries), ("stages", stages), ("split", split),
-                            ("plan", plan)) if v is not None]
-    if len(given) > 1:
-        raise ValueError(f"{given[0]} and {given[1]} given; allowed: one of boundaries, stages, "
-                         "split, plan")
-    manual = {k: v for k, v in (("boundaries", boundaries), ("stages", stages)) if v is not None}
-    saved, slack = None, 0.01
-    if split is not None:
-        n_split, keys = splits.named(split)
-        manual = {k: keys[k] for k in ("boundaries", "stages", "shell_depth", "shell_slack")
-                  if k in keys}
-        strategy = _agree("strategy", strategy, keys.get("strategy"), f"split={split!r}")
-        cost_model, depth = keys.get("cost_model", cost_model), keys.get("depth", depth)
-        slack = float(keys.get("slack", slack))
-        n = _agree("n", n, n_split, f"split={split!r}")
-    if plan is not None:
-        saved = splits.saved(plan)
-        n = _agree("n", n, saved.n, "the plan")
-        _agree("backend", None if backend == "auto" else backend, saved.backend, "the plan")
-        _agree("strategy", strategy, saved.strategy, "the plan")
-        strategy, cost_model, depth = saved.strategy, saved.cost_model, saved.depth
-    if manual and split is None:
-        strategy = _agree("strategy", strategy, "manual", "boundaries/stages")
-    if n is None:
-        raise ValueError("n=None; allowed: an integer >= 1 (or a split or plan that sets it)")
-    return Options(n, stride, warmup, time_shift, stride_noise, strategy or "balanced",
-                   cost_model, depth, mode, offload, verify, backend, split=manual, slack=slack,
-                   plan=saved)
-
-
-def _sync(sync: Any) -> tuple[int, ...]:
-    try:
-        return tuple(sorted(set(sync)))
-    except TypeError:
-        raise ValueError(f"sync={sync!r}; allowed: a list of step indices") from None
-
-
-def _agree(key: str, given: Any, implied: Any, source: str) -> Any:
-    if given is not None and implied is not None and given != implied:
-        raise ValueError(f"{key}={given!r}; allowed: {implied!r} (what {source} sets)")
-    return implied if implied is not None else given
-
-
-def _check_options(o: Options) -> None:
-    """Bad arguments raise ValueError naming the key and the allowed values (STYLE 8)."""
-    if not isinstance(o.cfg_parallel, bool):
-        raise ValueError(f"cfg_parallel={o.cfg_parallel!r}; allowed: True, False")
-    if not isinstance(o.cooldown, int) or isinstance(o.cooldown, bool) or o.cooldown < 0:
-        raise ValueError(f"cooldown={o.cooldown!r}; allowed: an integer >= 0")
-    bad = [k for k in o.sync if not isinstance(k, int) or isinstance(k, bool) or k < o.warmup]
-    if bad:
-        raise ValueError(f"sync={bad}; allowed: step indices >= warmup={o.warmup} (the run's "
-                         "steps between warm-up and cool-down)")
-    steps = max(o.warmup, 1, *(k + 1 for k in o.sync)) + o.stride + o.cooldown
-    build_timeline(o.n, o.stride, o.warmup, steps, o.time_shift, o.stride_noise, o.cooldown,
-                   o.sync)
-    _check_cache(o)
-    for key, value, allowed in (("strategy", o.strategy, tuple(STRATEGIES)),
-                                ("cost_model", o.cost_model, tuple(COST_MODELS)),
-                                ("mode", o.mode, MODES), ("offload", o.offload, OFFLOAD),
-                                ("backend", o.backend, BACKENDS)):
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
-    if o.mode == "distributed":
-        _check_group(o)
-
-
-def _check_cache(o: Options) -> None:
-    """The step cache is its own schedule on one device, on a shell/core split."""
-    k = o.cache_interval
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ValueError(f"cache_interval={k!r}; allowed: an integer >= 0 (0: no step cache)")
-    if not k:
-        return
-    for key, value, allowed in (("mode", o.mode, "emulate"), ("strategy", o.strategy,
-                                                             "shell_core"),
-                                ("warmup", o.warmup, 1), ("stride", o.stride, 1),
-                                ("cooldown", o.cooldown, 0), ("sync", o.sync, ()),
-                                ("time_shift", o.time_shift, False),
-                                ("stride_noise", o.stride_noise, "fresh"),
-                                ("cfg_parallel", o.cfg_parallel, False)):
-        if value != allowed:
-            raise ValueError(f"{key}={value!r} with cache_interval={k}; allowed: {allowed!r} "
-                             "(the step cache is its own schedule, on one device, on a "
-                             "shell/core split)")
-    build_cache_timeline(o.n, k, k)
 
 
 def _find_denoisers(pipe: Any, attr: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -214,21 +119,6 @@ def _find_denoisers(pipe: Any, attr: str | tuple[str, ...] | None) -> tuple[str,
                          f"{' or '.join('pipe.' + n for n in names)}; pass "
                          "denoiser='<attribute>'")
     return found
-
-
-def _check_group(opts: Options) -> None:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("mode='distributed' needs an initialised torch.distributed process "
-                           "group (run under torchrun and call "
-                           "torch.distributed.init_process_group() first)")
-    devices = devices_needed(opts.n, opts.stride, opts.stride_noise) * \
-        (2 if opts.cfg_parallel else 1)
-    if dist.get_world_size() != devices:
-        raise ValueError(f"world size {dist.get_world_size()}; n={opts.n}, stride={opts.stride}, "
-                         f"stride_noise={opts.stride_noise}, cfg_parallel={opts.cfg_parallel} "
-                         f"need exactly {devices} ranks")
 
 
 class Handle:
@@ -320,11 +210,11 @@ class Handle:
             o, stride=o.stride if stride is None else stride,
             warmup=o.warmup if warmup is None else warmup,
             cooldown=o.cooldown if cooldown is None else cooldown,
-            sync=o.sync if sync is None else _sync(sync),
+            sync=o.sync if sync is None else arguments.sync_steps(sync),
             time_shift=o.time_shift if time_shift is None else time_shift,
             stride_noise=o.stride_noise if stride_noise is None else stride_noise,
             cache_interval=o.cache_interval if cache_interval is None else cache_interval)
-        _check_options(new)
+        arguments.check(new)
         self.options = new
         self.streams.clear()  # the next call starts new streams
 
