@@ -2,7 +2,9 @@
 
 Its numerics are those of the distributed executor by construction — the same segment
 modules run on the same inputs in the same order per device — and the tests hold the two
-bit-exact. Staleness follows [Note: staleness] in ``asyncdiff/timeline.py``.
+bit-exact. Staleness follows [Note: staleness] in ``asyncdiff/timeline.py``. What the
+devices would send is read from the same lowering the distributed executor interprets
+(``asyncdiff/lowering``): :attr:`Emulator.bytes_sent`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 
 from asyncdiff.hoisted import OncePerRun, model_inputs_of
 from asyncdiff.inputs import model_env
+from asyncdiff.lowering import lower
 from asyncdiff.timeline import Round, Timeline
 from partition.plan import Plan
 from partition.stages import StagedModel
@@ -51,16 +54,28 @@ class Emulator:
         self.log: list[RunRecord] = []
         self.once = OncePerRun(model_inputs_of(staged.prologues, staged.placeholders))
         self.hoisted: dict[str, torch.Tensor] = {}
+        self.comm = lower(timeline, plan)
+        self.bytes_sent = [0] * timeline.devices  # per device, as the executor would send
+
+    def _count(self, round_index: int | None) -> None:
+        """Add what each device sends in round ``round_index`` (None: the hoist group)."""
+        for p in self.comm.programs:
+            if round_index is not None:
+                self.bytes_sent[p.device] += p.bytes_sent(round_index)
+            elif p.hoist is not None:
+                self.bytes_sent[p.device] += p.hoist.bytes_sent
 
     def _env(self, x, t_step: int, cond) -> dict[str, torch.Tensor]:
         env = model_env(self.staged.specs, self.staged.placeholders, x,
                         self.timesteps[t_step], cond)
         if self.staged.prologues and self.once.changed(env):  # once per run (hoisted.py)
             self.hoisted = {k: v for k, v in self.staged.prepare(env).items() if k not in env}
+            self._count(None)
         return {**env, **self.hoisted}
 
     def run_round(self, rnd: Round, x: torch.Tensor,
                   cond: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        self._count(rnd.index)
         with torch.no_grad():
             return self._warmup(rnd, x, cond) if rnd.sequential else self._parallel(rnd, x, cond)
 

@@ -9,7 +9,7 @@ and concatenates the two ε halves before the guidance combination and the sched
   model (N = 1: plain CFG-parallel, 2 devices) or an asynchronous pipeline of N−1+S devices
   (the hybrid, 2·(N−1+S) devices). Each group's pipeline is the plain pipeline of
   [Note: staleness] on its half: the same timeline, the same stale values, nothing shared
-  between the groups but ε, exchanged once per step.
+  between the groups but ε, exchanged once per round (every step of it).
 * Exactness: a half run as its own batch is bit-exact with the same half run as its own
   call of the sequential model (:class:`GuidanceSplit` of two sequential denoisers: the
   reference CFG-parallel is tested against), not with the batched call, whose
@@ -17,19 +17,16 @@ and concatenates the two ε halves before the guidance combination and the sched
   1e-6 relative).
 
 :class:`GuidanceSplit` runs both halves in one process (the emulator, the reference);
-:class:`GuidanceExchange` is one rank's side of the distributed run: its own half, then a
-point-to-point exchange of ε halves with the rank at the same place in the other group.
+:class:`GuidanceHalf` is one rank's side of the distributed run: its own half; its executor
+swaps the ε halves with the rank at the same place in the other group, as lowered.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 
 from schedulers.protocol import Denoiser
-
-TAG_GUIDANCE = 1 << 24  # + step: one ε half (asyncdiff/dist/comm.py's tags stay below)
 
 
 def guidance_half(x: torch.Tensor, cond: Mapping[str, torch.Tensor],
@@ -71,34 +68,22 @@ def _call(x, cond, group, t, step):
     return xh, t, step, ch
 
 
-class GuidanceExchange:
-    """One rank of a CFG-parallel run: ``denoiser`` (this group's pipeline) computes this
-    rank's guidance half, then ε halves are swapped with ``peer`` (the rank at the same
-    place in the other group) by one send and one receive; every rank returns [ε_u, ε_c]."""
+class GuidanceHalf:
+    """One rank of a CFG-parallel run: feeds ``denoiser`` (this group's pipeline) this rank's
+    guidance half. Its executor swaps the ε halves with the rank at the same place in the
+    other group, as lowered (the ``guidance`` group of each round, ``asyncdiff/lowering``),
+    so every rank gets [ε_u, ε_c]."""
 
-    def __init__(self, denoiser: Denoiser, group: int, peer: int):
+    def __init__(self, denoiser: Denoiser, group: int):
         if group not in (0, 1):
             raise ValueError(f"guidance group {group}; allowed: 0 (uncond), 1 (cond)")
-        self.denoiser, self.group, self.peer = denoiser, group, peer
+        self.denoiser, self.group = denoiser, group
 
     def __call__(self, x, t, step, cond):
-        mine = self.denoiser(*_call(x, cond, self.group, t, step))
-        return swap_halves(mine, self.group, self.peer, step)
+        return self.denoiser(*_call(x, cond, self.group, t, step))
 
 
-def peer_of(rank: int, devices: int) -> tuple[int, int]:
-    """(guidance group, the rank at the same place in the other group) of ``rank``, groups of
-    ``devices`` ranks: group g holds ranks g·devices … (g+1)·devices − 1 of each replica."""
-    group = (rank // devices) % 2
-    return group, rank + devices * (1 - 2 * group)
-
-
-def swap_halves(mine: torch.Tensor, group: int, peer: int, step: int) -> torch.Tensor:
-    """Send this group's ε half to ``peer``, receive the other; return [ε_u, ε_c]."""
-    mine = mine.contiguous()
-    other = torch.empty_like(mine)
-    ops = [dist.P2POp(dist.isend, mine, peer, tag=TAG_GUIDANCE + step),
-           dist.P2POp(dist.irecv, other, peer, tag=TAG_GUIDANCE + step)]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return torch.cat([mine, other] if group == 0 else [other, mine])
+def group_of(rank: int, devices: int) -> int:
+    """The guidance group of ``rank`` in groups of ``devices`` ranks: group g holds ranks
+    g·devices … (g+1)·devices − 1 of each replica."""
+    return (rank // devices) % 2

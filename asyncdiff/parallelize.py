@@ -44,14 +44,14 @@ from torch import nn
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dropin import arguments
 from asyncdiff.dropin import session as sessions
-from asyncdiff.dist.sharing import try_capture
+from asyncdiff.distributed.sharing import try_capture
 from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
 from asyncdiff.dropin.call import Call, answer, bind_call, half_call, output_form, with_static
 from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
 from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
 from asyncdiff.dropin.weights import Parked
-from asyncdiff.guidance import peer_of, swap_halves
+from asyncdiff.guidance import group_of
 from asyncdiff.timeline import build_cache_timeline, build_timeline
 from partition.capture import capture
 from partition.contract import DenoiserContract
@@ -168,10 +168,10 @@ class Handle:
         # CFG-parallel: each half of the batch is its own stream (its own pipeline)
         if self.options.mode == "distributed":
             import torch.distributed as dist
-            group, peer = peer_of(dist.get_rank(), self.options.devices)
+            group = group_of(dist.get_rank(), self.options.devices)
             half = half_call(call, group)
             stream = self._stream(d, (d.attr, j, group), step, taus, half)
-            eps = swap_halves(stream.denoise(half), group, peer, step)
+            eps = stream.denoise(half)  # its executor swaps the ε halves: the whole batch's
         else:
             halves = [half_call(call, g) for g in (0, 1)]
             streams = [self._stream(d, (d.attr, j, g), step, taus, halves[g]) for g in (0, 1)]
@@ -368,7 +368,8 @@ class _Stream:
                                       o.stride_noise, cooldown,
                                       tuple(k for k in o.sync if warmup <= k < steps - cooldown))
         self.executor = self.session.executor(timeline, self.fed,
-                                              call.tensors[call.latent].device)
+                                              call.tensors[call.latent].device,
+                                              groups=2 if o.cfg_parallel else 1)
         self.denoiser = PipelineDenoiser(self.executor)
         self.first_cond: dict[str, torch.Tensor] | None = None
         self.static: dict[str, torch.Tensor] = {}

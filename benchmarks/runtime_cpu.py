@@ -32,8 +32,8 @@ import time
 import torch
 
 from asyncdiff.denoiser import SequentialDenoiser
-from asyncdiff.dist.launch import launch
-from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.launch import launch
+from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
 from asyncdiff.guidance import GuidanceSplit
 from asyncdiff.timeline import build_timeline
 from experiments import zoo

@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from asyncdiff.dist.launch import launch
+from asyncdiff.distributed.launch import launch
 from experiments import atomic
 from experiments import metrics as M
 from experiments.build import compiled_model, parallel_spec, sampling_jobs, sequential_sample

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.guidance import GuidanceSplit
-from asyncdiff.dist import limits
-from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed import limits
+from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
 from experiments.checks import check_backend, devices, guidance_scale
 from experiments.common import partition_request, plain, requested
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None) -> ParallelSpec:
     """The runtime's parallel settings; with the plan and T, its time limits (configured, or
-    derived from the planned step time: asyncdiff/dist/limits.py)."""
+    derived from the planned step time: asyncdiff/distributed/limits.py)."""
     spec = ParallelSpec(n=par["n"], stride=par["stride"], warmup=par["warmup"],
                         cooldown=par.get("cooldown", 0), sync=tuple(par.get("sync") or ()),
                         time_shift=par["time_shift"], stride_noise=par["stride_noise"],

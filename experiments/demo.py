@@ -21,7 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from asyncdiff.dist.launch import launch
+from asyncdiff.distributed.launch import launch
 from experiments import metrics as M
 from experiments import quality as Q
 from experiments.build import (compiled_model, job_labels, parallel_spec, sampling_jobs,

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from asyncdiff.dist.launch import from_bytes, to_bytes
+from asyncdiff.distributed.launch import from_bytes, to_bytes
 from experiments.common import ConfigError, parallel_rounds, plain, sequential_rounds
 from experiments.generate import Request, check_request, generate, load, request
 from partition.threads import intra_op_threads
@@ -104,9 +104,9 @@ def sequential(cfg: dict) -> tuple[torch.Tensor, list[float], float | None, str]
 def _limits(cfg: dict, step_estimate_s: float | None) -> tuple[float, float]:
     """(per wait, whole run) in seconds: ``parallel.*_timeout_s`` where set, else derived
     from one step of the plain pipeline timed before the ranks start
-    (:func:`asyncdiff.dist.limits.from_estimate`); under torchrun, where no step is timed
+    (:func:`asyncdiff.distributed.limits.from_estimate`); under torchrun, where no step is timed
     before the group exists, :data:`DEFAULT_STEP_TIMEOUT_S` per wait."""
-    from asyncdiff.dist import limits
+    from asyncdiff.distributed import limits
 
     par = cfg["parallel"]
     steps = (len(request(cfg).items) + bool(cfg["pipeline"]["warm_call"])) * \
@@ -121,8 +121,8 @@ def _limits(cfg: dict, step_estimate_s: float | None) -> tuple[float, float]:
 
 
 def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
-    """The ranks spawned here (``asyncdiff.dist.launch.run_ranks``); this process records."""
-    from asyncdiff.dist.launch import Task, run_ranks
+    """The ranks spawned here (``asyncdiff.distributed.launch.run_ranks``); this process records."""
+    from asyncdiff.distributed.launch import Task, run_ranks
     from experiments.checks import check_backend, devices
 
     data = plain(cfg)
@@ -145,7 +145,7 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
 def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
     """Every rank (torchrun) runs :func:`rank_task`; rank 0 then runs the baseline and
     records."""
-    from asyncdiff.dist.worker import init_group
+    from asyncdiff.distributed.worker import init_group
     from experiments.checks import check_backend
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

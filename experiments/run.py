@@ -29,9 +29,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from asyncdiff.dist.launch import launch
-from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0, try_capture
-from asyncdiff.dist.worker import WorkerJob, init_group, run_job
+from asyncdiff.distributed.launch import launch
+from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0, try_capture
+from asyncdiff.distributed.worker import WorkerJob, init_group, run_job
 from asyncdiff.timeline import stage_of_device
 from experiments import atomic
 from experiments.build import (compiled_model, job_labels, model_config, parallel_spec,
@@ -177,11 +177,12 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
 
     plan = plan_from_rank0(make_plan)  # rank 0 plans (measured costs are taken once)
     device = rank % par.devices
-    parts = on_every_rank(lambda: own_stage(plan, captured, bundle.module, bundle.specs, inputs,
-                                            bundle.contract, stage_of_device(device, plan.n),
-                                            part["threads"]), "building this rank's stage")
+    own = on_every_rank(lambda: own_stage(plan, captured, bundle.module, bundle.specs, inputs,
+                                          bundle.contract, stage_of_device(device, plan.n),
+                                          part["threads"]), "building this rank's stage")
     jobs = sampling_jobs(bundle, cfg, par.replicas)
-    job = WorkerJob(plan=plan, segments=parts, specs=bundle.specs,
+    job = WorkerJob(plan=plan, segments=own.parts, hoist_inputs=own.hoist_inputs,
+                    specs=bundle.specs,
                     placeholders=captured.placeholders if captured is not None else
                     {s.name: s.name for s in bundle.specs},
                     output=plan.output, parallel=par, sampling=jobs,

@@ -121,7 +121,7 @@ class ParallelConf:
     cache_interval: int = 0    # step cache K (one device, the study's emulator; needs the
     #                             shell_core split): 0 = off (asyncdiff/timeline.py)
     # how long a worker may wait for a peer / the whole run may take before it is stopped as
-    # failed; null: derived from the plan's step time (asyncdiff/dist/limits.py)
+    # failed; null: derived from the plan's step time (asyncdiff/distributed/limits.py)
     step_timeout_s: Optional[float] = None
     run_timeout_s: Optional[float] = None
     startup_timeout_s: Optional[float] = None

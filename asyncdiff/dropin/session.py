@@ -18,9 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from asyncdiff.dist.executor import DistributedExecutor
+from asyncdiff.distributed.executor import DistributedExecutor
+from asyncdiff.distributed.transport import TorchTransport
 from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
+from asyncdiff.guidance import group_of
+from asyncdiff.lowering import check, lower
 from asyncdiff.timeline import Timeline, devices_needed, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
 from partition.capture import Captured, capture
@@ -84,14 +87,22 @@ class Session:
     rank: int = 0  # this process's device in its pipeline (distributed)
     base: int = 0  # the global rank of its pipeline's device 0 (0 but for CFG-parallel)
     state: str = ""  # the module's state_key when captured (asyncdiff/parallelize.py)
+    hoist_inputs: tuple[str, ...] = ()  # model inputs every stage's prologues read
 
-    def executor(self, timeline: Timeline, timesteps: Sequence[float], device: torch.device):
+    def executor(self, timeline: Timeline, timesteps: Sequence[float], device: torch.device,
+                 groups: int = 1):
+        """The executor of one stream's run: the emulator, or this rank's lowered program
+        (``groups`` 2: CFG-parallel, the ε halves swapped with the other group)."""
         if self.staged is not None:
             return Emulator(self.staged, self.plan, timeline, timesteps)
+        lowered = lower(timeline, self.plan, groups=groups)
+        check(lowered)  # refused here, never posted, if it would hang under NCCL
+        rank = self.base + self.rank
         return DistributedExecutor(list(self.segments), self.plan, timeline, timesteps,
-                                   self.rank, self.base, self.specs, self.placeholders,
-                                   self.output,
-                                   device)
+                                   lowered.program(rank), self.specs, self.placeholders,
+                                   self.output, TorchTransport(rank), device,
+                                   guidance=group_of(rank, timeline.devices)
+                                   if groups == 2 else None, hoist_inputs=self.hoist_inputs)
 
     def tensors(self) -> list[torch.Tensor]:
         """The parameters and buffers this session's segments hold."""
@@ -131,7 +142,7 @@ def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts:
 
 def emulated(module: nn.Module, call: Call, captured: tuple[Captured | None, str],
              opts: Options, runner=None) -> Session:
-    """``captured``: what :func:`asyncdiff.dist.sharing.try_capture` returned."""
+    """``captured``: what :func:`asyncdiff.distributed.sharing.try_capture` returned."""
     compiled = compile_call(module, call, captured[0], opts, runner, captured[1])
     staged = compiled.staged
     return Session(call.key, compiled.plan, None, staged.specs, staged.placeholders,
@@ -142,9 +153,9 @@ def distributed(module: nn.Module, call: Call,
                 capture: Callable[[], tuple[Captured | None, str]], opts: Options,
                 runner=None) -> Session:
     """Every rank captures (or traces, for the module backend); rank 0 plans and broadcasts;
-    each rank keeps its own stage (``asyncdiff/dist/sharing.py``: a failure on any rank is
+    each rank keeps its own stage (``asyncdiff/distributed/sharing.py``: a failure on any rank is
     raised on every rank)."""
-    from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0
+    from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0
 
     rank, base = place(opts)
     captured, fallback = on_every_rank(capture, "asyncdiff.parallelize: capture")
@@ -158,8 +169,9 @@ def distributed(module: nn.Module, call: Call,
     specs = tuple(call.specs())
     placeholders = captured.placeholders if captured is not None and plan.backend == "graph" \
         else {s.name: s.name for s in specs}
-    return Session(call.key, plan, None, specs, placeholders, plan.output, segments=tuple(mine),
-                   rank=rank, base=base)
+    return Session(call.key, plan, None, specs, placeholders, plan.output,
+                   segments=tuple(mine.parts), rank=rank, base=base,
+                   hoist_inputs=mine.hoist_inputs)
 
 
 def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -> Session:
@@ -168,7 +180,7 @@ def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -
     rank 0 costs it by FLOPs over fake tensors and plans, and each rank reads only its own
     stage's tensors from ``checkpoint``. Unverified: no process holds the whole denoiser (the
     plan and a warning say so)."""
-    from asyncdiff.dist.sharing import on_every_rank, own_stage, plan_from_rank0
+    from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0
     from asyncdiff.dropin.lazy import UNVERIFIED, hollow, materialise
 
     (rank, base), device = place(opts), call.tensors[call.latent].device
@@ -185,9 +197,12 @@ def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -
                                verification=UNVERIFIED)
     if rank + base == 0:
         log.warning("%s: %s", type(module).__name__, UNVERIFIED)
-    mine = on_every_rank(lambda: materialise(
-        own_stage(plan, captured, module, call.specs(), call.tensors, None,
-                  stage_of_device(rank, plan.n), torch.get_num_threads()),
-        checkpoint, hollows, device), "asyncdiff.parallelize: loading this rank's stage")
+    own = on_every_rank(lambda: own_stage(plan, captured, module, call.specs(), call.tensors,
+                                          None, stage_of_device(rank, plan.n),
+                                          torch.get_num_threads()),
+                        "asyncdiff.parallelize: building this rank's stage")
+    mine = on_every_rank(lambda: materialise(own.parts, checkpoint, hollows, device),
+                         "asyncdiff.parallelize: loading this rank's stage")
     return Session(call.key, plan, None, tuple(call.specs()), captured.placeholders,
-                   plan.output, segments=tuple(mine), rank=rank, base=base)
+                   plan.output, segments=tuple(mine), rank=rank, base=base,
+                   hoist_inputs=own.hoist_inputs)

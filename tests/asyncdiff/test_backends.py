@@ -14,8 +14,8 @@ import torch
 from conftest import emulate as emulate_steps
 
 from asyncdiff.denoiser import SequentialDenoiser
-from asyncdiff.dist.launch import launch
-from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.launch import launch
+from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
 from partition import PartitionRequest, compile_model
 from schedulers import make_scheduler, sample
 

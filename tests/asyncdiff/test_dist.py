@@ -15,8 +15,8 @@ from conftest import compiled, cond_and_noise
 from conftest import emulate as emulate_steps
 
 from asyncdiff.denoiser import PipelineDenoiser
-from asyncdiff.dist.launch import WorkerError, launch
-from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.launch import WorkerError, launch
+from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import build_timeline
 from schedulers import make_scheduler, sample

@@ -8,8 +8,8 @@ import torch
 from conftest import STEPS, compiled, cond_and_noise, tiny
 
 from asyncdiff.denoiser import PipelineDenoiser
-from asyncdiff.dist.launch import launch
-from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.launch import launch
+from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import build_timeline
 from partition.capture import move_graph

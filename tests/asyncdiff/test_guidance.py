@@ -13,8 +13,8 @@ from conftest import STEPS, compiled, cond_and_noise, tiny
 from test_emulator import timesteps
 
 from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
-from asyncdiff.dist.launch import launch
-from asyncdiff.dist.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.launch import launch
+from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
 from asyncdiff.emulate import Emulator
 from asyncdiff.guidance import GuidanceSplit, guidance_half
 from asyncdiff.inputs import model_env

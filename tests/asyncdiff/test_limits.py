@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 from conftest import compiled
 
-from asyncdiff.dist import limits
+from asyncdiff.distributed import limits
 from partition.plan import Measured
 
 

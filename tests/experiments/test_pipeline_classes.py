@@ -20,7 +20,7 @@ VIDEO = {"svd", "animatediff"}
 
 def _every_class(rank: int, world: int, cfgs: dict) -> tuple[bytes | None, dict]:
     """One rank: every class in turn, as the run's ranks do (module level: spawned)."""
-    from asyncdiff.dist.launch import from_bytes, to_bytes
+    from asyncdiff.distributed.launch import from_bytes, to_bytes
     from experiments.pipeline_run import rank_task
 
     images, plans = {}, {}
@@ -58,7 +58,7 @@ def cfgs(tmp_path_factory):
 
 def test_every_class_lazily_loaded_and_distributed_equals_the_emulator(cfgs):
     from asyncdiff import parallelize
-    from asyncdiff.dist.launch import Task, from_bytes, run_ranks
+    from asyncdiff.distributed.launch import Task, from_bytes, run_ranks
     from experiments.generate import generate, load, request
     from experiments.pipeline_run import dropin_options
     from partition import Plan

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from asyncdiff.dist.worker import ParallelSpec, SamplingJob, WorkerJob, run_job
+from asyncdiff.distributed.sharing import rank_stage
+from asyncdiff.distributed.worker import ParallelSpec, SamplingJob, WorkerJob, run_job
 from asyncdiff.timeline import stage_of_device
 from partition.plan import Plan
 from partition.stages import StagedModel
@@ -54,7 +55,7 @@ def _start_method() -> str:
     of each importing torch and diffusers again (seconds on 2 cores); spawn where there is
     no forkserver (Windows, macOS defaults)."""
     if "forkserver" in mp.get_all_start_methods():
-        mp.get_context("forkserver").set_forkserver_preload(["asyncdiff.dist.launch"])
+        mp.get_context("forkserver").set_forkserver_preload(["asyncdiff.distributed.launch"])
         return "forkserver"
     return "spawn"
 
@@ -150,20 +151,24 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
 
     ``plans`` (tests) gives some ranks a different plan, to check the hash comparison.
     ``timeout_s``: the whole run (default ``parallel.run_timeout_s``); each wait for a peer is
-    bounded by ``parallel.timeout_s`` (both: asyncdiff/dist/limits.py).
+    bounded by ``parallel.timeout_s`` (both: asyncdiff/distributed/limits.py).
     """
     timeout_s = parallel.run_timeout_s if timeout_s is None else timeout_s
     if len(sampling) != parallel.replicas:
         raise ValueError(f"sampling: {len(sampling)} jobs for replicas={parallel.replicas}; "
                          "allowed: one job per replica")
+    if len({job.steps for job in sampling}) != 1:
+        raise ValueError(f"sampling: steps {[job.steps for job in sampling]}; allowed: the "
+                         "same number of steps in every replica (one timeline)")
     per = parallel.devices
     world = parallel.world
     with tempfile.TemporaryDirectory(prefix="asyncdiff-jobs-") as jobs:
         for rank in range(world):
-            stage = stage_of_device(rank % per, plan.n)
+            own = rank_stage(staged, stage_of_device(rank % per, plan.n))
             torch.save(WorkerJob(
                 plan=(plans or {}).get(rank, plan),
-                segments=[p.stripped() for p in staged.stage_parts(stage)], specs=staged.specs,
+                segments=[p.stripped() for p in own.parts], hoist_inputs=own.hoist_inputs,
+                specs=staged.specs,
                 placeholders=staged.placeholders, output=staged.output, parallel=parallel,
                 sampling=sampling, fault=fault, progress=progress),
                 os.path.join(jobs, f"{rank}.pt"))
@@ -192,11 +197,28 @@ def _collect(ctx, results, timeout_s: float) -> dict[int, RankResult]:
                 raise WorkerError(f"no result within {timeout_s:.0f} s; stopped every worker")
             continue
         if kind == "error":
+            dead = _killed(ctx, rank)
+            if dead is not None:  # the error is a peer's view of a rank that died first
+                raise WorkerError(f"rank {dead[0]} died (exit code {dead[1]}); rank {rank} "
+                                  f"saw: {payload}; stopped every other worker")
             raise WorkerError(f"rank {rank} failed: {payload}; stopped every other worker\n"
                               f"{extra}")
         done[rank] = RankResult(payload, extra[0], extra[1], wall)
     ctx.join(timeout=10)
     return done
+
+
+def _killed(ctx, reporter: int, grace_s: float = 1.0) -> tuple[int, int] | None:
+    """(rank, exit code) of a worker other than ``reporter`` killed by a signal, waiting up to
+    ``grace_s`` for one (a peer notices a death within moments of it)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        for rank, p in enumerate(ctx.processes):
+            if rank != reporter and p.exitcode is not None and p.exitcode < 0:
+                return rank, p.exitcode
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 def _stop(ctx) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from asyncdiff.hoisted import model_inputs_of
 from partition import CaptureError, Plan, stages_from_plan
 from partition.cost import NodeCosts
 from partition.graph import build_graph
+from partition.stages import StagedModel
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ def on_every_rank(fn: Callable[[], T], what: str) -> T:
 
 def plan_from_rank0(make: Callable[[], Plan], what: str = "planning") -> Plan:
     """Rank 0 runs ``make``; every rank gets its plan (or its error) and checks the hash."""
-    from asyncdiff.dist.worker import check_plan_hash
+    from asyncdiff.distributed.worker import check_plan_hash
 
     shared: list[Any] = [None]
     if dist.get_rank() == 0:
@@ -72,19 +75,35 @@ def try_capture(capture: Callable[[], T], backend: str) -> tuple[T | None, str]:
         return None, why
 
 
+@dataclass
+class RankStage:
+    """What one rank keeps of a split: ``parts``, its stage's segments and prologues (only
+    its own weights), and ``hoist_inputs``, the model inputs every stage's prologues read (the
+    same on every rank: when they change, every rank re-posts the hoist group)."""
+
+    parts: list
+    hoist_inputs: tuple[str, ...]
+
+
+def rank_stage(staged: StagedModel, stage: int) -> RankStage:
+    return RankStage(list(staged.stage_parts(stage)),
+                     tuple(sorted(model_inputs_of(staged.prologues, staged.placeholders))))
+
+
 def own_stage(plan: Plan, captured, model, specs, inputs, contract, stage: int,
-              threads: int | None = 1, runner=None) -> list:
-    """This rank's segments and prologues, rebuilt from its own capture (graph backend) or
-    trace (module backend) of the same model; only its own weights are kept in them."""
+              threads: int | None = 1, runner=None) -> RankStage:
+    """This rank's stage, rebuilt from its own capture (graph backend) or trace (module
+    backend) of the same model; only its own weights are kept in its parts."""
     if plan.backend == "module":
         from partition.modular import graph_for_plan
         from partition.modular import stages_from_plan as module_stages
 
         staged = module_stages(graph_for_plan(model, specs, inputs, plan, contract, threads),
                                plan, runner)
-        return [p.stripped() for p in staged.stage_parts(stage)]
+        own = rank_stage(staged, stage)
+        return RankStage([p.stripped() for p in own.parts], own.hoist_inputs)
     if captured is None:
         raise RankError("rank 0 planned the graph backend, but this rank could not capture the "
                         "model: all ranks must run the same model and library versions")
-    staged = stages_from_plan(build_graph(captured, NodeCosts({}, {}, {}), "flops"), plan)
-    return staged.stage_parts(stage)
+    return rank_stage(stages_from_plan(build_graph(captured, NodeCosts({}, {}, {}), "flops"),
+                                       plan), stage)

@@ -1,6 +1,6 @@
 """What one worker process does: join the group, agree on the plan, sample, report.
 
-Used by the self-spawning launcher (``asyncdiff/dist/launch.py``) and, under ``torchrun``,
+Used by the self-spawning launcher (``asyncdiff/distributed/launch.py``) and, under ``torchrun``,
 by an entry point that builds the job itself (ranks and the rendezvous come from env://).
 """
 from __future__ import annotations
@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 
 from asyncdiff.denoiser import PipelineDenoiser
-from asyncdiff.dist.executor import DistributedExecutor
-from asyncdiff.guidance import GuidanceExchange, peer_of
+from asyncdiff.distributed.executor import DistributedExecutor
+from asyncdiff.distributed.transport import TorchTransport
+from asyncdiff.guidance import GuidanceHalf
+from asyncdiff.lowering import check, lower
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition.plan import Plan
 from partition.threads import intra_op_threads
@@ -50,7 +52,7 @@ class ParallelSpec:
     backend: str = "gloo"
     replicas: int = 1
     cfg_parallel: bool = False    # the two guidance halves on two groups (asyncdiff/guidance.py)
-    timeout_s: float = 30.0       # the longest wait for a peer (asyncdiff/dist/limits.py)
+    timeout_s: float = 30.0       # the longest wait for a peer (asyncdiff/distributed/limits.py)
     run_timeout_s: float = 600.0  # the whole run, start-up included
 
     @property
@@ -80,6 +82,7 @@ class WorkerJob:
     output: str
     parallel: ParallelSpec
     sampling: list[SamplingJob]  # one per replica
+    hoist_inputs: tuple[str, ...] = ()  # model inputs every stage's prologues read
     fault: dict | None = None    # tests: {"rank": r, "round": i, "kind": "raise"|"kill"|"hang"}
     progress: bool = False       # a progress bar over steps, shown by rank 0 only
 
@@ -133,12 +136,16 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
     scheduler.set_timesteps(task.steps)
     timeline = build_timeline(job.plan.n, par.stride, par.warmup, task.steps, par.time_shift,
                               par.stride_noise, par.cooldown, par.sync)
-    executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps, device,
-                                   pipeline * per, job.specs, job.placeholders, job.output,
-                                   torch_device=where)
+    lowered = lower(timeline, job.plan, groups=par.groups, replicas=par.replicas)
+    check(lowered)  # a schedule that would hang under NCCL is refused here, never posted
+    executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps,
+                                   lowered.program(rank), job.specs, job.placeholders,
+                                   job.output, TorchTransport(rank), torch_device=where,
+                                   guidance=group if par.cfg_parallel else None,
+                                   hoist_inputs=job.hoist_inputs)
     denoiser = PipelineDenoiser(executor)
-    if par.cfg_parallel:  # ε halves swapped with the same device of the other group
-        denoiser = GuidanceExchange(denoiser, *peer_of(rank, per))
+    if par.cfg_parallel:  # this rank's half; the executor swaps the ε halves
+        denoiser = GuidanceHalf(denoiser, group)
     if job.fault and job.fault.get("rank") == rank:
         denoiser = _Faulty(denoiser, job.fault, timeline)
     bar = _progress(task.steps, rank) if job.progress and rank == 0 else None

@@ -1,0 +1,158 @@
+"""How a group of lowered operations is posted and waited: the only place the runtime calls
+point-to-point ``torch.distributed``.
+
+Every group goes out as one ``batch_isend_irecv`` ([Note: lowering]): NCCL fuses it, so a
+group's sends and receives progress together and no rank's stream can hold on a receive
+its peer answers only later. No tags: both ends derive the same order. A failed wait names
+the round, the phase and the peer.
+
+:class:`LocalTransport` runs the same groups between threads of one process (each thread
+one rank, each tensor handed over by reference): each rank's loop on one GPU, and a check of
+the NCCL matching rules as they run (``make gpu-check``, ``tests/asyncdiff/test_local_ranks.py``).
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from asyncdiff.lowering import Group
+
+
+class PeerError(RuntimeError):
+    """A message to or from another rank failed or timed out: that rank died or hangs."""
+
+
+class Posted(Protocol):
+    def wait(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Posts one group: ``tensors[i]`` is the buffer of ``group.ops[i]`` (sent, or received
+    into); returns what to wait on."""
+
+    rank: int
+
+    def post(self, group: Group, tensors: Sequence[torch.Tensor]) -> Posted: ...
+
+
+class TorchTransport:
+    """``torch.distributed`` (gloo on CPU, nccl on CUDA), in ``group`` (default: the world)."""
+
+    def __init__(self, rank: int, process_group=None):
+        self.rank, self.pg = rank, process_group
+
+    def post(self, group: Group, tensors: Sequence[torch.Tensor]) -> Posted:
+        ops = [dist.P2POp(dist.isend if c.op == "send" else dist.irecv, t, c.peer, self.pg)
+               for c, t in zip(group.ops, tensors)]
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as err:
+            raise PeerError(f"rank {self.rank}: round {group.round} {group.phase}: posting to "
+                            f"{_who(_peers(group))} failed: {_first_line(err)}") from err
+        return _TorchPosted(self.rank, group, works, list(tensors))
+
+
+class _TorchPosted:
+    def __init__(self, rank: int, group: Group, works, tensors):
+        self.rank, self.group, self.works = rank, group, works
+        self._keep = tensors  # the buffers live until the operations complete
+
+    def wait(self) -> None:
+        g = self.group
+        for i, work in enumerate(self.works):
+            try:
+                work.wait()
+            except RuntimeError as err:
+                peers = [g.ops[i].peer] if len(self.works) == len(g.ops) else _peers(g)
+                raise PeerError(
+                    f"rank {self.rank}: round {g.round} {g.phase}: no answer from "
+                    f"{_who(peers)} (did it die or hang?): {_first_line(err)}") from err
+        self._keep = []
+
+
+class LocalTransport:
+    """One rank of a world of threads in this process. Messages match as NCCL matches them:
+    per (sender, receiver) in posting order, no tags, the same element count and dtype, or
+    :class:`PeerError`; a receive waits at most ``timeout_s``."""
+
+    class World:
+        def __init__(self, size: int, timeout_s: float = 60.0):
+            self.size, self.timeout_s = size, timeout_s
+            self.cond = threading.Condition()
+            # (sender, receiver) -> sent and not yet received: (tensor, set when received)
+            self.queues: dict[tuple[int, int], list[tuple[torch.Tensor, threading.Event]]] = \
+                defaultdict(list)
+            self.failed: str | None = None
+
+    def __init__(self, world: "LocalTransport.World", rank: int):
+        self.world, self.rank = world, rank
+
+    def post(self, group: Group, tensors: Sequence[torch.Tensor]) -> Posted:
+        w = self.world
+        sent = []
+        with w.cond:
+            for c, t in zip(group.ops, tensors):
+                if c.op == "send":  # a send completes when its receive has copied it
+                    sent.append((c.peer, threading.Event()))
+                    w.queues[(self.rank, c.peer)].append((t, sent[-1][1]))
+            w.cond.notify_all()
+        return _LocalPosted(self, group, tensors, sent)
+
+    def fail(self, why: str) -> None:
+        with self.world.cond:
+            self.world.failed = why
+            self.world.cond.notify_all()
+
+
+class _LocalPosted:
+    def __init__(self, transport: LocalTransport, group: Group, tensors, sent):
+        self.t, self.group, self.tensors, self.sent = transport, group, list(tensors), sent
+
+    def wait(self) -> None:
+        w, me, g = self.t.world, self.t.rank, self.group
+        for c, buf in zip(g.ops, self.tensors):
+            if c.op != "recv":
+                continue
+            with w.cond:
+                ok = w.cond.wait_for(lambda: w.queues[(c.peer, me)] or w.failed,
+                                     timeout=w.timeout_s)
+                if w.failed:
+                    raise PeerError(f"rank {me}: round {g.round} {g.phase}: {w.failed}")
+                if not ok:
+                    raise PeerError(f"rank {me}: round {g.round} {g.phase}: no answer from "
+                                    f"rank {c.peer} within {w.timeout_s:.0f} s")
+                sent, done = w.queues[(c.peer, me)].pop(0)
+            if sent.numel() != buf.numel() or sent.dtype != buf.dtype:
+                self.t.fail(f"rank {c.peer} sent {sent.numel()} {sent.dtype} to rank {me}, "
+                            f"which receives {buf.numel()} {buf.dtype} (NCCL would mismatch)")
+                raise PeerError(f"rank {me}: round {g.round} {g.phase}: {w.failed}")
+            buf.copy_(sent.reshape(buf.shape))
+            with w.cond:
+                done.set()
+                w.cond.notify_all()
+        for peer, done in self.sent:
+            with w.cond:
+                ok = w.cond.wait_for(lambda: done.is_set() or w.failed, timeout=w.timeout_s)
+            if w.failed:
+                raise PeerError(f"rank {me}: round {g.round} {g.phase}: {w.failed}")
+            if not ok:
+                raise PeerError(f"rank {me}: round {g.round} {g.phase}: rank {peer} did not "
+                                f"receive within {w.timeout_s:.0f} s")
+
+
+def _peers(group: Group) -> list[int]:
+    return sorted({c.peer for c in group.ops})
+
+
+def _who(peers: list[int]) -> str:
+    return f"rank {peers[0]}" if len(peers) == 1 else \
+        f"ranks {', '.join(map(str, peers))}"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
