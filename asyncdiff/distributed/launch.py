@@ -145,11 +145,14 @@ def _sampling(rank: int, world: int, jobs: str) -> tuple[bytes | None, list]:
 
 def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: list[SamplingJob],
            *, fault: dict | None = None, timeout_s: float | None = None,
-           plans: dict[int, Plan] | None = None, progress: bool = False) -> LaunchResult:
+           plans: dict[int, Plan] | None = None, progress: bool = False,
+           trace_dir: str | None = None) -> LaunchResult:
     """Run ``len(sampling)`` = R pipelines of N−1+S workers each (two per replica with
     CFG-parallel, one per guidance half, each on ``plan``); return their latents.
 
     ``plans`` (tests) gives some ranks a different plan, to check the hash comparison.
+    ``trace_dir``: every rank records its point-to-point calls there
+    (``asyncdiff/distributed/trace.py``).
     ``timeout_s``: the whole run (default ``parallel.run_timeout_s``); each wait for a peer is
     bounded by ``parallel.timeout_s`` (both: asyncdiff/distributed/limits.py).
     """
@@ -170,7 +173,7 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
                 segments=[p.stripped() for p in own.parts], hoist_inputs=own.hoist_inputs,
                 specs=staged.specs,
                 placeholders=staged.placeholders, output=staged.output, parallel=parallel,
-                sampling=sampling, fault=fault, progress=progress),
+                sampling=sampling, fault=fault, progress=progress, trace_dir=trace_dir),
                 os.path.join(jobs, f"{rank}.pt"))
         task = Task(_sampling, jobs, parallel.backend, parallel.timeout_s)
         done = run_ranks(task, world, timeout_s)

@@ -23,6 +23,11 @@ import torch.distributed as dist
 from asyncdiff.lowering import Group
 
 
+# the functions themselves, taken once: P2POp accepts only these (and a recorder,
+# asyncdiff/distributed/trace.py, may stand in for the module's names while it records)
+_ISEND, _IRECV = dist.isend, dist.irecv
+
+
 class PeerError(RuntimeError):
     """A message to or from another rank failed or timed out: that rank died or hangs."""
 
@@ -47,7 +52,7 @@ class TorchTransport:
         self.rank, self.pg = rank, process_group
 
     def post(self, group: Group, tensors: Sequence[torch.Tensor]) -> Posted:
-        ops = [dist.P2POp(dist.isend if c.op == "send" else dist.irecv, t, c.peer, self.pg)
+        ops = [dist.P2POp(_ISEND if c.op == "send" else _IRECV, t, c.peer, self.pg)
                for c, t in zip(group.ops, tensors)]
         try:
             works = dist.batch_isend_irecv(ops)

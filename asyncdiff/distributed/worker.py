@@ -5,6 +5,7 @@ by an entry point that builds the job itself (ranks and the rendezvous come from
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from asyncdiff.denoiser import PipelineDenoiser
+from asyncdiff.distributed import trace
 from asyncdiff.distributed.executor import DistributedExecutor
 from asyncdiff.distributed.transport import TorchTransport
 from asyncdiff.guidance import GuidanceHalf
@@ -84,6 +86,7 @@ class WorkerJob:
     sampling: list[SamplingJob]  # one per replica
     hoist_inputs: tuple[str, ...] = ()  # model inputs every stage's prologues read
     fault: dict | None = None    # tests: {"rank": r, "round": i, "kind": "raise"|"kill"|"hang"}
+    trace_dir: str | None = None  # record every point-to-point call there (trace.py)
     progress: bool = False       # a progress bar over steps, shown by rank 0 only
 
 
@@ -107,9 +110,17 @@ def check_plan_hash(plan: Plan, rank: int, world: int) -> None:
 
 def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
     """Sample on this rank's pipeline (at ``parallel.threads`` intra-op threads); returns the
-    final latent and per-round stats."""
-    with intra_op_threads(job.parallel.threads):
-        return _run_job(job, rank, world)
+    final latent and per-round stats. With a trace directory (``job.trace_dir`` or
+    ``ASYNCDIFF_TRACE_COMM``) every point-to-point call is recorded there
+    (``asyncdiff/distributed/trace.py``)."""
+    where = trace.trace_dir(job.trace_dir)
+    with intra_op_threads(job.parallel.threads), (
+            trace.recording() if where else contextlib.nullcontext()) as calls:
+        try:
+            return _run_job(job, rank, world)
+        finally:
+            if where:
+                trace.save(calls, where, rank)
 
 
 def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:

@@ -182,3 +182,90 @@ def test_half_precision_end_to_end(dtype):
     want = emulate(c, par, x.to(dtype), cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x.to(dtype), cond)])
     assert got.latents[0].dtype == dtype and torch.equal(got.latents[0], want)
+
+
+# --------------------------------------------------------------------------- what is posted
+RECORDED = [
+    # n, stride, warmup, noise, cooldown, sync, cfg_parallel, replicas
+    (2, 1, 1, "fresh", 0, (), False, 1),
+    (3, 2, 2, "fresh", 1, (3,), False, 1),
+    (3, 2, 2, "official", 0, (), False, 1),
+    (2, 1, 1, "fresh", 0, (), True, 1),   # the hybrid: 4 ranks
+    (2, 1, 1, "fresh", 0, (), False, 2),  # two replicas
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n,stride,warmup,noise,cool,sync,cfg,replicas", RECORDED)
+def test_recorded_calls_equal_the_lowered_program_and_replay_under_nccl_rules(
+        tmp_path, n, stride, warmup, noise, cool, sync, cfg, replicas):
+    """Every point-to-point call each rank makes, recorded where it reaches
+    torch.distributed, equals its lowered program call for call (so the NCCL-rules replay of
+    the lowering checks what actually runs), replays to completion itself, and the result
+    equals the emulator."""
+    from asyncdiff.distributed import trace
+    from asyncdiff.lowering import lower, replay
+
+    c = compiled(n, rows=1 if cfg else 2)
+    cond, x = cond_and_noise()
+    guided = {}
+    if cfg:  # one row, the sampler's guidance batch [uncond, cond] is split in halves
+        ehs = cond["encoder_hidden_states"]
+        x, cond = x[:1], {"encoder_hidden_states": ehs[1:]}
+        guided = {"guidance": 3.0, "uncond": {"encoder_hidden_states": ehs[:1]}}
+    par = ParallelSpec(n=n, stride=stride, warmup=warmup, stride_noise=noise, cooldown=cool,
+                       sync=sync, cfg_parallel=cfg, replicas=replicas)
+    jobs = [SamplingJob("ddim", STEPS, x, cond, **guided)] * replicas
+    got = launch(c.staged, c.plan, par, jobs, trace_dir=str(tmp_path))
+    recorded = trace.load(tmp_path)
+    tl = build_timeline(n, stride, warmup, STEPS, stride_noise=noise, cooldown=cool, sync=sync)
+    lowered = lower(tl, c.plan, groups=par.groups, replicas=replicas)
+    assert sorted(recorded) == list(range(par.world))
+    for rank, calls in recorded.items():
+        assert calls == trace.lowered_calls(lowered.program(rank)), rank
+        assert all(len(g) >= 1 for g in calls)
+    replay({r: trace.as_groups(calls) for r, calls in recorded.items()})
+    if not cfg:
+        assert torch.equal(got.latents[0], emulate(c, par, x, cond))
+        # the bytes each rank sent are the emulator's count, read from the same lowering
+        emu = _emulator(c, par)
+        sample(PipelineDenoiser(emu), make_scheduler("ddim"), x, cond, steps=STEPS)
+        per = par.devices
+        sent = {r: sum(s.bytes_sent for s in got.stats[r]) for r in range(per)}
+        assert sent == dict(enumerate(emu.bytes_sent))
+
+
+def _emulator(c, par):
+    sched = make_scheduler("ddim")
+    sched.set_timesteps(STEPS)
+    tl = build_timeline(par.n, par.stride, par.warmup, STEPS, par.time_shift, par.stride_noise,
+                        par.cooldown, par.sync)
+    return Emulator(c.staged, c.plan, tl, sched.timesteps)
+
+
+@pytest.mark.timeout(300)
+def test_hoisted_values_sent_from_their_home_stage(tmp_path):
+    """A caption projection heavier than the blocks is computed once per run on one stage and
+    sent to the others (the ``hoist`` group, before round 0): distributed == emulator, and
+    the hoist group is what each rank posts first."""
+    import denoisers as D
+
+    from asyncdiff.distributed import trace
+    from partition import PartitionRequest, compile_model
+
+    torch.manual_seed(0)
+    model, specs = D.CaptionDiT().eval(), D.CAPTION_SPECS
+    inputs = D.example(specs)
+    c = compile_model(model, specs, inputs, PartitionRequest(n=3, depth=None))
+    sent = [h for h in c.plan.hoisted if h.home >= 0]
+    assert sent
+    cond = {"context": inputs["context"]}
+    x = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(5))
+    par = ParallelSpec(n=3, stride=2, warmup=1)
+    got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)],
+                 trace_dir=str(tmp_path))
+    assert torch.equal(got.latents[0], emulate(c, par, x, cond))
+    first = {r: calls[0] for r, calls in trace.load(tmp_path).items()}
+    home = sent[0].home
+    assert {op for op, *_ in first[home]} == {"send"}
+    assert all(("recv", home) == g[0][:2] for r, g in first.items() if r != home)
