@@ -73,7 +73,8 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
                 mode: Literal["emulate", "distributed"] = "emulate",
                 offload: Literal["cpu", "drop"] = "cpu",
                 denoiser: str | tuple[str, ...] | None = None,
-                verify: bool = True, backend: str = "auto") -> "Handle":
+                verify: bool = True, backend: str = "auto",
+                step_timeout_s: float | None = None) -> "Handle":
     """Run ``pipe``'s denoiser as an N-stage asynchronous pipeline until ``detach()``.
 
     ``n``, ``stride``, ``warmup``, ``cooldown``, ``sync``, ``time_shift``, ``stride_noise``: the
@@ -99,12 +100,15 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     ``transformer_2``, … the pipeline holds; a name or a tuple of names). ``verify``: check each
     compiled split against the denoiser on the first call's inputs (``partition/verify.py``;
     ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the module
-    backend), ``graph`` or ``module``.
+    backend), ``graph`` or ``module``. ``step_timeout_s`` (distributed): the longest a rank
+    waits for a peer in the sampling loop before it names that peer and stops (default:
+    derived from the plan's step, ``asyncdiff/distributed/limits.py``).
     """
     opts = arguments.options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
                     boundaries, stages, split, plan, mode, offload, verify, backend)
     opts = dataclasses.replace(opts, cooldown=cooldown, sync=arguments.sync_steps(sync),
-                               cfg_parallel=cfg_parallel, cache_interval=cache_interval)
+                               cfg_parallel=cfg_parallel, cache_interval=cache_interval,
+                               step_timeout_s=step_timeout_s)
     arguments.check(opts)
     return Handle(pipe, _find_denoisers(pipe, denoiser), opts)
 

@@ -38,7 +38,8 @@ from schedulers import make_scheduler, sample
 log = logging.getLogger(__name__)
 
 
-def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None) -> ParallelSpec:
+def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None,
+                  quiet: bool = False) -> ParallelSpec:
     """The runtime's parallel settings; with the plan and T, its time limits (configured, or
     derived from the planned step time: asyncdiff/distributed/limits.py)."""
     spec = ParallelSpec(n=par["n"], stride=par["stride"], warmup=par["warmup"],
@@ -55,8 +56,10 @@ def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None)
         raise ValueError("parallel_spec: the time limits need T (steps) with the plan")
     lim = limits.derive(plan, steps, step_s=par.get("step_timeout_s"),
                         run_s=par.get("run_timeout_s"), startup_s=par.get("startup_timeout_s"))
-    log.info("%s", lim.describe())
-    return dataclasses.replace(spec, timeout_s=lim.step_s, run_timeout_s=lim.run_s)
+    if not quiet:
+        log.info("%s", lim.describe())
+    return dataclasses.replace(spec, timeout_s=lim.step_s, run_timeout_s=lim.run_s,
+                               startup_timeout_s=lim.startup_s)
 
 
 def _halves(example: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:

@@ -37,17 +37,15 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from asyncdiff.distributed.launch import from_bytes, to_bytes
+from asyncdiff.distributed import limits, liveness
+from asyncdiff.distributed.launch import Task, from_bytes, run_ranks, to_bytes
+from asyncdiff.distributed.limits import STARTUP_S
+from asyncdiff.distributed.worker import init_group
 from experiments.common import ConfigError, parallel_rounds, plain, sequential_rounds
 from experiments.generate import Request, check_request, generate, load, request
 from partition.threads import intra_op_threads
 
 log = logging.getLogger(__name__)
-
-# under torchrun the group's wait for a peer is fixed before any step is timed: the
-# configured parallel.step_timeout_s, else torchrun's usual 30 minutes
-DEFAULT_STEP_TIMEOUT_S = 1800.0
-
 
 def dropin_options(cfg: dict) -> dict:
     """``asyncdiff.parallelize``'s keyword arguments from ``parallel`` and ``partition``."""
@@ -59,6 +57,7 @@ def dropin_options(cfg: dict) -> dict:
                               "stages)")
     manual = {k: part[k] for k in ("boundaries", "stages") if part.get(k) is not None}
     return dict(n=par["n"], stride=par["stride"], warmup=par["warmup"],
+                step_timeout_s=par.get("step_timeout_s"),
                 cooldown=par.get("cooldown", 0), sync=tuple(par.get("sync") or ()),
                 time_shift=bool(par["time_shift"]),
                 stride_noise=par["stride_noise"],
@@ -101,19 +100,14 @@ def sequential(cfg: dict) -> tuple[torch.Tensor, list[float], float | None, str]
     return images, seconds, first, type(pipe.scheduler).__name__
 
 
-def _limits(cfg: dict, step_estimate_s: float | None) -> tuple[float, float]:
+def _limits(cfg: dict, step_estimate_s: float) -> tuple[float, float]:
     """(per wait, whole run) in seconds: ``parallel.*_timeout_s`` where set, else derived
     from one step of the plain pipeline timed before the ranks start
-    (:func:`asyncdiff.distributed.limits.from_estimate`); under torchrun, where no step is timed
-    before the group exists, :data:`DEFAULT_STEP_TIMEOUT_S` per wait."""
-    from asyncdiff.distributed import limits
-
+    (:func:`asyncdiff.distributed.limits.from_estimate`)."""
     par = cfg["parallel"]
     steps = (len(request(cfg).items) + bool(cfg["pipeline"]["warm_call"])) * \
         cfg["scheduler"]["steps"]
-    estimate = step_estimate_s if step_estimate_s is not None else \
-        DEFAULT_STEP_TIMEOUT_S / limits.MARGIN
-    lim = limits.from_estimate(estimate, steps, step_s=par.get("step_timeout_s"),
+    lim = limits.from_estimate(step_estimate_s, steps, step_s=par.get("step_timeout_s"),
                                run_s=par.get("run_timeout_s"),
                                startup_s=par.get("startup_timeout_s"))
     log.info("pipeline run %s", lim.describe())
@@ -131,11 +125,13 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     world = devices(par)
     base = sequential(data)  # first: its step time sizes the ranks' time limits
     steps = len(base[1]) * data["scheduler"]["steps"]
-    step_s, run_s = _limits(data, sum(base[1]) / steps if steps else None)
+    step_s, run_s = _limits(data, sum(base[1]) / steps if steps else 0.0)
     backend = check_backend(par["backend"], world, os.environ)
     log.info("asyncdiff: %s from %s on %d ranks", data["pipeline"]["cls"],
              data["pipeline"]["path"], world)
-    done = run_ranks(Task(rank_task, data, backend, step_s), world, run_s)
+    data = {**data, "parallel": {**par, "step_timeout_s": step_s}}  # the loop's, measured
+    done = run_ranks(Task(rank_task, data, backend, step_s,
+                          par.get("startup_timeout_s") or STARTUP_S), world, run_s)
     images = from_bytes(done[0].payload)
     ranks = {r: {"seconds": d.extra["seconds"], "peak_rss": d.peak_rss} for r, d in done.items()}
     from experiments.pipeline_record import finish_pipeline
@@ -145,20 +141,23 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
 def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
     """Every rank (torchrun) runs :func:`rank_task`; rank 0 then runs the baseline and
     records."""
-    from asyncdiff.distributed.worker import init_group
     from experiments.checks import check_backend
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     data = plain(cfg)
     check_request(request(data))
-    step_s, _ = _limits(data, None)
+    # the loop's step limit: configured, else derived from the plan the drop-in makes
+    startup = data["parallel"].get("startup_timeout_s") or STARTUP_S
     init_group(rank, world, check_backend(data["parallel"]["backend"], world, os.environ),
-               None, step_s)
+               None, startup)
+    liveness.start(startup)
     payload, extra = rank_task(rank, world, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = [None] * world if rank == 0 else None
+    liveness.arrive("the end")
     dist.gather_object({"seconds": extra["seconds"], "peak_rss": peak}, gathered, dst=0)
     dist.barrier()
+    liveness.stop()
     dist.destroy_process_group()
     if rank == 0:
         from experiments.pipeline_record import finish_pipeline

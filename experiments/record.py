@@ -26,15 +26,19 @@ from partition import Plan
 from partition.report import predict
 
 
-def timeline_rows(stats: Mapping[int, Sequence], devices: int, groups: int = 1) -> list[dict]:
+def timeline_rows(stats: Mapping[int, Sequence], devices: int, groups: int = 1,
+                  placement: Mapping[int, dict] | None = None) -> list[dict]:
     """Per-rank ``RoundStats`` as rows. Times are seconds since each rank's executor started
-    (the ranks meet at the plan-hash check just before, so the clocks agree to a few ms)."""
+    (the ranks meet at the plan-hash check just before, so the clocks agree to a few ms).
+    ``placement``: per rank, where it ran (host, local rank, device; torchrun)."""
     rows = []
     for rank in sorted(stats):
         pipeline, device = divmod(rank, devices)
         replica, group = divmod(pipeline, groups)  # group: the guidance half (CFG-parallel)
+        where = (placement or {}).get(rank, {})
         for s in stats[rank]:
-            rows.append({"rank": rank, "replica": replica, "group": group, "device": device,
+            rows.append({"rank": rank, **where, "replica": replica, "group": group,
+                         "device": device,
                          "round": s.round,
                          "stage": s.stage, "start_s": s.start, "computed_s": s.computed,
                          "done_s": s.done, "compute_ms": (s.computed - s.start) * 1e3,

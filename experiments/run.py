@@ -31,7 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from asyncdiff.distributed.launch import launch
 from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0, try_capture
-from asyncdiff.distributed.worker import WorkerJob, init_group, run_job
+from asyncdiff.distributed import limits, liveness
+from asyncdiff.distributed.worker import (WorkerJob, fault_from_env, init_group, inject,
+                                          placement, run_job)
 from asyncdiff.timeline import stage_of_device
 from experiments import atomic
 from experiments.build import (compiled_model, job_labels, model_config, parallel_spec,
@@ -143,17 +145,18 @@ def run_spawn(cfg: DictConfig, out: Path) -> dict:
                   result.peak_rss)
 
 
-TORCHRUN_STEP_TIMEOUT_S = 1800.0
-
-
 def run_torchrun(cfg: DictConfig, out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     par = parallel_spec(plain(cfg.parallel))
     part = plain(cfg.partition)
-    # the group's waits are bounded before any plan exists: the configured step timeout, else
-    # torchrun's usual 30 minutes (a hang is then named by the peer that waited on it)
-    init_group(rank, world, par.backend, None,
-               plain(cfg.parallel).get("step_timeout_s") or TORCHRUN_STEP_TIMEOUT_S)
+    # before the first step every collective is preceded by a meeting of the ranks that
+    # names one that stopped answering (asyncdiff/distributed/liveness.py); the loop's waits
+    # are bounded by the step limit, known once the plan is
+    startup = plain(cfg.parallel).get("startup_timeout_s") or limits.STARTUP_S
+    init_group(rank, world, par.backend, None, startup)
+    liveness.start(startup)
+    fault = fault_from_env()
+    inject(fault, rank, "build")
     bundle = zoo.build(model_config(cfg), seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
     backend = part.get("backend", "auto")
@@ -176,6 +179,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
         return compiled.plan
 
     plan = plan_from_rank0(make_plan)  # rank 0 plans (measured costs are taken once)
+    par = parallel_spec(plain(cfg.parallel), plan, cfg.scheduler.steps, quiet=rank != 0)
     device = rank % par.devices
     own = on_every_rank(lambda: own_stage(plan, captured, bundle.module, bundle.specs, inputs,
                                           bundle.contract, stage_of_device(device, plan.n),
@@ -186,7 +190,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
                     placeholders=captured.placeholders if captured is not None else
                     {s.name: s.name for s in bundle.specs},
                     output=plan.output, parallel=par, sampling=jobs,
-                    progress=bool(cfg.progress))
+                    progress=bool(cfg.progress), fault=fault)
     bundle = captured = None  # keep only this rank's stage (rank 0: and the plan's)
     dist.barrier()
     t0 = time.perf_counter()
@@ -196,14 +200,16 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
         atomic.save_torch(latent, out / f"result_replica{rank // (par.devices * par.groups)}.pt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = [None] * world if rank == 0 else None
-    dist.gather_object((stats, peak), gathered, dst=0)
+    liveness.arrive("the end")
+    dist.gather_object((stats, peak, placement(par.backend, rank)), gathered, dst=0)
     dist.barrier()
+    liveness.stop()
     dist.destroy_process_group()
     if rank == 0:  # the others are done; rank 0 runs the baseline and writes the results
         ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress,
                                    par.cfg_parallel)
         rows = timeline_rows({r: g[0] for r, g in enumerate(gathered)}, par.devices,
-                             par.groups)
+                             par.groups, {r: g[2] for r, g in enumerate(gathered)})
         finish(cfg, out, plan, par, [latent], ref, t_seq, wall, rows,
                {r: g[1] for r, g in enumerate(gathered)})
 

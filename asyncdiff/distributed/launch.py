@@ -26,8 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from asyncdiff.distributed import liveness
+from asyncdiff.distributed.limits import STARTUP_S
 from asyncdiff.distributed.sharing import rank_stage
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob, WorkerJob, run_job
+from asyncdiff.distributed.worker import (ParallelSpec, SamplingJob, WorkerJob, inject,
+                                          run_job)
 from asyncdiff.timeline import stage_of_device
 from partition.plan import Plan
 from partition.stages import StagedModel
@@ -80,7 +83,8 @@ class Task:
     fn: Callable[[int, int, Any], tuple[bytes | None, Any]]
     arg: Any
     backend: str
-    timeout_s: float    # each wait for a peer (the group's timeout)
+    timeout_s: float    # each wait for a peer in the sampling loop (its group's timeout)
+    startup_s: float = STARTUP_S  # a rank silent this long before the first step has failed
 
 
 @dataclass
@@ -94,17 +98,22 @@ class RankResult:
 def _entry(rank: int, world: int, port: int, task: Task, results) -> None:
     """One worker (``start_processes`` passes its index as ``rank``)."""
     try:
-        timeout = datetime.timedelta(seconds=task.timeout_s)
+        # start-up collectives meet first (liveness.arrive), so their own bound is a backstop
+        timeout = datetime.timedelta(seconds=task.startup_s)
         store = dist.TCPStore(HOST, port, world, is_master=False, timeout=timeout)
         dist.init_process_group(task.backend, store=store, rank=rank, world_size=world,
                                 timeout=timeout)
+        liveness.start(task.startup_s, store)
+        liveness.arrive("the start")
         dist.barrier()
         t0 = time.perf_counter()
         payload, extra = task.fn(rank, world, task.arg)
         wall = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         results.put(("ok", rank, payload, (extra, peak), wall))
+        liveness.arrive("the end")
         dist.barrier()
+        liveness.stop()
         dist.destroy_process_group()
     except BaseException as err:  # noqa: BLE001 - reported to the parent, then exit non-zero
         cause = f"{type(err).__name__}: {err}".strip().splitlines()[0]
@@ -120,7 +129,7 @@ def run_ranks(task: Task, world: int, timeout_s: float) -> dict[int, RankResult]
     method = _start_method()
     results = mp.get_context(method).Queue()
     store = dist.TCPStore(HOST, 0, world + 1, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=task.timeout_s))
+                          timeout=datetime.timedelta(seconds=task.startup_s))
     ctx = mp.start_processes(_entry, args=(world, store.port, task, results), nprocs=world,
                              join=False, start_method=method)
     try:
@@ -138,6 +147,7 @@ def _sampling(rank: int, world: int, jobs: str) -> tuple[bytes | None, list]:
     """The sampling task: the job is the file ``<jobs>/<rank>.pt`` (each worker reads only
     its own stage); device 0 of each replica returns the replica's latent."""
     job: WorkerJob = torch.load(os.path.join(jobs, f"{rank}.pt"), weights_only=False)
+    inject(job.fault, rank, "start")
     out, stats = run_job(job, rank, world)
     first = rank % (job.parallel.devices * job.parallel.groups) == 0
     return (to_bytes(out) if first else None), stats
@@ -175,7 +185,8 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
                 placeholders=staged.placeholders, output=staged.output, parallel=parallel,
                 sampling=sampling, fault=fault, progress=progress, trace_dir=trace_dir),
                 os.path.join(jobs, f"{rank}.pt"))
-        task = Task(_sampling, jobs, parallel.backend, parallel.timeout_s)
+        task = Task(_sampling, jobs, parallel.backend, parallel.timeout_s,
+                    parallel.startup_timeout_s)
         done = run_ranks(task, world, timeout_s)
     latents = {r // (per * parallel.groups): from_bytes(d.payload) for r, d in done.items()
                if d.payload is not None}

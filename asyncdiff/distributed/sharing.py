@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
+from asyncdiff.distributed import liveness
 from asyncdiff.hoisted import model_inputs_of
 from partition import CaptureError, Plan, stages_from_plan
 from partition.cost import NodeCosts
@@ -34,7 +36,9 @@ def on_every_rank(fn: Callable[[], T], what: str) -> T:
     try:
         result = fn()
     except Exception as err:  # noqa: BLE001 - re-raised below on every rank
-        error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        error = f"{type(err).__name__}: {first}"
+    liveness.arrive(what)
     errors: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     failed = {r: e for r, e in enumerate(errors) if e}
@@ -44,21 +48,35 @@ def on_every_rank(fn: Callable[[], T], what: str) -> T:
 
 
 def plan_from_rank0(make: Callable[[], Plan], what: str = "planning") -> Plan:
-    """Rank 0 runs ``make``; every rank gets its plan (or its error) and checks the hash."""
-    from asyncdiff.distributed.worker import check_plan_hash
-
+    """Rank 0 runs ``make``; every rank gets its plan (or its error) and checks the hash. The
+    others wait for as long as rank 0 is alive (``asyncdiff/distributed/liveness.py``):
+    planning a full-size model can take minutes."""
     shared: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             shared = [{"plan": make().to_json()}]
         except Exception as err:  # noqa: BLE001 - re-raised below on every rank
             shared = [{"error": f"{type(err).__name__}: {err}"}]
+    liveness.arrive(what)
     dist.broadcast_object_list(shared, src=0)
     if "error" in shared[0]:
         raise RankError(f"{what} failed on rank 0: {shared[0]['error']}")
     plan = Plan.from_json(shared[0]["plan"])
     check_plan_hash(plan, dist.get_rank(), dist.get_world_size())
     return plan
+
+
+def check_plan_hash(plan: Plan, rank: int, world: int) -> None:
+    """Every worker must run the same plan: compare hashes before step 0."""
+    liveness.arrive("the plan check")
+    mine = torch.tensor(list(bytes.fromhex(plan.plan_hash)), dtype=torch.uint8)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    hashes = [bytes(t.tolist()).hex() for t in every]
+    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if bad:
+        raise RuntimeError(f"plan hash mismatch: rank 0 has {hashes[0]}, ranks {bad} have "
+                           f"{[hashes[r] for r in bad]}; all workers must load the same plan")
 
 
 def try_capture(capture: Callable[[], T], backend: str) -> tuple[T | None, str]:

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from asyncdiff.distributed import liveness
 from asyncdiff.lowering import Group
 
 
@@ -74,6 +75,8 @@ class _TorchPosted:
                 work.wait()
             except RuntimeError as err:
                 peers = [g.ops[i].peer] if len(self.works) == len(g.ops) else _peers(g)
+                if len(peers) == 1:  # the one that did not answer: ended, if it is here
+                    liveness.put_down(peers[0])
                 raise PeerError(
                     f"rank {self.rank}: round {g.round} {g.phase}: no answer from "
                     f"{_who(peers)} (did it die or hang?): {_first_line(err)}") from err

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -16,11 +18,12 @@ import torch
 import torch.distributed as dist
 
 from asyncdiff.denoiser import PipelineDenoiser
-from asyncdiff.distributed import trace
+from asyncdiff.distributed import liveness, trace
 from asyncdiff.distributed.executor import DistributedExecutor
+from asyncdiff.distributed.sharing import check_plan_hash
 from asyncdiff.distributed.transport import TorchTransport
 from asyncdiff.guidance import GuidanceHalf
-from asyncdiff.lowering import check, lower
+from asyncdiff.lowering import checked_program
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition.plan import Plan
 from partition.threads import intra_op_threads
@@ -56,6 +59,7 @@ class ParallelSpec:
     cfg_parallel: bool = False    # the two guidance halves on two groups (asyncdiff/guidance.py)
     timeout_s: float = 30.0       # the longest wait for a peer (asyncdiff/distributed/limits.py)
     run_timeout_s: float = 600.0  # the whole run, start-up included
+    startup_timeout_s: float = 120.0  # a rank silent this long before the first step failed
 
     @property
     def devices(self) -> int:
@@ -85,7 +89,7 @@ class WorkerJob:
     parallel: ParallelSpec
     sampling: list[SamplingJob]  # one per replica
     hoist_inputs: tuple[str, ...] = ()  # model inputs every stage's prologues read
-    fault: dict | None = None    # tests: {"rank": r, "round": i, "kind": "raise"|"kill"|"hang"}
+    fault: dict | None = None    # tests: {"rank": r, "at": round or point, "kind": …} (inject)
     trace_dir: str | None = None  # record every point-to-point call there (trace.py)
     progress: bool = False       # a progress bar over steps, shown by rank 0 only
 
@@ -96,16 +100,19 @@ def init_group(rank: int, world: int, backend: str, init_method: str | None,
                             world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def check_plan_hash(plan: Plan, rank: int, world: int) -> None:
-    """Every worker must run the same plan: compare hashes before step 0."""
-    mine = torch.tensor(list(bytes.fromhex(plan.plan_hash)), dtype=torch.uint8)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
-    hashes = [bytes(t.tolist()).hex() for t in every]
-    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
-    if bad:
-        raise RuntimeError(f"plan hash mismatch: rank 0 has {hashes[0]}, ranks {bad} have "
-                           f"{[hashes[r] for r in bad]}; all workers must load the same plan")
+def rank_device(backend: str, rank: int) -> torch.device:
+    """This rank's device: the CPU under gloo; under nccl the GPU of its ``LOCAL_RANK`` (its
+    place on its own node, as torchrun numbers it; a self-spawned rank's is its rank)."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return torch.device("cuda", local)
+
+
+def placement(backend: str, rank: int) -> dict:
+    """Where this rank runs: host, place on its node, device (recorded per rank)."""
+    return {"host": socket.gethostname(), "local_rank": int(os.environ.get("LOCAL_RANK", rank)),
+            "torch_device": str(rank_device(backend, rank))}
 
 
 def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
@@ -136,10 +143,8 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
     if par.cfg_parallel and task.guidance is None:
         raise ValueError("parallel.cfg_parallel=true without guidance; allowed: a guidance "
                          "scale (scheduler.guidance), or cfg_parallel=false")
-    where = torch.device("cpu")
-    if par.backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
-        where = torch.device("cuda", local)
+    where = rank_device(par.backend, rank)
+    if where.type == "cuda":
         torch.cuda.set_device(where)
         job.segments = [seg.to(where) for seg in job.segments]
         task = _to_device(task, where)
@@ -147,18 +152,20 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
     scheduler.set_timesteps(task.steps)
     timeline = build_timeline(job.plan.n, par.stride, par.warmup, task.steps, par.time_shift,
                               par.stride_noise, par.cooldown, par.sync)
-    lowered = lower(timeline, job.plan, groups=par.groups, replicas=par.replicas)
-    check(lowered)  # a schedule that would hang under NCCL is refused here, never posted
+    # a schedule that would hang under NCCL is refused here, never posted
+    program = checked_program(timeline, job.plan, rank, groups=par.groups,
+                              replicas=par.replicas)
+    loop = liveness.loop_group(par.timeout_s)  # each wait of the loop: the step limit
     executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps,
-                                   lowered.program(rank), job.specs, job.placeholders,
-                                   job.output, TorchTransport(rank), torch_device=where,
+                                   program, job.specs, job.placeholders,
+                                   job.output, TorchTransport(rank, loop), torch_device=where,
                                    guidance=group if par.cfg_parallel else None,
                                    hoist_inputs=job.hoist_inputs)
     denoiser = PipelineDenoiser(executor)
     if par.cfg_parallel:  # this rank's half; the executor swaps the ε halves
         denoiser = GuidanceHalf(denoiser, group)
     if job.fault and job.fault.get("rank") == rank:
-        denoiser = _Faulty(denoiser, job.fault, timeline)
+        denoiser = _Faulty(denoiser, job.fault, timeline, rank)
     bar = _progress(task.steps, rank) if job.progress and rank == 0 else None
     out = sample(denoiser, make_scheduler(task.scheduler, **task.scheduler_kwargs), task.x_T,
                  task.cond, steps=task.steps, guidance_scale=task.guidance, uncond=task.uncond,
@@ -180,18 +187,38 @@ def _to_device(task: SamplingJob, where: torch.device) -> SamplingJob:
                        task.guidance, move(task.uncond), task.scheduler_kwargs)
 
 
-class _Faulty:
-    """Test hook: fail on purpose at the start of a given round (raise, SIGKILL, or hang)."""
+FAULT_ENV = "ASYNCDIFF_TEST_FAULT"  # tests: a fault for a torchrun rank, as JSON
 
-    def __init__(self, inner, fault: dict, timeline):
-        self.inner, self.fault, self.timeline = inner, fault, timeline
+
+def fault_from_env() -> dict | None:
+    text = os.environ.get(FAULT_ENV)
+    return json.loads(text) if text else None
+
+
+def inject(fault: dict | None, rank: int, where: str | int, what: str = "") -> None:
+    """Test hook: fail on purpose if ``fault`` targets this rank at ``where`` (a start-up
+    point, or a round): ``raise``, ``kill`` (SIGKILL), ``hang`` (sleep) or ``stop``
+    (SIGSTOP: a rank that neither answers nor dies)."""
+    if not fault or fault.get("rank") != rank or fault.get("at", 0) != where:
+        return
+    kind = fault.get("kind", "raise")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if kind == "hang":
+        time.sleep(3600)
+    raise RuntimeError(f"injected fault at {where} {what}".strip())
+
+
+class _Faulty:
+    """Test hook: :func:`inject` at the start of each round (``fault["at"]``: its index)."""
+
+    def __init__(self, inner, fault: dict, timeline, rank: int):
+        self.inner, self.fault, self.timeline, self.rank = inner, fault, timeline, rank
 
     def __call__(self, x, t, step, cond):
-        if self.timeline.round_of(step).index == self.fault.get("round", 0):
-            kind = self.fault.get("kind", "raise")
-            if kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if kind == "hang":
-                time.sleep(3600)
-            raise RuntimeError(f"injected fault at step {step}")
+        rnd = self.timeline.round_of(step)
+        if rnd.steps[0] == step:
+            inject(self.fault, self.rank, rnd.index, f"(step {step})")
         return self.inner(x, t, step, cond)

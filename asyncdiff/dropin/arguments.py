@@ -82,6 +82,10 @@ def check(o: Options) -> None:
                                 ("backend", o.backend, BACKENDS)):
         if value not in allowed:
             raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
+    if o.step_timeout_s is not None and not (isinstance(o.step_timeout_s, (int, float))
+                                             and o.step_timeout_s > 0):
+        raise ValueError(f"step_timeout_s={o.step_timeout_s!r}; allowed: a number of seconds "
+                         "> 0, or None (derived from the plan)")
     if o.mode == "distributed":
         check_group(o)
 

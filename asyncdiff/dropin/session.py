@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from asyncdiff.distributed import limits, liveness
 from asyncdiff.distributed.executor import DistributedExecutor
 from asyncdiff.distributed.transport import TorchTransport
 from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
 from asyncdiff.guidance import group_of
-from asyncdiff.lowering import check, lower
+from asyncdiff.lowering import checked_program
 from asyncdiff.timeline import Timeline, devices_needed, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
 from partition.capture import Captured, capture
@@ -58,6 +59,7 @@ class Options:
     sync: tuple[int, ...] = ()  # steps in between run sequential too
     cfg_parallel: bool = False  # each half of the denoiser batch its own pipeline (group)
     cache_interval: int = 0  # K > 0: the step cache (one device) instead of the pipeline
+    step_timeout_s: float | None = None  # distributed: each wait of the loop (None: derived)
 
     @property
     def devices(self) -> int:
@@ -88,6 +90,7 @@ class Session:
     base: int = 0  # the global rank of its pipeline's device 0 (0 but for CFG-parallel)
     state: str = ""  # the module's state_key when captured (asyncdiff/parallelize.py)
     hoist_inputs: tuple[str, ...] = ()  # model inputs every stage's prologues read
+    group: Any = None  # distributed: the sampling loop's process group (its step limit)
 
     def executor(self, timeline: Timeline, timesteps: Sequence[float], device: torch.device,
                  groups: int = 1):
@@ -95,12 +98,11 @@ class Session:
         (``groups`` 2: CFG-parallel, the ε halves swapped with the other group)."""
         if self.staged is not None:
             return Emulator(self.staged, self.plan, timeline, timesteps)
-        lowered = lower(timeline, self.plan, groups=groups)
-        check(lowered)  # refused here, never posted, if it would hang under NCCL
         rank = self.base + self.rank
+        program = checked_program(timeline, self.plan, rank, groups=groups)
         return DistributedExecutor(list(self.segments), self.plan, timeline, timesteps,
-                                   lowered.program(rank), self.specs, self.placeholders,
-                                   self.output, TorchTransport(rank), device,
+                                   program, self.specs, self.placeholders,
+                                   self.output, TorchTransport(rank, self.group), device,
                                    guidance=group_of(rank, timeline.devices)
                                    if groups == 2 else None, hoist_inputs=self.hoist_inputs)
 
@@ -171,7 +173,7 @@ def distributed(module: nn.Module, call: Call,
         else {s.name: s.name for s in specs}
     return Session(call.key, plan, None, specs, placeholders, plan.output,
                    segments=tuple(mine.parts), rank=rank, base=base,
-                   hoist_inputs=mine.hoist_inputs)
+                   hoist_inputs=mine.hoist_inputs, group=_loop_group(plan, opts))
 
 
 def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -> Session:
@@ -205,4 +207,12 @@ def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -
                          "asyncdiff.parallelize: loading this rank's stage")
     return Session(call.key, plan, None, tuple(call.specs()), captured.placeholders,
                    plan.output, segments=tuple(mine), rank=rank, base=base,
-                   hoist_inputs=own.hoist_inputs)
+                   hoist_inputs=own.hoist_inputs, group=_loop_group(plan, opts))
+
+
+def _loop_group(plan: Plan, opts: Options):
+    """The group the session's rounds communicate in: every wait bounded by the step limit
+    (``step_timeout_s``, else derived from the plan: ``asyncdiff/distributed/limits.py``)."""
+    step_s = opts.step_timeout_s if opts.step_timeout_s is not None else \
+        limits.derive(plan, 1).step_s
+    return liveness.loop_group(step_s)

@@ -4,7 +4,7 @@ compute steps between groups. Pure data (no torch), like the timeline it is lowe
 A rank's program for one round is an ordered tuple of :class:`Compute` and :class:`Group`
 items; the distributed executor interprets it item by item, posting each group as one
 ``torch.distributed.batch_isend_irecv`` and waiting for it before the next item
-([Note: lowering] in ``asyncdiff/lowering/lower.py``).
+([Note: lowering] in ``asyncdiff/lowering/programs.py``).
 """
 from __future__ import annotations
 

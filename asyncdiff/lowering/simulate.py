@@ -122,3 +122,15 @@ def _op(streams, at):
 def _where(streams, at) -> str:
     g = streams[at[0]][at[1]]
     return f"round {g.round} {g.phase}"
+
+
+def checked_program(timeline, plan, rank: int, *, groups: int = 1, replicas: int = 1):
+    """Rank ``rank``'s program of ``timeline`` on ``plan``, after the whole world's program has
+    been replayed under NCCL's rules: a schedule that would hang or mismatch raises
+    :class:`ScheduleError` (naming the round, the phase and the pair) before anything is
+    posted. Every executor gets its program here."""
+    from asyncdiff.lowering.programs import lower
+
+    lowered = lower(timeline, plan, groups=groups, replicas=replicas)
+    check(lowered)
+    return lowered.program(rank)

@@ -100,7 +100,7 @@ def test_failed_worker_stops_everyone(kind):
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"rank \d") as err:
         launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)],
-               fault={"rank": 1, "round": 2, "kind": kind})
+               fault={"rank": 1, "at": 2, "kind": kind})
     assert time.monotonic() - t0 < 30 + 10  # the bound, plus process start-up
     if kind != "hang":
         assert "rank 1" in str(err.value)

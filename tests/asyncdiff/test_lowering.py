@@ -231,3 +231,38 @@ def _caption_plan():
     model, specs = D.CaptionDiT().eval(), D.CAPTION_SPECS
     return compile_model(model, specs, D.example(specs),
                          PartitionRequest(n=3, depth=None)).plan
+
+
+def test_a_schedule_the_replay_rejects_is_refused_before_anything_is_posted(monkeypatch):
+    """A lowering bug (here: every publish group posted receives-first as lone operations) is
+    refused where an executor gets its program, naming the round, the phase and the pair,
+    and no point-to-point call reaches torch.distributed."""
+    import asyncdiff.lowering.programs as L
+    from asyncdiff.distributed import trace
+    from asyncdiff.lowering import checked_program
+
+    orig_lower = L.lower
+
+    def unfused(tl, plan, **kw):
+        low = orig_lower(tl, plan, **kw)
+        progs = []
+        for p in low.programs:
+            rounds = []
+            for items in p.rounds:
+                out = []
+                for i in items:
+                    if isinstance(i, Group) and i.phase == "publish":  # receives first
+                        out += [Group(i.round, i.phase, (c,)) for c in
+                                sorted(i.ops, key=lambda c: c.op != "recv")]
+                    else:
+                        out.append(i)
+                rounds.append(tuple(out))
+            progs.append(type(p)(p.rank, p.pipeline, p.device, p.hoist, tuple(rounds)))
+        return type(low)(low.timeline, low.devices, low.groups, low.replicas, tuple(progs))
+
+    monkeypatch.setattr(L, "lower", unfused)
+    with trace.recording() as calls, pytest.raises(ScheduleError, match=(
+            r"deadlock under NCCL's rules: rank 0 waits in round 1 publish on its recv from "
+            r"rank 1, which posts it only in round 1 publish")):
+        checked_program(build_timeline(2, 1, 1, 4), compiled(2).plan, 0)
+    assert calls == []

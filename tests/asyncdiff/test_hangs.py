@@ -1,0 +1,82 @@
+"""A rank that stops (SIGSTOP: it neither answers nor dies) ends every rank within the limit,
+named, with no process left behind: under the self-spawning launcher and under torchrun, at
+start-up (before the first step: ``parallel.startup_timeout_s``) and in the sampling loop
+(``parallel.step_timeout_s``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import compiled, cond_and_noise
+
+from asyncdiff.distributed.launch import WorkerError, launch
+from asyncdiff.distributed.worker import FAULT_ENV, ParallelSpec, SamplingJob
+
+LIMIT_S = 10.0
+# start-up of the workers and of the model (torchrun: each rank builds and captures it),
+# then the teardown; generous for a loaded 2-core machine
+MARGIN_S = 45.0
+
+
+def _alive(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] != "Z":
+                    out.append(pid)
+        except FileNotFoundError:
+            continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("at", ["start", 2])
+def test_a_stopped_rank_ends_a_self_spawned_run(at):
+    c = compiled(3)
+    cond, x = cond_and_noise()
+    par = ParallelSpec(n=3, timeout_s=LIMIT_S, startup_timeout_s=LIMIT_S)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 1") as err:
+        launch(c.staged, c.plan, par, [SamplingJob("ddim", 8, x, cond)],
+               fault={"rank": 1, "at": at, "kind": "stop"})
+    took = time.monotonic() - t0
+    assert LIMIT_S <= took < LIMIT_S + MARGIN_S, took
+    assert ("stopped answering before" if at == "start" else "no answer from rank 1") in \
+        str(err.value)
+    assert not _alive(err.value.pids)
+
+
+TORCHRUN = ["model=sd3", "parallel.n=2", "parallel.stride=2", "scheduler.steps=8",
+            "partition.cost_model=flops", "partition.repeats=0", "progress=false",
+            "wandb.mode=disabled", "save_images=false", f"parallel.step_timeout_s={LIMIT_S}",
+            f"parallel.startup_timeout_s={LIMIT_S}"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("at", ["build", 2])
+def test_a_stopped_rank_ends_a_torchrun_job(tmp_path, at):
+    """Rank 1 stops itself while the model is built (start-up) or at round 2 (the loop): the
+    rank waiting on it names it, the job ends, and no worker is left (torchrun alone would
+    wait 30 s more for the stopped one: it keeps SIGTERM pending)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           FAULT_ENV: json.dumps({"rank": 1, "at": at, "kind": "stop"})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3", "--standalone",
+           "-m", "experiments.run", *TORCHRUN, f"hydra.run.dir={out}"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0
+    named = "rank 1 stopped answering before" if at == "build" else "no answer from rank 1"
+    assert named in proc.stderr, proc.stderr[-3000:]
+    assert LIMIT_S <= took < LIMIT_S + MARGIN_S, took
+    left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={out}"], capture_output=True,
+                          text=True).stdout.split()
+    assert not _alive([int(p) for p in left])
