@@ -29,8 +29,10 @@ bench: setup
 	$(BIN)/python benchmarks/runtime_cpu.py
 
 # On a machine with CUDA (a few minutes): stages on the GPU == the whole model, emulator on the
-# GPU == sequential (deterministic kernels), per-stage GPU times of full-size SD 2.1; with two
-# or more GPUs also nccl executor == emulator and the measured speedup next to the plan's.
+# GPU == sequential (deterministic kernels), every rank's loop on one GPU with its sends lowered
+# (threads; == the emulator, CUDA-event round times, no host synchronisation in a parallel
+# round), per-stage GPU times of full-size SD 2.1; with two or more GPUs also nccl executor ==
+# emulator and the measured speedup next to the plan's.
 gpu-check: setup
 	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
 	$(BIN)/python -m pytest -q -m gpu tests

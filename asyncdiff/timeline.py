@@ -61,6 +61,11 @@ from typing import Literal
 #   round (up to K−1 steps stale). With a shell/core split (``partition/strategies/shell.py``)
 #   stage N−1 holds the network's outer blocks, so the outer blocks run every step and the
 #   inner ones every K steps. K = 1 is the sequential sampler.
+# * What travels between devices follows from these rules and the plan, and is derived in one
+#   place: [Note: lowering] in ``asyncdiff/lowering/programs.py``. A sequential round is split
+#   into phases there, one group of messages per segment, because its stages read values of
+#   the same round, which must arrive before the stage that reads them computes; a parallel
+#   round reads only the round before, so it computes first and posts one group.
 
 STRIDE_NOISE: tuple[str, ...] = ("fresh", "reuse", "official")
 

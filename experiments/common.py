@@ -38,7 +38,8 @@ def plain(cfg: DictConfig | Any) -> Any:
         if isinstance(cfg, DictConfig) else cfg
 
 
-def _timeline(par: Mapping, steps: int):
+def run_timeline(par: Mapping, steps: int):
+    """The timeline of the run the ``parallel`` settings describe, for ``steps`` steps."""
     from asyncdiff.timeline import build_timeline
     return build_timeline(par["n"], par["stride"], min(par["warmup"], steps), steps,
                           bool(par.get("time_shift", False)), par.get("stride_noise", "fresh"),
@@ -47,13 +48,13 @@ def _timeline(par: Mapping, steps: int):
 
 def parallel_rounds(par: Mapping, steps: int) -> int:
     """The parallel rounds of the run's timeline (what the latency prediction counts)."""
-    return len(_timeline(par, steps).parallel_rounds)
+    return len(run_timeline(par, steps).parallel_rounds)
 
 
 def sequential_rounds(par: Mapping, steps: int) -> int:
     """The run's sequential rounds (warm-up, sync, cool-down; official's load-only step
     rides on the last warm-up round): the full steps the latency prediction counts."""
-    return sum(r.sequential for r in _timeline(par, steps).rounds)
+    return sum(r.sequential for r in run_timeline(par, steps).rounds)
 
 
 def partition_request(part: dict, n: int) -> PartitionRequest:

@@ -3,6 +3,7 @@
     asyncdiff-plan model=sd15 parallel.n=4
     asyncdiff-plan model=sdxl partition=shell_core parallel.n=3
     asyncdiff-plan model=sd21 partition=paper_sd21_n2 model.variant=full
+    asyncdiff-plan parallel.n=3 parallel.stride=2 parallel.warmup=2 print_comm=true  # + comm.txt
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from omegaconf import DictConfig
 
 from experiments import atomic
 from experiments.cli import checked
+from asyncdiff.lowering import check, lower
 from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds,
-                                partition_request, plain, requested, sequential_rounds)
+                                partition_request, plain, requested, run_timeline,
+                                sequential_rounds)
 from experiments.checks import resolved
 from partition import compile_model, format_plan
 from experiments import zoo
@@ -48,6 +51,14 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
         path = out_dir / cfg.out
         atomic.write_text(path, compiled.plan.to_json())
         print(f"wrote {path}")
+    if cfg.get("print_comm"):
+        comm = lower(run_timeline(par, cfg.scheduler.steps), compiled.plan,
+                     groups=2 if par.get("cfg_parallel") else 1, replicas=par["replicas"])
+        check(comm)  # what would be posted completes under NCCL's rules
+        text = f"{comm}\nreplayed under NCCL's rules: every rank completes"
+        print(text)
+        if out_dir is not None:
+            atomic.write_text(out_dir / "comm.txt", text + "\n")
     return compiled
 
 

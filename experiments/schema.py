@@ -232,6 +232,8 @@ class Config:
     labels: Optional[List[int]] = None  # trained reference models: class labels, cycled
     out: str = "plan.json"             # asyncdiff-plan: written into the run's directory
     print_report: bool = True          # print the plan table
+    print_comm: bool = False           # asyncdiff-plan: print (and write comm.txt) what each
+    #                                    rank sends and receives, round by round (the lowering)
     progress: bool = True              # tqdm bars (on a terminal)
     save_images: bool = True
     wandb: WandbConf = field(default_factory=WandbConf)

@@ -21,7 +21,7 @@ from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.distributed import liveness, trace
 from asyncdiff.distributed.executor import DistributedExecutor
 from asyncdiff.distributed.sharing import check_plan_hash
-from asyncdiff.distributed.transport import TorchTransport
+from asyncdiff.distributed.transport import TorchTransport, Transport
 from asyncdiff.guidance import GuidanceHalf
 from asyncdiff.lowering import checked_program
 from asyncdiff.timeline import build_timeline, devices_needed
@@ -132,21 +132,30 @@ def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
 
 def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
     par = job.parallel
-    per = par.devices
     if world != par.world:
         raise ValueError(f"world size {world}; allowed: replicas × groups × devices = "
-                         f"{par.replicas} × {par.groups} × {per} = {par.world}")
+                         f"{par.replicas} × {par.groups} × {par.devices} = {par.world}")
     check_plan_hash(job.plan, rank, world)
-    pipeline, device = divmod(rank, per)
+    loop = liveness.loop_group(par.timeout_s)  # each wait of the loop: the step limit
+    return rank_loop(job, rank, TorchTransport(rank, loop), rank_device(par.backend, rank))
+
+
+def rank_loop(job: WorkerJob, rank: int, transport: Transport, where: torch.device,
+              wrap=None) -> tuple[torch.Tensor, list]:
+    """One rank's sampling loop on ``where``, its messages through ``transport``: what every
+    launcher runs (processes over torch.distributed, or threads: ``local.py``). ``wrap``: an
+    optional wrapper of the executor (its ``run_round``), for measurements."""
+    par = job.parallel
+    pipeline, device = divmod(rank, par.devices)
     replica, group = divmod(pipeline, par.groups)
     task = job.sampling[replica]
     if par.cfg_parallel and task.guidance is None:
         raise ValueError("parallel.cfg_parallel=true without guidance; allowed: a guidance "
                          "scale (scheduler.guidance), or cfg_parallel=false")
-    where = rank_device(par.backend, rank)
+    segments = job.segments
     if where.type == "cuda":
         torch.cuda.set_device(where)
-        job.segments = [seg.to(where) for seg in job.segments]
+        segments = [seg.to(where) for seg in segments]
         task = _to_device(task, where)
     scheduler = make_scheduler(task.scheduler, **task.scheduler_kwargs)
     scheduler.set_timesteps(task.steps)
@@ -155,13 +164,12 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
     # a schedule that would hang under NCCL is refused here, never posted
     program = checked_program(timeline, job.plan, rank, groups=par.groups,
                               replicas=par.replicas)
-    loop = liveness.loop_group(par.timeout_s)  # each wait of the loop: the step limit
-    executor = DistributedExecutor(job.segments, job.plan, timeline, scheduler.timesteps,
-                                   program, job.specs, job.placeholders,
-                                   job.output, TorchTransport(rank, loop), torch_device=where,
+    executor = DistributedExecutor(segments, job.plan, timeline, scheduler.timesteps,
+                                   program, job.specs, job.placeholders, job.output, transport,
+                                   torch_device=where,
                                    guidance=group if par.cfg_parallel else None,
                                    hoist_inputs=job.hoist_inputs)
-    denoiser = PipelineDenoiser(executor)
+    denoiser = PipelineDenoiser(wrap(executor) if wrap is not None else executor)
     if par.cfg_parallel:  # this rank's half; the executor swaps the ε halves
         denoiser = GuidanceHalf(denoiser, group)
     if job.fault and job.fault.get("rank") == rank:

@@ -45,3 +45,31 @@ def test_nccl_equals_emulator_on_gpu():
     got = launch(c.staged, c.plan, ParallelSpec(n=2, backend="nccl"),
                  [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0].cpu(), want.cpu())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n,stride,warmup,noise", [(2, 1, 1, "fresh"), (3, 2, 2, "fresh"),
+                                                   (3, 2, 2, "official")])
+def test_each_ranks_loop_on_one_gpu_with_its_sends_lowered(n, stride, warmup, noise):
+    """Short of two GPUs: every rank's loop on this GPU (threads, messages in memory under
+    NCCL's matching rules) equals the emulator on the GPU; round times are CUDA events; no
+    host synchronisation inside any parallel round."""
+    from asyncdiff.distributed.local import run_local
+
+    torch.backends.cudnn.deterministic = True
+    c = compiled(n)
+    cond, x = cond_and_noise()
+    par = ParallelSpec(n=n, stride=stride, warmup=warmup, stride_noise=noise)
+    staged = copy.deepcopy(c.staged).to("cuda")
+    sched = make_scheduler("ddim")
+    sched.set_timesteps(STEPS)
+    tl = build_timeline(n, stride, warmup, STEPS, stride_noise=noise)
+    want = sample(PipelineDenoiser(Emulator(staged, c.plan, tl, sched.timesteps)),
+                  make_scheduler("ddim"), x.cuda(), {k: v.cuda() for k, v in cond.items()},
+                  steps=STEPS)
+    got = run_local(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)],
+                    device="cuda")
+    assert got.latents[0].is_cuda and torch.equal(got.latents[0], want)
+    assert got.syncs == {r: 0 for r in range(par.devices)}, got.syncs
+    for stats in got.stats.values():
+        assert all(0 <= s.start <= s.computed <= s.done for s in stats)
