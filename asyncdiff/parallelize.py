@@ -78,8 +78,8 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     """Run ``pipe``'s denoiser as an N-stage asynchronous pipeline until ``detach()``.
 
     ``n``, ``stride``, ``warmup``, ``cooldown``, ``sync``, ``time_shift``, ``stride_noise``: the
-    timeline (DESIGN.md §2, [Note: staleness]; a run of fewer steps than W + C keeps the warm-up
-    first and the sync steps that fall between the two); ``cfg_parallel``: CFG-parallel
+    timeline (docs/design.md §2, [Note: staleness]; a run of fewer steps than W + C keeps the
+    warm-up first and the sync steps that fall between the two); ``cfg_parallel``: CFG-parallel
     (``asyncdiff/guidance.py``): each half of the denoiser's batch — [uncond, cond] when the
     pipeline runs guidance as one batched call — is its own pipeline of N−1+S devices, on
     twice the ranks, ε halves swapped once per step (N = 1: plain CFG-parallel; emulate mode

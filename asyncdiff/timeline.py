@@ -2,7 +2,7 @@
 
 Pure data, no torch: ``build_timeline`` turns (N, S, W, T, time shift, stride noise) into a
 frozen table that the emulator and the distributed executor both walk, and ``format_grid``
-prints it as a round × device grid. The rules are DESIGN.md §2; they are stated once, in
+prints it as a round × device grid. The rules are docs/design.md §2; they are stated once, in
 [Note: staleness] below, and everything else refers to it (AsyncDiff, Chen et al. 2024, Eq. 5).
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Literal
 #   ε_{k+j} is copy j's output (stride_noise="fresh"). With S = 1 this is AsyncDiff Eq. 5,
 #   ε_k = E^N(E^{N−1}(… E^1(x_{k−N+1}, τ_{k−N+1}) …, τ_{k−1}), τ_k), the chain cut at the
 #   seeded warm-up values; a skip connection is one round stale per stage boundary it crosses.
-# * stride_noise="reuse" (the official code at S = 2, DESIGN §2): only copy 0 of stage N−1 runs
-#   (N devices), and its output is ε for every step of the batch.
-# * stride_noise="official" (the public code's S = 2 schedule for every W, research/paper.md
-#   §1.5): "reuse", with batches aligned as that code aligns them: a batch starts at odd k ≥ W.
+# * stride_noise="reuse" (the official code at S = 2, docs/design.md §2): only copy 0 of stage
+#   N−1 runs (N devices), and its output is ε for every step of the batch.
+# * stride_noise="official" (the public code's S = 2 schedule for every W, docs/design.md §2):
+#   "reuse", with batches aligned as that code aligns them: a batch starts at odd k ≥ W.
 #   With an even W, step W is load-only: nothing runs, ε_W = ε_{W−1} (the last warm-up round
 #   covers steps W−1 and W and its ε serves both), and the batches start at W+1 reading the
 #   values that warm-up round published. With an odd W (every W the paper reports) or S = 1
@@ -251,7 +251,7 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
     """The round × device schedule for N stages, stride S, W warm-up steps, T steps, C
     cool-down steps and the ``sync`` steps in between.
 
-    Follows [Note: staleness] (DESIGN.md §2; AsyncDiff Eq. 5, Sec. 3.2 "Stride Denoising").
+    Follows [Note: staleness] (docs/design.md §2; AsyncDiff Eq. 5, Sec. 3.2 "Stride Denoising").
     Devices: N−1+S with ``stride_noise="fresh"``, N with ``"reuse"`` or ``"official"``.
     Without time shift,
     N = 1 with S = 1, and W + C = T, are the sequential sampler. Bad arguments raise ValueError

@@ -35,7 +35,7 @@ from partition.graph import build_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The official code's wrapped modules per component (research/paper.md §3, SD 1.5).
+# The official code's wrapped modules per component (its split tables, SD 1.5).
 OFFICIAL_SD15 = {
     2: [["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3",
          "mid_block", "up_blocks.0", "up_blocks.1.resnets.0", "up_blocks.1.attentions.0",

@@ -1,5 +1,5 @@
 """Predict the speedups of the full-size SD 2.1 UNet on 2-4 GPUs and set them beside the
-paper's Table 1 (A5000, 50 DDIM steps, research/paper.md §2.2).
+paper's Table 1 (A5000, 50 DDIM steps, AsyncDiff Table 1).
 
     python benchmarks/scaling_sd21.py [--bandwidth-gbs 12] [--latency-us 30] [--warmup 1 3]
                                       [--serial-s 0 0.4]
@@ -11,7 +11,7 @@ that cross each cut. The model:
 * one full forward takes t_full = the paper's own sequential latency / 50 (5.51 s / 50: an
   upper bound, as the paper's latency also holds the text encoder and VAE);
 * a stage takes t_full x its FLOP share (FLOPs track GPU time for these large convolutions
-  far better than CPU time: research/feasibility.md);
+  far better than CPU time: measured separately);
 * a round takes the busiest stage plus the receive of its inputs and ε,
   α + bytes / B, in fp16 (half our fp32 bytes), with B a PCIe peer-to-peer bandwidth
   (default 12 GB/s) and α a per-message latency (default 30 µs): "serial";

@@ -103,7 +103,7 @@ class PartitionConf:
 
 @dataclass
 class ParallelConf:
-    """How the pipeline runs (DESIGN.md §2). Devices per pipeline: N−1+S (fresh) or N."""
+    """How the pipeline runs (docs/design.md §2). Devices per pipeline: N−1+S (fresh) or N."""
 
     n: int = 2                 # N: stages
     stride: int = 1            # S: steps one parallel round finishes

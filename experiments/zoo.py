@@ -15,7 +15,7 @@ module itself is the released class, untouched: module paths and state-dict keys
 released model's, so a manual split written against them applies.
 
 Weights are re-drawn by :func:`reinit_` so that no output is identically zero (diffusers
-zero-initialises some output layers, which makes every equality test vacuous; DESIGN §2).
+zero-initialises some output layers, which makes every equality test vacuous; docs/design.md §2).
 """
 from __future__ import annotations
 

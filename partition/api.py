@@ -1,6 +1,6 @@
 """The compiler in one call: capture → cost → graph → strategy → stages → verify → plan.
 
-Two backends feed the same Plan (DESIGN.md §1): ``graph`` (torch.export; stages are cut from
+Two backends feed the same Plan (docs/design.md §1): ``graph`` (torch.export; stages are cut from
 the captured graph and hold only their own weights) and ``module`` (``partition/modular``:
 stages are sets of the network's own blocks, run eagerly), for networks torch.export cannot
 capture. ``backend="auto"`` (the default) takes the graph backend and falls back to the module

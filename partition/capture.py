@@ -257,8 +257,7 @@ def _describe_failure(err: Exception, stack: list[str]) -> str:
 
 def move_graph(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:
     """Move ``gm`` to ``device`` in place: parameters and buffers, and the ``device=``
-    arguments export baked into the graph (``arange(..., device=cpu)`` and friends;
-    research/feasibility.md §5.5)."""
+    arguments export baked into the graph (``arange(..., device=cpu)`` and friends)."""
     return retarget_devices(gm, device).to(device)
 
 

@@ -1,7 +1,7 @@
 """Conditioning: what each stage recomputes every step, and what is computed once per run.
 
 Every compute node that does not depend on the latent (or on another ``per_step`` input) is
-*conditioning* (``partition/graph.py``). Two kinds (DESIGN.md §2):
+*conditioning* (``partition/graph.py``). Two kinds (docs/design.md §2):
 
 * **per-step** conditioning depends on the timestep (the timestep embedding, AdaLN
   modulations, a timestep-scaled RoPE). Each stage that reads it replicates it and computes it

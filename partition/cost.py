@@ -7,7 +7,8 @@ Operators that are neither counted nor of those kinds are listed in ``NodeCosts.
 rather than silently counted as zero.
 
 The stock FlopCounterMode registers only the CUDA attention kernels; on CPU dispatch reaches
-``aten._scaled_dot_product_flash_attention_for_cpu``, which we map (research/feasibility.md §2).
+``aten._scaled_dot_product_flash_attention_for_cpu``, which we map (torch's FLOP counter does
+not know it).
 """
 from __future__ import annotations
 
@@ -207,9 +208,8 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
     with ``threads`` intra-op threads (the thread count each worker will run with). ``device``
     times a copy of the model moved there (the stages' target GPU: time shares on a GPU are
     not those of a CPU, nor FLOP shares); by default, where ``inputs`` are. Measure once and
-    share the result: timings are noisy, so two measurements give two plans
-    (research/feasibility.md §5.8). ``fake_only``: never count on the real values (weights
-    not loaded yet: ``asyncdiff/dropin/lazy.py``).
+    share the result: timings are noisy, so two measurements give two plans. ``fake_only``:
+    never count on the real values (weights not loaded yet: ``asyncdiff/dropin/lazy.py``).
     """
     args = [inputs[s.name] for s in captured.specs]
     with intra_op_threads(threads) as used:

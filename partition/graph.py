@@ -3,7 +3,7 @@
 The *trunk* is every compute node that depends on the latent input (or on another input of
 role ``per_step``); it is what gets cut into stages. Every other compute node is
 *conditioning* (timestep embedding, text projections, added conditions, RoPE tables): it
-depends only on inputs every device holds, so it is never sent (DESIGN.md §2). Per-step
+depends only on inputs every device holds, so it is never sent (docs/design.md §2). Per-step
 conditioning is replicated into each stage that uses it; conditioning that depends on neither
 the latent nor the timestep is computed once per run (``partition/conditioning.py``).
 

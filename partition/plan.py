@@ -1,4 +1,4 @@
-"""The Plan: frozen, JSON round-trip, deterministic data describing a split (DESIGN.md §3).
+"""The Plan: frozen, JSON round-trip, deterministic data describing a split (docs/design.md §3).
 
 Everything except the ``measured`` block and the ``verification`` record is a deterministic
 function of the model, its example inputs and the partition request when the cost model is

@@ -2,7 +2,7 @@
 
 A *segment* is a maximal run of trunk nodes on one stage (a contiguous stage has one; the
 shell of a shell/core placement has two). Each segment graph holds its trunk nodes plus a
-replica of every per-step conditioning node they need (DESIGN.md §2: recomputed from the
+replica of every per-step conditioning node they need (docs/design.md §2: recomputed from the
 timestep the stage is fed, never sent), and only the parameters those nodes read. Inputs and
 outputs are named by the node names of the captured graph, so values flow between segments by
 name.
@@ -60,7 +60,7 @@ class Segment:
 
     def to(self, device: torch.device | str) -> "Segment":
         """Move to ``device``: parameters, and the ``device=`` arguments export baked into
-        the graph (``arange(..., device=cpu)`` and friends; research/feasibility.md §5.5)."""
+        the graph (``arange(..., device=cpu)`` and friends)."""
         move_graph(self.gm, device)
         return self
 

@@ -1,7 +1,7 @@
 """Hand-written denoisers for the compiler's tests: each exercises one way a real network can
 trip a compiler (in-place writes, data-dependent shapes, uncapturable Python, heavy
 conditioning, unusual call signatures). Every one is *sensitive*: its output depends on every
-input, on the timestep and on every block (DESIGN.md §2, invariants)."""
+input, on the timestep and on every block (docs/design.md §2, invariants)."""
 from __future__ import annotations
 
 import functools

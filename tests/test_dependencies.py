@@ -1,4 +1,4 @@
-"""The part of DESIGN.md §1's dependency rule that import-linter (setup.cfg, run by
+"""The part of docs/design.md §1's dependency rule that import-linter (setup.cfg, run by
 ``make test``) cannot state: it treats an external package whole, so "no torch.distributed in
 partition or schedulers" is checked here on the source."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The module backend: for networks torch.export cannot capture (DESIGN.md §1).
+"""The module backend: for networks torch.export cannot capture (docs/design.md §1).
 
 Stages are sets of the network's own blocks (``blocks.py``), run eagerly with a block owned
 elsewhere answered by the value its owner produced (``segment.py``). The same strategies cut

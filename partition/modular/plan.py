@@ -1,4 +1,4 @@
-"""The Plan of a module-backend split: the same type the graph backend makes (DESIGN.md §3),
+"""The Plan of a module-backend split: the same type the graph backend makes (docs/design.md §3),
 with ``backend="module"`` and the costs particular to it in its notes."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The last stage (the one emitting ε) holds a prefix ``[0, a)`` and a suffix ``[b
 the trunk — for a UNet, the high-resolution outer blocks — and the middle ``[a, b)`` is cut
 contiguously into the other ``n-1`` stages. Skip connections between prefix and suffix stay
 on one device, which is why the paper's SDXL shell sends ~13x fewer bytes per step than the
-best contiguous cut (research/official-splits.md). Pairs ``(a, b)`` are tried at module
+best contiguous cut (the official splits). Pairs ``(a, b)`` are tried at module
 boundaries of ``shell_depth``; the middle at ``depth``. Every candidate is scored by its
 slowest stage and its exact point-to-point bytes; the Pareto front is kept in the notes.
 """

@@ -1,6 +1,6 @@
 """Shared fixtures for the runtime tests: a tiny *sensitive* SD-1.5-layout UNet, compiled.
 
-DESIGN.md §2: every parameter is re-drawn at random (the zoo does it) and the output must
+docs/design.md §2: every parameter is re-drawn at random (the zoo does it) and the output must
 depend measurably on the timestep; ``test_model_is_sensitive`` checks both, so a change that
 made the model insensitive would fail loudly instead of making the equivalences vacuous.
 """

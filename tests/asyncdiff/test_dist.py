@@ -1,4 +1,4 @@
-"""Distributed executor == emulator, bit-exact (DESIGN.md §2 invariant 3), and faults.
+"""Distributed executor == emulator, bit-exact (docs/design.md §2 invariant 3), and faults.
 
 Every launch runs real worker processes over gloo on 127.0.0.1 with one thread each.
 The matrix covers each N ∈ {2,3,4}, each S ∈ {1,2,3}, several W, time shift on and off,

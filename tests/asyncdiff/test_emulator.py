@@ -94,7 +94,7 @@ def test_async_differs_from_sequential():
 
 
 # --------------------------------------------------------------------------------------
-# Hand-unrolled schedules (DESIGN.md §2 executed by hand, no timeline involved)
+# Hand-unrolled schedules (docs/design.md §2 executed by hand, no timeline involved)
 
 
 class Hand:
@@ -227,7 +227,7 @@ def test_reuse_uses_copy0_for_the_whole_batch():
 
 
 def test_official_even_warmup_re_emits_the_last_warmup_eps():
-    """stride_noise=official, W = 2 (research/paper.md §1.5): step 2 is load-only (ε_2 = ε_1),
+    """stride_noise=official, W = 2 (docs/design.md §2): step 2 is load-only (ε_2 = ε_1),
     the first batch starts at k = 3 on the values of warm-up step 1; E² copy 0 fed τ_3, its ε
     used for steps 3 and 4."""
     h = Hand(2, 5)

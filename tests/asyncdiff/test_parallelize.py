@@ -1,7 +1,7 @@
 """The diffusers drop-in on unmodified pipelines: SD 1.5, SDXL, SD3, PixArt-α.
 
 Tiny pipelines are built from the zoo's tiny configs (``conf/model/*.yaml``; every weight
-re-drawn, DESIGN.md §2) with a tiny VAE and no text encoder or tokenizer: the prompts enter
+re-drawn, docs/design.md §2) with a tiny VAE and no text encoder or tokenizer: the prompts enter
 as embeddings. For each family:
 
 * ``warmup >= steps``: the parallelized pipeline's latents equal the unpatched pipeline's

@@ -1,6 +1,6 @@
-"""The timeline against hand-worked schedules (DESIGN.md §2) and its invariants (hypothesis).
+"""The timeline against hand-worked schedules (docs/design.md §2) and its invariants (hypothesis).
 
-Expected tables are written from DESIGN §2 and paper §1.4–1.6 by hand, not from the code.
+Expected tables are written from docs/design.md §2 and the paper by hand, not from the code.
 A row is (device, stage, t_step, latent_step, inputs_round, eps_steps); inputs_round is the
 round whose published cross-stage values the action reads.
 """
@@ -75,7 +75,7 @@ def test_n3_s2_reuse_by_hand():
 
 
 def test_official_even_warmup_has_a_load_only_step():
-    """The public code at S = 2 (research/paper.md §1.5): batches start at odd k ≥ W; with an
+    """The public code at S = 2 (docs/design.md §2): batches start at odd k ≥ W; with an
     even W step W computes nothing and re-emits ε_{W−1}."""
     tl = build_timeline(n=3, stride=2, warmup=2, steps=8, stride_noise="official")
     assert tl.devices == 3

@@ -20,7 +20,7 @@ from partition.spec import InputSpec, call_denoiser
 MODELS = zoo.model_names()
 
 # Parameter counts of the full configs, counted on the meta device. Cross-checked against
-# the released checkpoints: sd15 859.5M, sd21 865.9M, sdxl 2567.5M (research/official-splits.md),
+# the released checkpoints: sd15 859.5M, sd21 865.9M, sdxl 2567.5M (the official splits),
 # sd3 medium 2.03B, flux-dev 11.9B, svd-xt 1.52B, pixart-alpha 0.61B, animatediff =
 # SD-1.5 UNet + 453M motion modules. diffusers' DiT-XL/2 has 749.8M, not the paper's 675M:
 # every block carries its own timestep/label embedding (the checkpoint loads one copy into each).

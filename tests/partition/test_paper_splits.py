@@ -1,6 +1,6 @@
 """The paper's own splits (conf/partition/paper_*.yaml) as manual plans on the tiny models:
 they validate, chain exactly, and reproduce the paper's assignment of cross-stage values
-(DESIGN.md §2 invariant 4)."""
+(docs/design.md §2 invariant 4)."""
 from __future__ import annotations
 
 from pathlib import Path
