@@ -81,9 +81,3 @@ class GuidanceHalf:
 
     def __call__(self, x, t, step, cond):
         return self.denoiser(*_call(x, cond, self.group, t, step))
-
-
-def group_of(rank: int, devices: int) -> int:
-    """The guidance group of ``rank`` in groups of ``devices`` ranks: group g holds ranks
-    g·devices … (g+1)·devices − 1 of each replica."""
-    return (rank // devices) % 2

@@ -25,7 +25,9 @@ class OncePerRun:
         """True on the first call and whenever an input differs from the last computation's
         (then the caller recomputes; the new inputs are remembered). The same memory, not
         written since (a view of it, as a guidance half is), is the same without reading
-        it: no host synchronisation with a GPU in a run that passes the same tensors."""
+        it: no host synchronisation with a GPU in a run that passes the same tensors. Every
+        rank of a run decides alike (the hoist group is posted by all or none: [Note:
+        lowering]) because every rank is handed the same inputs, as it is the same latent."""
         now = {k: env[k] for k in self.names}
         seen = self._seen
         self._seen = {k: (v, _version(v)) for k, v in now.items()}

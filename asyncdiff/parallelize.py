@@ -51,7 +51,7 @@ from asyncdiff.dropin.session import Options, Session
 from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
 from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
 from asyncdiff.dropin.weights import Parked
-from asyncdiff.guidance import group_of
+from asyncdiff.lowering import place
 from asyncdiff.timeline import build_cache_timeline, build_timeline
 from partition.capture import capture
 from partition.contract import DenoiserContract
@@ -172,7 +172,7 @@ class Handle:
         # CFG-parallel: each half of the batch is its own stream (its own pipeline)
         if self.options.mode == "distributed":
             import torch.distributed as dist
-            group = group_of(dist.get_rank(), self.options.devices)
+            group = place(dist.get_rank(), self.options.devices, 2)[1]
             half = half_call(call, group)
             stream = self._stream(d, (d.attr, j, group), step, taus, half)
             eps = stream.denoise(half)  # its executor swaps the ε halves: the whole batch's

@@ -28,6 +28,7 @@ captures, plans and verifies the denoiser (``first_call_s`` records it).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -130,8 +131,8 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     log.info("asyncdiff: %s from %s on %d ranks", data["pipeline"]["cls"],
              data["pipeline"]["path"], world)
     data = {**data, "parallel": {**par, "step_timeout_s": step_s}}  # the loop's, measured
-    done = run_ranks(Task(rank_task, data, backend, step_s,
-                          par.get("startup_timeout_s") or STARTUP_S), world, run_s)
+    done = run_ranks(Task(rank_task, data, backend, par.get("startup_timeout_s") or STARTUP_S),
+                     world, run_s)
     images = from_bytes(done[0].payload)
     ranks = {r: {"seconds": d.extra["seconds"], "peak_rss": d.peak_rss} for r, d in done.items()}
     from experiments.pipeline_record import finish_pipeline
@@ -153,10 +154,8 @@ def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
     liveness.start(startup)
     payload, extra = rank_task(rank, world, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gathered = [None] * world if rank == 0 else None
-    liveness.arrive("the end")
-    dist.gather_object({"seconds": extra["seconds"], "peak_rss": peak}, gathered, dst=0)
-    dist.barrier()
+    gathered = [json.loads(g) for g in liveness.exchange(
+        "the end", json.dumps({"seconds": extra["seconds"], "peak_rss": peak}))]
     liveness.stop()
     dist.destroy_process_group()
     if rank == 0:

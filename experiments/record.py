@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from asyncdiff.lowering import place
 from experiments import atomic
 
 import torch
@@ -33,8 +34,7 @@ def timeline_rows(stats: Mapping[int, Sequence], devices: int, groups: int = 1,
     ``placement``: per rank, where it ran (host, local rank, device; torchrun)."""
     rows = []
     for rank in sorted(stats):
-        pipeline, device = divmod(rank, devices)
-        replica, group = divmod(pipeline, groups)  # group: the guidance half (CFG-parallel)
+        replica, group, device = place(rank, devices, groups)  # group: the guidance half
         where = (placement or {}).get(rank, {})
         for s in stats[rank]:
             rows.append({"rank": rank, **where, "replica": replica, "group": group,

@@ -16,6 +16,8 @@ metrics, images and the W&B run.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import resource
@@ -32,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from asyncdiff.distributed.launch import launch
 from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0, try_capture
 from asyncdiff.distributed import limits, liveness
+from asyncdiff.distributed.executor import RoundStats
 from asyncdiff.distributed.worker import (WorkerJob, fault_from_env, init_group, inject,
                                           placement, run_job)
 from asyncdiff.timeline import stage_of_device
@@ -192,26 +195,26 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
                     output=plan.output, parallel=par, sampling=jobs,
                     progress=bool(cfg.progress), fault=fault)
     bundle = captured = None  # keep only this rank's stage (rank 0: and the plan's)
-    dist.barrier()
+    liveness.arrive("sampling")
     t0 = time.perf_counter()
     latent, stats = run_job(job, rank, world)
     wall = time.perf_counter() - t0
     if rank % (par.devices * par.groups) == 0:  # the first rank of each replica
         atomic.save_torch(latent, out / f"result_replica{rank // (par.devices * par.groups)}.pt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gathered = [None] * world if rank == 0 else None
-    liveness.arrive("the end")
-    dist.gather_object((stats, peak, placement(par.backend, rank)), gathered, dst=0)
-    dist.barrier()
+    mine = {"stats": [dataclasses.asdict(s) for s in stats], "peak": peak,
+            "placement": placement(par.backend, rank)}
+    gathered = [json.loads(g) for g in liveness.exchange("the end", json.dumps(mine))]
     liveness.stop()
     dist.destroy_process_group()
     if rank == 0:  # the others are done; rank 0 runs the baseline and writes the results
         ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress,
-                                   par.cfg_parallel)
-        rows = timeline_rows({r: g[0] for r, g in enumerate(gathered)}, par.devices,
-                             par.groups, {r: g[2] for r, g in enumerate(gathered)})
+                                       par.cfg_parallel)
+        rows = timeline_rows({r: [RoundStats(**s) for s in g["stats"]]
+                              for r, g in enumerate(gathered)}, par.devices, par.groups,
+                             {r: g["placement"] for r, g in enumerate(gathered)})
         finish(cfg, out, plan, par, [latent], ref, t_seq, wall, rows,
-               {r: g[1] for r, g in enumerate(gathered)})
+               {r: g["peak"] for r, g in enumerate(gathered)})
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -60,8 +60,11 @@ class Segment:
 
     def to(self, device: torch.device | str) -> "Segment":
         """Move to ``device``: parameters, and the ``device=`` arguments export baked into
-        the graph (``arange(..., device=cpu)`` and friends)."""
-        move_graph(self.gm, device)
+        the graph (``arange(..., device=cpu)`` and friends). Already there: nothing (the graph
+        is not recompiled under a thread that may be running it)."""
+        if getattr(self, "_device", None) != str(torch.device(device)):
+            move_graph(self.gm, device)
+            self._device = str(torch.device(device))
         return self
 
 

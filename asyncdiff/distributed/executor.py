@@ -23,6 +23,7 @@ conditioning is compared by identity first.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 from asyncdiff.distributed.transport import Transport
 from asyncdiff.hoisted import OncePerRun
 from asyncdiff.inputs import DTYPES, model_env, timestep_tensor
-from asyncdiff.lowering import Compute, Group, RankProgram
+from asyncdiff.lowering import Compute, Group, RankProgram, stage_devices
 from asyncdiff.timeline import Round, Timeline, stage_of_device
 from partition.plan import Plan
 from partition.stages import Segment
@@ -71,9 +72,15 @@ class DistributedExecutor:
         self.segments = {s.start: s for s in segments if not s.prologue}
         sent = {h.name for h in plan.hoisted if h.home >= 0}
         prologues = [s for s in segments if s.prologue]
-        self.sender = next((s for s in prologues if set(s.outputs) <= sent), None) \
-            if sent else None
-        self.prologues = [s for s in prologues if s is not self.sender]
+        sender = next((s for s in prologues if set(s.outputs) <= sent), None) if sent else None
+        self.prologues = [s for s in prologues if s is not sender]
+        # the sent values are computed on the home stage's first device only, and sent (its
+        # stride copies receive them: [Note: lowering])
+        runs = stage_devices(timeline)
+        homes = {runs[h.home][0] for h in plan.hoisted if h.home >= 0 and h.home in runs}
+        self.sender = sender if self.d in homes else None
+        # a stride copy that never runs (every batch shorter than S) needs no hoisted values
+        self.computes = any(isinstance(i, Compute) for items in program.rounds for i in items)
         # every rank of a pipeline tracks the same inputs, so all decide alike whether the
         # hoist group is posted again ([Note: lowering])
         self.once = OncePerRun(hoist_inputs)
@@ -123,7 +130,7 @@ class DistributedExecutor:
                   cond: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         start = self._mark()
         with torch.no_grad():
-            self._hoist(x, cond)
+            hoist_bytes = self._hoist(x, cond, rnd.index)
             action = rnd.on(self.d)
             t_step = action.t_step if action is not None else rnd.steps[0]
             env: dict[str, torch.Tensor] = {**(self.held if not rnd.sequential else {}),
@@ -146,7 +153,7 @@ class DistributedExecutor:
             self.held = {**({k: env[k] for k in inputs if k in env}
                             if rnd.sequential and action is not None else {}), **received}
         self._marks.append((rnd.index, start, computed, self._mark(),
-                            self.program.bytes_sent(rnd.index),
+                            self.program.bytes_sent(rnd.index) + hoist_bytes,
                             action.stage if action else None))
         return eps
 
@@ -177,7 +184,7 @@ class DistributedExecutor:
         for c in group.ops:
             p = c.payload
             if c.op == "send":
-                bufs.append(self._outgoing(p, env, eps))
+                bufs.append(self._outgoing(group, c, env, eps))
             else:
                 shape = self.eps_shape if p.kind in ("eps", "half") else (p.numel,)
                 bufs.append(torch.empty(shape, dtype=DTYPES[p.dtype],
@@ -202,35 +209,52 @@ class DistributedExecutor:
             for k in steps:
                 eps[k] = both
 
-    def _outgoing(self, p, env, eps) -> torch.Tensor:
+    def _outgoing(self, group: Group, c, env, eps) -> torch.Tensor:
+        """What ``c`` sends, checked against its lowered payload (element count, dtype): a
+        value of another dtype or shape would fail far away under gloo and arrive as garbage
+        under NCCL."""
+        p = c.payload
         if p.kind == "eps":
-            return _contiguous(env[self.output])
-        if p.kind == "half":
-            return _contiguous(eps[p.steps[0]])
-        return _pack([env[n] for n in p.names])
+            out = _contiguous(env[self.output])
+        elif p.kind == "half":
+            out = _contiguous(eps[p.steps[0]])
+        else:
+            out = _pack([env[n] for n in p.names])
+        if out.numel() != p.numel or out.dtype != DTYPES[p.dtype]:
+            raise RuntimeError(
+                f"rank {self.transport.rank}: round {group.round} {group.phase}: "
+                f"{p.describe()} to rank {c.peer} holds {out.numel()} {out.dtype}, lowered as "
+                f"{p.numel} {p.dtype} ({', '.join(p.names) or p.kind}): the stage computed "
+                "values of another shape or dtype than it was planned with")
+        return out
 
     def _shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
     # ------------------------------------------------------------------ hoisted values
-    def _hoist(self, x, cond) -> None:
-        """The hoisted values, once per run and again when the conditioning changes."""
-        if not (self.prologues or self.sender or self.program.hoist):
-            return
+    def _hoist(self, x, cond, round_index: int) -> int:
+        """The hoisted values, once per run and again when the conditioning changes; returns
+        the bytes this rank sent for them."""
+        if not (self.computes and (self.prologues or self.sender or self.program.hoist)):
+            return 0
         env = model_env(self.specs, self.placeholders, x, self._timestep(0), cond)
         if not self.once.changed(env):
-            return
+            return 0
         if self.sender is not None:
             env.update(self.sender(env))
+        sent = 0
         if self.program.hoist is not None:
             got: dict[str, torch.Tensor] = {}
-            self._exchange(self.program.hoist, env, {}, got)
+            group = dataclasses.replace(self.program.hoist, round=round_index)
+            self._exchange(group, env, {}, got)
             env.update(got)
+            sent = group.bytes_sent
         for seg in self.prologues:
             env.update(seg(env))
         names = {h.name for h in self.plan.hoisted}
         self.hoisted = {k: v for k, v in env.items() if k in names}
         self.hoisted.update({k: env[k] for seg in self.prologues for k in seg.outputs})
+        return sent
 
 
 def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -83,8 +83,8 @@ class Task:
     fn: Callable[[int, int, Any], tuple[bytes | None, Any]]
     arg: Any
     backend: str
-    timeout_s: float    # each wait for a peer in the sampling loop (its group's timeout)
-    startup_s: float = STARTUP_S  # a rank silent this long before the first step has failed
+    startup_s: float = STARTUP_S  # before the first step, the longest wait at a meeting point
+    #                               (the loop's step limit is the task's: liveness.loop_group)
 
 
 @dataclass
@@ -98,21 +98,19 @@ class RankResult:
 def _entry(rank: int, world: int, port: int, task: Task, results) -> None:
     """One worker (``start_processes`` passes its index as ``rank``)."""
     try:
-        # start-up collectives meet first (liveness.arrive), so their own bound is a backstop
+        # start-up goes through the store (liveness.py): the group's own bound is a backstop
         timeout = datetime.timedelta(seconds=task.startup_s)
         store = dist.TCPStore(HOST, port, world, is_master=False, timeout=timeout)
         dist.init_process_group(task.backend, store=store, rank=rank, world_size=world,
                                 timeout=timeout)
         liveness.start(task.startup_s, store)
         liveness.arrive("the start")
-        dist.barrier()
         t0 = time.perf_counter()
         payload, extra = task.fn(rank, world, task.arg)
         wall = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         results.put(("ok", rank, payload, (extra, peak), wall))
         liveness.arrive("the end")
-        dist.barrier()
         liveness.stop()
         dist.destroy_process_group()
     except BaseException as err:  # noqa: BLE001 - reported to the parent, then exit non-zero
@@ -133,7 +131,7 @@ def run_ranks(task: Task, world: int, timeout_s: float) -> dict[int, RankResult]
     ctx = mp.start_processes(_entry, args=(world, store.port, task, results), nprocs=world,
                              join=False, start_method=method)
     try:
-        return _collect(ctx, results, timeout_s)
+        return _collect(ctx, results, timeout_s, store)
     except WorkerError as err:
         _stop(ctx)
         err.pids = tuple(ctx.pids())
@@ -185,8 +183,7 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
                 placeholders=staged.placeholders, output=staged.output, parallel=parallel,
                 sampling=sampling, fault=fault, progress=progress, trace_dir=trace_dir),
                 os.path.join(jobs, f"{rank}.pt"))
-        task = Task(_sampling, jobs, parallel.backend, parallel.timeout_s,
-                    parallel.startup_timeout_s)
+        task = Task(_sampling, jobs, parallel.backend, parallel.startup_timeout_s)
         done = run_ranks(task, world, timeout_s)
     latents = {r // (per * parallel.groups): from_bytes(d.payload) for r, d in done.items()
                if d.payload is not None}
@@ -195,7 +192,7 @@ def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: li
                         {r: d.peak_rss for r, d in done.items()})
 
 
-def _collect(ctx, results, timeout_s: float) -> dict[int, RankResult]:
+def _collect(ctx, results, timeout_s: float, store=None) -> dict[int, RankResult]:
     done: dict[int, RankResult] = {}
     world = len(ctx.processes)
     deadline = time.monotonic() + timeout_s
@@ -205,13 +202,23 @@ def _collect(ctx, results, timeout_s: float) -> dict[int, RankResult]:
         except queue.Empty:
             for rank, p in enumerate(ctx.processes):
                 if p.exitcode not in (None, 0) and rank not in done:
+                    said = liveness.records(store, world) if store is not None else {}
+                    why = f": {said[rank]}" if rank in said else ""
                     raise WorkerError(f"rank {rank} died (exit code {p.exitcode}) before "
-                                      "reporting; stopped every other worker")
+                                      f"reporting{why}; stopped every other worker")
             if time.monotonic() > deadline:
                 raise WorkerError(f"no result within {timeout_s:.0f} s; stopped every worker")
             continue
         if kind == "error":
-            dead = _killed(ctx, rank)
+            # a peer's view of a failure (it waited on a rank that died, stopped or is itself
+            # waiting): give the rank that found the culprit time to put it down
+            grace = liveness.SILENT_S + 2.0 if payload.startswith(("PeerError",
+                                                                   "StartupError")) else 1.0
+            dead = _killed(ctx, rank, grace)
+            said = liveness.records(store, world) if store is not None else {}
+            if dead is not None and dead[0] in said:  # put down by a peer, or ended itself
+                raise WorkerError(f"rank {dead[0]} stopped answering ({said[dead[0]]}); "
+                                  f"rank {rank} saw: {payload}; stopped every other worker")
             if dead is not None:  # the error is a peer's view of a rank that died first
                 raise WorkerError(f"rank {dead[0]} died (exit code {dead[1]}); rank {rank} "
                                   f"saw: {payload}; stopped every other worker")

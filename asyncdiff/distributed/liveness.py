@@ -1,74 +1,128 @@
-"""Before the first step: waits that name a rank that stopped, instead of hanging on it.
+"""Before the first step: agreement through the rendezvous store, and waits that name a rank
+that stopped or hangs instead of waiting on it.
 
-Start-up takes as long as it takes (rank 0 planning a full-size model can take minutes while
-the others wait for its plan), so a fixed collective timeout would either kill a slow but
-healthy start or wait far too long for a dead one. Instead every rank keeps a heartbeat in
-the rendezvous store (a thread: it stops when the process is stopped, killed or wedged
-outside Python's reach), and before each start-up collective every rank *arrives* at a
-named point and waits for the others there, for as long as each missing rank's heartbeat
-moves. A missing rank whose heartbeat has not moved for ``limit_s`` (the start-up limit,
-``parallel.startup_timeout_s``) ends the wait with an error naming it and the point it did
-not reach. The collective that follows then runs with every rank present.
+Start-up (building and capturing the model, rank 0 planning, every rank rebuilding its
+stage, the plan check) exchanges only small objects, so it goes through the rendezvous store
+(any backend: no device, no collective of NCCL's before the loop), at named *meeting points*:
+every rank arrives, and waits for the others at most ``limit_s`` (the start-up limit,
+``parallel.startup_timeout_s``) from its own arrival. A rank missing then is named, with
+what its heartbeat says: every rank keeps one in the store, beaten by a thread of its own on
+a connection of its own, which stops when the process is stopped or dies, and goes on when
+it hangs ("alive, but not at <point> within 120 s"). Planning a model bigger than the limit
+allows needs a bigger ``parallel.startup_timeout_s``; the message says so.
 
-From the first step on, every wait is a point-to-point wait of the lowered program, bounded
-by the loop group's timeout (``parallel.step_timeout_s``), and the rank that did not answer
-is named by the one waiting on it (``asyncdiff/distributed/transport.py``).
+From the first step on every wait is a point-to-point wait of the lowered program, bounded
+by the step limit (``parallel.step_timeout_s``) of the loop's own group, and the rank waiting
+names the one that did not answer (``transport.py``).
 
-A rank found silent is *put down* (:func:`put_down`) by the one that found it, when both run on
-the same host: SIGKILL to the process id it registered. A stopped process keeps a SIGTERM
-pending until it is continued, so a launcher's SIGTERM would leave it behind (torchrun waits
-30 s more, then kills it); the run has failed either way, and this ends it within the limit.
+A rank found *silent* (its heartbeat still for the liveness window) is put down by the one
+that found it, when both run on one host and the process is verifiably the one that
+registered (host, boot, PID namespace, PID, start time): SIGKILL. A stopped process keeps
+SIGTERM pending until it is continued, so a launcher's SIGTERM would leave it behind
+(torchrun waits 30 s more, then kills it). A live rank is never put down: it may be waiting
+on the silent one. The reason is recorded, for the launcher to report.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import Counter
 
 import torch.distributed as dist
 
-PREFIX = "asyncdiff/live"
+BEAT_S = 0.5    # heartbeat period
+SILENT_S = 3.0  # a heartbeat still this long: the process is stopped or dead
 
 
 class StartupError(RuntimeError):
-    """A rank stopped answering before the first step."""
+    """A rank did not reach a start-up meeting point in time."""
+
+
+def _namespace() -> str:
+    """Keys of this run: a torchrun restart rendezvouses again on the same store."""
+    return "asyncdiff/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", "run"),
+                                    os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def identity(pid: int | None = None) -> dict:
+    """What makes a process this process: host, boot, PID namespace, PID, start time."""
+    pid = os.getpid() if pid is None else pid
+    return {"host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"),
+            "pidns": _pidns(pid), "pid": pid, "start": _start_time(pid)}
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pidns(pid: int) -> int:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _start_time(pid: int) -> str:
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[-1].split()[19] if stat else ""
 
 
 class Liveness:
-    """This rank's heartbeat in ``store`` and its start-up meeting points."""
+    """This rank's heartbeat, meeting points and exchanges, in ``store``."""
 
-    def __init__(self, store, rank: int, world: int, limit_s: float, period_s: float = 0.5):
+    def __init__(self, store, rank: int, world: int, limit_s: float):
         self.store, self.rank, self.world = store, rank, world
-        self.limit_s, self.period_s = float(limit_s), period_s
+        self.limit_s = float(limit_s)
+        self.ns = _namespace()
         self._points: Counter[str] = Counter()
         self._stop = threading.Event()
-        store.set(f"{PREFIX}/pid/{rank}", f"{socket.gethostname()} {os.getpid()}")
-        self._beat()
-        self._thread = threading.Thread(target=self._beating, daemon=True,
+        self.store.set(self._key("who", rank), json.dumps(identity()))
+        beats = store.clone()  # a thread of its own needs a connection of its own
+        beats.add(self._key("beat", rank), 1)
+        self._thread = threading.Thread(target=self._beating, args=(beats,), daemon=True,
                                          name=f"asyncdiff-heartbeat-{rank}")
         self._thread.start()
 
-    def _beat(self) -> None:
-        self.store.add(f"{PREFIX}/beat/{self.rank}", 1)
+    def _key(self, *parts) -> str:
+        return "/".join([self.ns, *map(str, parts)])
 
-    def _beating(self) -> None:
-        while not self._stop.wait(self.period_s):
+    def _beating(self, beats) -> None:
+        while not self._stop.wait(BEAT_S):
             try:
-                self._beat()
-            except Exception:  # noqa: BLE001 - the store is gone: the run is over
-                return
+                beats.add(self._key("beat", self.rank), 1)
+            except Exception:  # noqa: BLE001 - a passing store error: beat again next time
+                continue
 
+    def beat_of(self, rank: int) -> int:
+        return self.store.add(self._key("beat", rank), 0)
+
+    def silent(self, rank: int, window_s: float = SILENT_S) -> bool:
+        """Whether ``rank``'s heartbeat stays still for ``window_s`` (stopped or dead)."""
+        first, t0 = self.beat_of(rank), time.monotonic()
+        while time.monotonic() - t0 < window_s:
+            time.sleep(BEAT_S / 2)
+            if self.beat_of(rank) != first:
+                return False
+        return True
+
+    # ------------------------------------------------------------------ meetings
     def arrive(self, point: str) -> None:
         """Wait until every rank has arrived at ``point`` (the n-th arrival at a point of
-        that name meets the others' n-th); raise :class:`StartupError` naming a rank whose
-        heartbeat stopped for ``limit_s`` before it arrived."""
+        that name meets the others' n-th); at most ``limit_s`` from this rank's arrival."""
         self._points[point] += 1
-        key = f"{PREFIX}/at/{point}/{self._points[point]}"
+        key = self._key("at", point, self._points[point])
         self.store.set(f"{key}/{self.rank}", "1")
+        t0 = time.monotonic()
         seen: dict[int, tuple[int, float]] = {}
         while True:
             missing = [r for r in range(self.world) if not self.store.check([f"{key}/{r}"])]
@@ -76,39 +130,80 @@ class Liveness:
                 return
             now = time.monotonic()
             for r in missing:
-                beat = self.store.add(f"{PREFIX}/beat/{r}", 0)
+                beat = self.beat_of(r)
                 if r not in seen or seen[r][0] != beat:
                     seen[r] = (beat, now)
-                elif now - seen[r][1] > self.limit_s:
-                    self.put_down(r)
-                    raise StartupError(
-                        f"rank {r} stopped answering before {point}: no heartbeat for "
-                        f"{self.limit_s:.0f} s (parallel.startup_timeout_s; stopped, hung or "
-                        "dead)")
-            time.sleep(min(0.2, self.period_s))
+            if now - t0 > self.limit_s:
+                r = missing[0]
+                still = now - seen[r][1]
+                if still > SILENT_S:
+                    self.put_down(r, f"no heartbeat for {still:.0f} s before {point}")
+                    state = f"no heartbeat for {still:.0f} s: stopped or dead"
+                else:
+                    state = ("alive, but busy or hung: raise parallel.startup_timeout_s if it "
+                             "is planning a large model")
+                raise StartupError(
+                    f"rank {r} did not reach {point} within {self.limit_s:.0f} s of this rank "
+                    f"(parallel.startup_timeout_s): {state}"
+                    + (f"; also missing: ranks {missing[1:]}" if missing[1:] else ""))
+            time.sleep(0.1)
 
-    def put_down(self, rank: int) -> bool:
-        """SIGKILL ``rank`` if it runs on this host (module docstring); True if it was sent."""
-        if rank == self.rank or not self.store.check([f"{PREFIX}/pid/{rank}"]):
+    def exchange(self, point: str, value: str) -> list[str]:
+        """Every rank's ``value`` at ``point`` (an all-gather through the store)."""
+        n = self._points[point] + 1
+        self.store.set(self._key("val", point, n, self.rank), value)
+        self.arrive(point)
+        return [self.store.get(self._key("val", point, n, r)).decode()
+                for r in range(self.world)]
+
+    # ------------------------------------------------------------------ putting down
+    def put_down(self, rank: int, why: str) -> bool:
+        """SIGKILL ``rank`` if it is silent and runs on this host as the process it
+        registered (module docstring); record why. True if it was sent."""
+        if rank == self.rank or not self.store.check([self._key("who", rank)]):
             return False
-        host, pid = self.store.get(f"{PREFIX}/pid/{rank}").decode().split()
-        if host != socket.gethostname():
+        who = json.loads(self.store.get(self._key("who", rank)).decode())
+        if who["pid"] == os.getpid():
+            return False
+        here = identity(who["pid"])
+        if any(who[k] != here[k] for k in ("host", "boot", "pidns", "start")) or \
+                not who["start"] or not self.silent(rank):
             return False
         try:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(who["pid"], signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             return False
+        self.store.set(self._key("down", rank), f"put down by rank {self.rank}: {why}")
         return True
+
+    def downed(self, rank: int) -> str | None:
+        """Why ``rank`` was put down, if it was."""
+        key = self._key("down", rank)
+        return self.store.get(key).decode() if self.store.check([key]) else None
 
     def close(self) -> None:
         self._stop.set()
+
+
+def records(store, world: int) -> dict[int, str]:
+    """What the ranks recorded of each other in ``store``: who was put down, and why; what a
+    rank reported as it ended itself (``report``). For a launcher that owns the store."""
+    ns, out = _namespace(), {}
+    for r in range(world):
+        for kind in ("down", "failed"):
+            key = f"{ns}/{kind}/{r}"
+            if store.check([key]):
+                out[r] = store.get(key).decode()
+                break
+    return out
 
 
 _current: Liveness | None = None
 
 
 def start(limit_s: float, store=None) -> Liveness:
-    """Install this process's heartbeat (in ``store``, or the default group's store)."""
+    """Install this process's heartbeat and meetings, in ``store`` (default: the default
+    process group's store)."""
     global _current
     if _current is not None:
         _current.close()
@@ -118,21 +213,28 @@ def start(limit_s: float, store=None) -> Liveness:
     return _current
 
 
+def current() -> Liveness:
+    """The installed liveness; in a process group made without it (a user's own script
+    using the drop-in), one with the default start-up limit."""
+    from asyncdiff.distributed.limits import STARTUP_S
+
+    return _current if _current is not None else start(STARTUP_S)
+
+
 def arrive(point: str) -> None:
-    """Meet every rank at ``point`` (:meth:`Liveness.arrive`); without a heartbeat installed
-    (a user's own process group) nothing to wait for: the collective that follows is bounded
-    by its group's timeout alone."""
-    if _current is not None:
-        _current.arrive(point)
+    current().arrive(point)
 
 
-def put_down(rank: int) -> None:
-    """A peer found silent in the loop (:meth:`Liveness.put_down`)."""
-    if _current is not None:
-        try:
-            _current.put_down(rank)
-        except Exception:  # noqa: BLE001 - the store may be gone with the run; report anyway
-            pass
+def exchange(point: str, value: str) -> list[str]:
+    return current().exchange(point, value)
+
+
+def put_down(rank: int, why: str) -> bool:
+    """A peer found silent in the loop (:meth:`Liveness.put_down`); never raises."""
+    try:
+        return _current is not None and _current.put_down(rank, why)
+    except Exception:  # noqa: BLE001 - the store may be gone with the run
+        return False
 
 
 def stop() -> None:
@@ -142,8 +244,32 @@ def stop() -> None:
         _current = None
 
 
-def loop_group(step_s: float):
+_groups: dict[tuple, object] = {}
+
+
+def loop_group(step_s: float, device=None):
     """A group over every rank whose waits are bounded by ``step_s``: the sampling loop's
-    point-to-point messages go through it (every rank must call this, in the same order)."""
-    arrive("the loop group")
-    return dist.new_group(timeout=datetime.timedelta(seconds=step_s))
+    messages go through it. One per step limit and process group (every rank must call this
+    in the same order). Under NCCL its first call is a barrier on ``device`` (a group's first
+    operation may not be point-to-point), and its own timeout is left above ``step_s`` so the
+    loop's watch (``transport.py``) names the silent peer first."""
+    key = (id(dist.distributed_c10d._get_default_group()), float(step_s))
+    if key not in _groups:
+        arrive("the loop group")
+        nccl = dist.get_backend() == "nccl"
+        timeout = step_s + max(60.0, step_s) if nccl else step_s
+        group = dist.new_group(timeout=datetime.timedelta(seconds=timeout))
+        if nccl:
+            dist.barrier(group=group, device_ids=[device.index] if device is not None else None)
+        _groups[key] = group
+    return _groups[key]
+
+
+def report(message: str) -> None:
+    """A failure found outside the main thread: print it, and record it for the launcher."""
+    print(message, file=sys.stderr, flush=True)
+    if _current is not None:
+        try:
+            _current.store.set(_current._key("failed", _current.rank), message)
+        except Exception:  # noqa: BLE001 - the message is printed either way
+            pass

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from asyncdiff.distributed.sharing import rank_stage
-from asyncdiff.distributed.transport import LocalTransport
+from asyncdiff.distributed.transport import LocalTransport, PeerError
 from asyncdiff.distributed.worker import ParallelSpec, SamplingJob, WorkerJob, rank_loop
 from asyncdiff.timeline import stage_of_device
 from partition.plan import Plan
@@ -40,9 +40,10 @@ class LocalResult:
 
 def run_local(staged: StagedModel, plan: Plan, parallel: ParallelSpec,
               sampling: Sequence[SamplingJob], device: str | torch.device = "cpu",
-              timeout_s: float = 120.0) -> LocalResult:
+              timeout_s: float = 120.0, fault: dict | None = None) -> LocalResult:
     """Run ``len(sampling)`` replicas of the pipeline on ``device``, one thread per rank. A
-    rank that raises stops the others (a :class:`RuntimeError` naming it)."""
+    rank that raises stops the others (a :class:`RuntimeError` naming it). ``fault``: a
+    test's failure for one rank (``worker.inject``: ``raise`` only, in a thread)."""
     device = torch.device(device)
     if device.type == "cuda":
         staged = copy.deepcopy(staged).to(device)
@@ -56,7 +57,8 @@ def run_local(staged: StagedModel, plan: Plan, parallel: ParallelSpec,
         own = rank_stage(staged, stage_of_device(r % parallel.devices, plan.n))
         job = WorkerJob(plan=plan, segments=own.parts, hoist_inputs=own.hoist_inputs,
                         specs=staged.specs, placeholders=staged.placeholders,
-                        output=staged.output, parallel=parallel, sampling=list(sampling))
+                        output=staged.output, parallel=parallel, sampling=list(sampling),
+                        fault=fault)
         steady.rank = r
         try:
             results[r] = rank_loop(job, r, LocalTransport(world, r), device,
@@ -72,8 +74,9 @@ def run_local(staged: StagedModel, plan: Plan, parallel: ParallelSpec,
             t.start()
         for t in threads:
             t.join()
-    if errors:
-        first = min(errors)
+    if errors:  # a rank's own failure, not a peer's view of it
+        own = [r for r, e in errors.items() if not isinstance(e, PeerError)]
+        first = min(own or errors)
         raise RuntimeError(f"rank {first} failed: {type(errors[first]).__name__}: "
                            f"{errors[first]}") from errors[first]
     per = parallel.devices * parallel.groups

@@ -7,12 +7,12 @@ leaving the others waiting in a collective.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import torch
 import torch.distributed as dist
 
 from asyncdiff.distributed import liveness
@@ -31,48 +31,41 @@ class RankError(RuntimeError):
 
 
 def on_every_rank(fn: Callable[[], T], what: str) -> T:
-    """Run ``fn`` on every rank; if it raises anywhere, raise on every rank."""
-    result, error = None, None
+    """Run ``fn`` on every rank; if it raises anywhere, raise on every rank (the errors are
+    exchanged through the rendezvous store: ``liveness.py``)."""
+    result, error = None, ""
     try:
         result = fn()
     except Exception as err:  # noqa: BLE001 - re-raised below on every rank
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         error = f"{type(err).__name__}: {first}"
-    liveness.arrive(what)
-    errors: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    errors = liveness.exchange(what, error)
     failed = {r: e for r, e in enumerate(errors) if e}
     if failed:
-        raise RankError(f"{what} failed on rank(s) {sorted(failed)}: {next(iter(failed.values()))}")
+        raise RankError(f"{what} failed on rank(s) {sorted(failed)}: "
+                        f"{next(iter(failed.values()))}")
     return result  # type: ignore[return-value]
 
 
 def plan_from_rank0(make: Callable[[], Plan], what: str = "planning") -> Plan:
-    """Rank 0 runs ``make``; every rank gets its plan (or its error) and checks the hash. The
-    others wait for as long as rank 0 is alive (``asyncdiff/distributed/liveness.py``):
-    planning a full-size model can take minutes."""
-    shared: list[Any] = [None]
+    """Rank 0 runs ``make``; every rank gets its plan (or its error) and checks the hash."""
+    shared = ""
     if dist.get_rank() == 0:
         try:
-            shared = [{"plan": make().to_json()}]
+            shared = json.dumps({"plan": make().to_json()})
         except Exception as err:  # noqa: BLE001 - re-raised below on every rank
-            shared = [{"error": f"{type(err).__name__}: {err}"}]
-    liveness.arrive(what)
-    dist.broadcast_object_list(shared, src=0)
-    if "error" in shared[0]:
-        raise RankError(f"{what} failed on rank 0: {shared[0]['error']}")
-    plan = Plan.from_json(shared[0]["plan"])
-    check_plan_hash(plan, dist.get_rank(), dist.get_world_size())
+            shared = json.dumps({"error": f"{type(err).__name__}: {err}"})
+    got = json.loads(liveness.exchange(what, shared)[0])
+    if "error" in got:
+        raise RankError(f"{what} failed on rank 0: {got['error']}")
+    plan = Plan.from_json(got["plan"])
+    check_plan_hash(plan)
     return plan
 
 
-def check_plan_hash(plan: Plan, rank: int, world: int) -> None:
+def check_plan_hash(plan: Plan) -> None:
     """Every worker must run the same plan: compare hashes before step 0."""
-    liveness.arrive("the plan check")
-    mine = torch.tensor(list(bytes.fromhex(plan.plan_hash)), dtype=torch.uint8)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
-    hashes = [bytes(t.tolist()).hex() for t in every]
+    hashes = liveness.exchange("the plan check", plan.plan_hash)
     bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
     if bad:
         raise RuntimeError(f"plan hash mismatch: rank 0 has {hashes[0]}, ranks {bad} have "

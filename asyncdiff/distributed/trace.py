@@ -40,7 +40,8 @@ def recording() -> Iterator[list[list[Call]]]:
     def lone(name: str, op: str):
         def call(tensor, *args, **kwargs):
             if not inside[0]:
-                peer = kwargs.get("dst", kwargs.get("src", args[0] if args else None))
+                peer = next((kwargs[k] for k in ("dst", "src", "group_dst", "group_src")
+                             if kwargs.get(k) is not None), args[0] if args else None)
                 calls.append([_call(op, peer, tensor)])
             return saved[name](tensor, *args, **kwargs)
         return call

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from asyncdiff.distributed import liveness
+from asyncdiff.distributed.watch import Watch
 from asyncdiff.lowering import Group
 
 
@@ -47,10 +48,13 @@ class Transport(Protocol):
 
 
 class TorchTransport:
-    """``torch.distributed`` (gloo on CPU, nccl on CUDA), in ``group`` (default: the world)."""
+    """``torch.distributed`` (gloo on CPU, nccl on CUDA), in ``group`` (default: the world).
+    ``step_s``: the step limit; on CUDA a :class:`~asyncdiff.distributed.watch.Watch` holds
+    each group to it (NCCL's waits do not block the host)."""
 
-    def __init__(self, rank: int, process_group=None):
-        self.rank, self.pg = rank, process_group
+    def __init__(self, rank: int, process_group=None, step_s: float | None = None):
+        self.rank, self.pg, self.step_s = rank, process_group, step_s
+        self._watch = None
 
     def post(self, group: Group, tensors: Sequence[torch.Tensor]) -> Posted:
         ops = [dist.P2POp(_ISEND if c.op == "send" else _IRECV, t, c.peer, self.pg)
@@ -60,7 +64,30 @@ class TorchTransport:
         except RuntimeError as err:
             raise PeerError(f"rank {self.rank}: round {group.round} {group.phase}: posting to "
                             f"{_who(_peers(group))} failed: {_first_line(err)}") from err
+        if tensors and tensors[0].is_cuda:
+            return self._watched(group, works, list(tensors))
         return _TorchPosted(self.rank, group, works, list(tensors))
+
+    def _watched(self, group: Group, works, tensors) -> Posted:
+        """NCCL: the compute stream waits for the group, the host goes on; an event after it
+        tells the watch when it is done."""
+        for work in works:
+            work.wait()  # the current stream waits; the host does not
+        done = torch.cuda.Event()
+        done.record()
+        if self._watch is None and self.step_s is not None:
+            self._watch = Watch(self.rank, self.step_s)
+        if self._watch is not None:
+            self._watch.add(done.query, group)
+        return _Done(tensors)
+
+
+class _Done:
+    def __init__(self, tensors):
+        self._keep = tensors  # the buffers live as long as the caller holds this
+
+    def wait(self) -> None:
+        pass
 
 
 class _TorchPosted:
@@ -75,11 +102,15 @@ class _TorchPosted:
                 work.wait()
             except RuntimeError as err:
                 peers = [g.ops[i].peer] if len(self.works) == len(g.ops) else _peers(g)
-                if len(peers) == 1:  # the one that did not answer: ended, if it is here
-                    liveness.put_down(peers[0])
+                # a silent one (stopped, dead) is ended if it runs here; a live one may be
+                # waiting on another rank, and is left to report that one
+                down = [p for p in peers
+                        if liveness.put_down(p, f"no answer in round {g.round} {g.phase}")]
+                state = "silent: stopped or dead" if down else "did it die, or is it " \
+                    "waiting on another rank?"
                 raise PeerError(
                     f"rank {self.rank}: round {g.round} {g.phase}: no answer from "
-                    f"{_who(peers)} (did it die or hang?): {_first_line(err)}") from err
+                    f"{_who(peers)} ({state}): {_first_line(err)}") from err
         self._keep = []
 
 
@@ -112,8 +143,9 @@ class LocalTransport:
         return _LocalPosted(self, group, tensors, sent)
 
     def fail(self, why: str) -> None:
+        """End every rank's waits; the first failure is the one reported."""
         with self.world.cond:
-            self.world.failed = why
+            self.world.failed = self.world.failed or why
             self.world.cond.notify_all()
 
 

@@ -23,7 +23,7 @@ from asyncdiff.distributed.executor import DistributedExecutor
 from asyncdiff.distributed.sharing import check_plan_hash
 from asyncdiff.distributed.transport import TorchTransport, Transport
 from asyncdiff.guidance import GuidanceHalf
-from asyncdiff.lowering import checked_program
+from asyncdiff.lowering import checked_program, place
 from asyncdiff.timeline import build_timeline, devices_needed
 from partition.plan import Plan
 from partition.threads import intra_op_threads
@@ -135,9 +135,12 @@ def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]
     if world != par.world:
         raise ValueError(f"world size {world}; allowed: replicas × groups × devices = "
                          f"{par.replicas} × {par.groups} × {par.devices} = {par.world}")
-    check_plan_hash(job.plan, rank, world)
-    loop = liveness.loop_group(par.timeout_s)  # each wait of the loop: the step limit
-    return rank_loop(job, rank, TorchTransport(rank, loop), rank_device(par.backend, rank))
+    check_plan_hash(job.plan)
+    where = rank_device(par.backend, rank)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
+    loop = liveness.loop_group(par.timeout_s, where)  # each wait of the loop: the step limit
+    return rank_loop(job, rank, TorchTransport(rank, loop, par.timeout_s), where)
 
 
 def rank_loop(job: WorkerJob, rank: int, transport: Transport, where: torch.device,
@@ -146,8 +149,7 @@ def rank_loop(job: WorkerJob, rank: int, transport: Transport, where: torch.devi
     launcher runs (processes over torch.distributed, or threads: ``local.py``). ``wrap``: an
     optional wrapper of the executor (its ``run_round``), for measurements."""
     par = job.parallel
-    pipeline, device = divmod(rank, par.devices)
-    replica, group = divmod(pipeline, par.groups)
+    replica, group, _ = place(rank, par.devices, par.groups)
     task = job.sampling[replica]
     if par.cfg_parallel and task.guidance is None:
         raise ValueError("parallel.cfg_parallel=true without guidance; allowed: a guidance "

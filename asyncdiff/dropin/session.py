@@ -23,8 +23,7 @@ from asyncdiff.distributed.executor import DistributedExecutor
 from asyncdiff.distributed.transport import TorchTransport
 from asyncdiff.dropin.call import Call
 from asyncdiff.emulate import Emulator
-from asyncdiff.guidance import group_of
-from asyncdiff.lowering import checked_program
+from asyncdiff.lowering import checked_program, place
 from asyncdiff.timeline import Timeline, devices_needed, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
 from partition.capture import Captured, capture
@@ -90,7 +89,8 @@ class Session:
     base: int = 0  # the global rank of its pipeline's device 0 (0 but for CFG-parallel)
     state: str = ""  # the module's state_key when captured (asyncdiff/parallelize.py)
     hoist_inputs: tuple[str, ...] = ()  # model inputs every stage's prologues read
-    group: Any = None  # distributed: the sampling loop's process group (its step limit)
+    group: Any = None  # distributed: the sampling loop's process group, bounded by step_s
+    step_s: float | None = None
 
     def executor(self, timeline: Timeline, timesteps: Sequence[float], device: torch.device,
                  groups: int = 1):
@@ -99,11 +99,13 @@ class Session:
         if self.staged is not None:
             return Emulator(self.staged, self.plan, timeline, timesteps)
         rank = self.base + self.rank
+        _agree(timeline, self.plan, groups)
         program = checked_program(timeline, self.plan, rank, groups=groups)
         return DistributedExecutor(list(self.segments), self.plan, timeline, timesteps,
                                    program, self.specs, self.placeholders,
-                                   self.output, TorchTransport(rank, self.group), device,
-                                   guidance=group_of(rank, timeline.devices)
+                                   self.output, TorchTransport(rank, self.group, self.step_s),
+                                   device,
+                                   guidance=place(rank, timeline.devices, 2)[1]
                                    if groups == 2 else None, hoist_inputs=self.hoist_inputs)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -173,7 +175,8 @@ def distributed(module: nn.Module, call: Call,
         else {s.name: s.name for s in specs}
     return Session(call.key, plan, None, specs, placeholders, plan.output,
                    segments=tuple(mine.parts), rank=rank, base=base,
-                   hoist_inputs=mine.hoist_inputs, group=_loop_group(plan, opts))
+                   hoist_inputs=mine.hoist_inputs,
+                   **_loop_group(plan, opts, call.tensors[call.latent].device))
 
 
 def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -> Session:
@@ -207,12 +210,28 @@ def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -
                          "asyncdiff.parallelize: loading this rank's stage")
     return Session(call.key, plan, None, tuple(call.specs()), captured.placeholders,
                    plan.output, segments=tuple(mine), rank=rank, base=base,
-                   hoist_inputs=own.hoist_inputs, group=_loop_group(plan, opts))
+                   hoist_inputs=own.hoist_inputs, **_loop_group(plan, opts, device))
 
 
-def _loop_group(plan: Plan, opts: Options):
-    """The group the session's rounds communicate in: every wait bounded by the step limit
-    (``step_timeout_s``, else derived from the plan: ``asyncdiff/distributed/limits.py``)."""
+def _agree(timeline: Timeline, plan: Plan, groups: int) -> None:
+    """Every rank runs this stream on the same plan and schedule (each builds its timeline
+    from its own pipeline call: a rank called with other steps or options would post another
+    program)."""
+    t = timeline
+    mine = (f"plan {plan.plan_hash}, N={t.n} S={t.stride} W={t.warmup} T={t.steps} "
+            f"C={t.cooldown} sync={list(t.sync)} time_shift={t.time_shift} "
+            f"stride_noise={t.stride_noise} groups={groups}")
+    every = liveness.exchange("a stream's schedule", mine)
+    bad = [r for r, e in enumerate(every) if e != every[0]]
+    if bad:
+        raise RuntimeError(f"asyncdiff.parallelize: ranks {bad} run {every[bad[0]]}, rank 0 "
+                           f"{every[0]}: every rank must make the same pipeline calls (SPMD: "
+                           "the same steps, inputs and options)")
+
+
+def _loop_group(plan: Plan, opts: Options, device: torch.device) -> dict:
+    """The group the session's rounds communicate in, and its step limit (``step_timeout_s``,
+    else derived from the plan: ``asyncdiff/distributed/limits.py``)."""
     step_s = opts.step_timeout_s if opts.step_timeout_s is not None else \
         limits.derive(plan, 1).step_s
-    return liveness.loop_group(step_s)
+    return {"group": liveness.loop_group(step_s, device), "step_s": step_s}

@@ -51,7 +51,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from asyncdiff.lowering.actions import Comm, Compute, Group, Item, Payload
-from asyncdiff.timeline import Round, Timeline, stage_of_device
+from asyncdiff.timeline import Round, Timeline
 from partition.plan import Plan
 
 
@@ -102,6 +102,14 @@ class Lowered:
         return format_lowered(self)
 
 
+def place(rank: int, devices: int, groups: int = 1) -> tuple[int, int, int]:
+    """(replica, guidance group, device) of global rank ``rank``: the world's one layout,
+    ``rank = (replica · groups + group) · devices + device``."""
+    pipeline, device = divmod(rank, devices)
+    replica, group = divmod(pipeline, groups)
+    return replica, group, device
+
+
 def lower(timeline: Timeline, plan: Plan, *, groups: int = 1, replicas: int = 1) -> Lowered:
     """Lower ``timeline`` on ``plan`` for ``replicas`` × ``groups`` pipelines
     ([Note: lowering])."""
@@ -115,18 +123,16 @@ def lower(timeline: Timeline, plan: Plan, *, groups: int = 1, replicas: int = 1)
     hoist, rounds = _pipeline(timeline, plan)
     eps = _eps(plan)
     programs = []
-    for pipeline in range(replicas * groups):
-        base, group = pipeline * devices, pipeline % groups
-        for d in range(devices):
-            rank = base + d
-            own = [list(_offset(items, base)) for items in rounds[d]]
-            if groups == 2:
-                peer = rank + devices * (1 - 2 * group)
-                for rnd, items in zip(timeline.rounds, own):
-                    items.append(_guidance(rnd, peer, eps))
-            programs.append(RankProgram(
-                rank, pipeline, d, _offset_group(hoist.get(d), base),
-                tuple(tuple(items) for items in own)))
+    for rank in range(replicas * groups * devices):
+        _, group, d = place(rank, devices, groups)
+        pipeline, base = rank // devices, rank - d
+        own = [list(_offset(items, base)) for items in rounds[d]]
+        if groups == 2:  # the rank at the same place in the other group
+            peer = rank + devices * (1 - 2 * group)
+            for rnd, items in zip(timeline.rounds, own):
+                items.append(_guidance(rnd, peer, eps))
+        programs.append(RankProgram(rank, pipeline, d, _offset_group(hoist.get(d), base),
+                                    tuple(tuple(items) for items in own)))
     return Lowered(timeline, devices, groups, replicas, tuple(programs))
 
 
@@ -206,18 +212,28 @@ def _holds(rnd: Round, device: int, v) -> bool:
                                   for a in rnd.actions)
 
 
+def stage_devices(tl: Timeline) -> dict[int, tuple[int, ...]]:
+    """Stage -> the devices that run it anywhere in ``tl``, lowest first (its home copy)."""
+    out: dict[int, set[int]] = defaultdict(set)
+    for rnd in tl.rounds:
+        for a in rnd.actions:
+            out[a.stage].add(a.device)
+    return {s: tuple(sorted(ds)) for s, ds in out.items()}
+
+
 def _hoist(tl: Timeline, plan: Plan) -> dict[int, Group]:
-    """The values a home stage computes once per run and sends to every device that reads
-    them (``partition/stages.py``); device-local groups."""
+    """The values a home stage computes once per run, on its first device, and sends to every
+    other device that reads them (``partition/stages.py``); device-local groups."""
     pairs: Pairs = defaultdict(list)
     by_dst: dict[tuple[int, int], list] = defaultdict(list)
+    runs = stage_devices(tl)
     for h in plan.hoisted:
         if h.home < 0:
             continue
-        home = tl.device_of(h.home)
-        for d in range(tl.devices):
-            if d != home and stage_of_device(d, plan.n) in h.consumers:
-                by_dst[(home, d)].append(h)
+        home = runs[h.home][0]
+        readers = sorted({d for c in h.consumers for d in runs.get(c, ())} - {home})
+        for d in readers:
+            by_dst[(home, d)].append(h)
     for pair, hs in sorted(by_dst.items()):
         pairs[pair] += _packed("hoisted", hs)
     return _groups(0, "hoist", pairs)

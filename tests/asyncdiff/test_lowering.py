@@ -61,10 +61,11 @@ def test_hoisted_values_sent_once_per_run_complete_even_when_resent_every_round(
     sent = [h for h in plan.hoisted if h.home >= 0]
     for tl in _timelines(3):
         lowered = lower(tl, plan, groups=2)
-        # each sent value to every device (stride copies too) of a stage that reads it, once,
-        # in each guidance group
-        want = 2 * sum(h.bytes * sum(1 for d in range(tl.devices)
-                                     if min(d, 2) in h.consumers and d != h.home)
+        # each sent value, from the first device of its home stage to every other device that
+        # runs a stage reading it (stride copies too, if they ever run), once, in each group
+        runs = [(a.device, a.stage) for r in tl.rounds for a in r.actions]
+        want = 2 * sum(h.bytes * len({d for d, s in runs if s in h.consumers}
+                                     - {min(d for d, s in runs if s == h.home)})
                        for h in sent)
         assert sum(p.hoist.bytes_sent for p in lowered.programs if p.hoist) == want > 0
         check(lowered)
@@ -266,3 +267,95 @@ def test_a_schedule_the_replay_rejects_is_refused_before_anything_is_posted(monk
             r"rank 1, which posts it only in round 1 publish")):
         checked_program(build_timeline(2, 1, 1, 4), compiled(2).plan, 0)
     assert calls == []
+
+
+def _dataflow(tl, plan, lowered) -> None:
+    """Walk every rank's program and check what it holds when it computes: in a parallel
+    round, every input of its stage as the round its action reads published it; in a
+    sequential round, every input of its stage produced before the segment, fresh; after
+    every round, the ε of each of the round's steps (computed or received)."""
+    produced_at = {v.name: v.position for v in plan.values}
+    for p in lowered.programs:
+        held: dict[str, int] = {}
+        for rnd, items in zip(tl.rounds, p.rounds):
+            action = rnd.on(p.device)
+            eps = set(action.eps_steps) if action else set()
+            for item in items:
+                if isinstance(item, Group):
+                    for c in item.ops:
+                        if c.op == "recv" and c.payload.kind == "values":
+                            held.update(dict.fromkeys(c.payload.names, rnd.index))
+                        if c.op == "recv" and c.payload.kind == "eps":
+                            eps |= set(c.payload.steps)
+                    continue
+                inputs = plan.stages[action.stage].inputs
+                if rnd.sequential:
+                    need = [v for v in inputs if produced_at[v] < item.segments[0]]
+                    want = rnd.index
+                else:
+                    need, want = inputs, action.inputs_round
+                missing = [v for v in need if held.get(v) != want]
+                assert not missing, (p.rank, rnd.index, item, missing, held)
+            assert eps == set(rnd.steps), (p.rank, rnd.index, eps)
+            if rnd.sequential and action is not None:  # what it received fresh, it holds
+                held.update({v: rnd.index for v in plan.stages[action.stage].inputs})
+
+
+@pytest.mark.parametrize("n,strategy", [(2, "balanced"), (3, "balanced"), (4, "balanced"),
+                                        (3, "shell_core")])
+def test_every_rank_holds_what_it_computes_on_from_the_round_it_reads(n, strategy):
+    plan = compiled(n, strategy).plan
+    for tl in _timelines(n):
+        _dataflow(tl, plan, lower(tl, plan, groups=2, replicas=2))
+
+
+def test_the_dataflow_check_catches_a_value_sent_a_round_late():
+    """The check above can fail: drop one value message from every publish group of a
+    parallel round, and the next round's reader is missing it."""
+    plan = compiled(3).plan
+    tl = build_timeline(3, 1, 1, 5)
+    good = lower(tl, plan)
+    _dataflow(tl, plan, good)
+    progs = []
+    for p in good.programs:
+        rounds = [tuple(Group(i.round, i.phase, tuple(
+            c for c in i.ops if not (c.payload.kind == "values" and i.round == 2)))
+            if isinstance(i, Group) else i for i in items) for items in p.rounds]
+        progs.append(type(p)(p.rank, p.pipeline, p.device, p.hoist, tuple(rounds)))
+    bad = type(good)(good.timeline, good.devices, good.groups, good.replicas, tuple(progs))
+    with pytest.raises(AssertionError):
+        _dataflow(tl, plan, bad)
+
+
+def test_the_nccl_watch_names_a_silent_peer_and_spares_a_live_one():
+    """Under NCCL a group's wait does not block the host: the watch polls each group's
+    completion and, past the step limit, names the peers whose heartbeat is still."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from asyncdiff.distributed import liveness
+    from asyncdiff.distributed.watch import Watch
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    ranks = [liveness.Liveness(store, r, 3, 30.0) for r in range(3)]
+    ranks[2].close()  # rank 2 stops beating: stopped; rank 1 beats on
+    time.sleep(liveness.SILENT_S + 1)
+    liveness._current = ranks[0]
+    try:
+        said: list[str] = []
+        watch = Watch(0, 0.5, on_expire=said.append, poll_s=0.05)
+        group = Group(4, "publish", (Comm("recv", 1, _payload(8)), Comm("recv", 2, _payload(8))))
+        watch.add(lambda: True, Group(3, "publish", ()))   # done: never reported
+        watch.add(lambda: False, group)                    # never done
+        deadline = time.monotonic() + 20
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert said == ["rank 0: round 4 publish: no answer from rank 2 within 0.5 s "
+                        "(parallel.step_timeout_s)"]
+    finally:
+        liveness._current = None
+        for r in ranks:
+            r.close()
