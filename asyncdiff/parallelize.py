@@ -33,7 +33,6 @@ See :func:`asyncdiff.dropin.session.distributed` for the plan and
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import logging
 from typing import Any, Literal
@@ -45,22 +44,20 @@ from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dropin import arguments
 from asyncdiff.dropin import session as sessions
 from asyncdiff.distributed.sharing import try_capture
+from asyncdiff.dropin.arguments import Partitioning
+from asyncdiff.dropin.denoisers import find_denoisers
 from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
 from asyncdiff.dropin.call import Call, answer, bind_call, half_call, output_form, with_static
-from asyncdiff.dropin.session import Options, Session
+from asyncdiff.dropin.session import Session
 from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
 from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
 from asyncdiff.dropin.weights import Parked
-from asyncdiff.lowering import place
-from asyncdiff.timeline import build_cache_timeline, build_timeline
+from asyncdiff.schedule import Schedule
 from partition.capture import capture
 from partition.contract import DenoiserContract
 from partition.spec import nest
 
 log = logging.getLogger(__name__)
-
-DENOISERS: tuple[str, ...] = ("unet", "transformer", "transformer_2", "unet_2")
-
 
 def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int = 1,
                 cooldown: int = 0, sync: tuple[int, ...] = (), cfg_parallel: bool = False,
@@ -77,64 +74,60 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
                 step_timeout_s: float | None = None) -> "Handle":
     """Run ``pipe``'s denoiser as an N-stage asynchronous pipeline until ``detach()``.
 
-    ``n``, ``stride``, ``warmup``, ``cooldown``, ``sync``, ``time_shift``, ``stride_noise``: the
-    timeline (docs/design.md §2, [Note: staleness]; a run of fewer steps than W + C keeps the
-    warm-up first and the sync steps that fall between the two); ``cfg_parallel``: CFG-parallel
-    (``asyncdiff/guidance.py``): each half of the denoiser's batch — [uncond, cond] when the
-    pipeline runs guidance as one batched call — is its own pipeline of N−1+S devices, on
-    twice the ranks, ε halves swapped once per step (N = 1: plain CFG-parallel; emulate mode
-    runs both halves in this process); ``cache_interval=K``: the step cache instead of the
-    pipeline (one device, emulate mode, ``strategy="shell_core"``; [Note: staleness], "Step
-    cache": the outer blocks every step, the inner ones every K-th); ``strategy`` (default
-    ``balanced``),
-    ``cost_model``, ``depth``: the partition (``partition.compile_model``). The split can also
-    be given as the command line takes it: ``boundaries=[module, …]`` or ``stages=[[module, …],
-    …]`` (``strategy="manual"``), ``split="paper_sd15_n3"`` (a named configuration of
-    ``conf/partition/``, with its N) or ``plan=`` a saved ``plan.json`` (its N and stages,
-    rebuilt and verified, its ``plan_hash`` kept); a split or a plan sets the strategy, cost
-    model and depth, and a strategy given with it must agree. ``mode``: ``emulate`` or
-    ``distributed`` (see the module docstring); ``offload`` (distributed only): what happens to
-    the weights this rank's stage does not use, ``cpu`` (kept in host memory; ``detach()``
-    restores them exactly) or ``drop`` (freed; ``detach()`` then refuses). ``denoiser``: the
-    pipeline attribute holding the network (default: every one of ``unet``, ``transformer``,
-    ``transformer_2``, … the pipeline holds; a name or a tuple of names). ``verify``: check each
-    compiled split against the denoiser on the first call's inputs (``partition/verify.py``;
-    ``False`` skips it, the plan says so). ``backend``: ``auto`` (torch.export, else the module
-    backend), ``graph`` or ``module``. ``step_timeout_s`` (distributed): the longest a rank
-    waits for a peer in the sampling loop before it names that peer and stops (default:
-    derived from the plan's step, ``asyncdiff/distributed/limits.py``).
+    ``n``, ``stride``, ``warmup``, ``cooldown``, ``sync``, ``time_shift``, ``stride_noise``,
+    ``cfg_parallel``, ``cache_interval``: the schedule (:class:`asyncdiff.Schedule`;
+    docs/design.md §2, [Note: staleness]). A run of fewer steps than W + C keeps the warm-up
+    first and the sync steps that fall between the two. ``cfg_parallel``: each half of the
+    denoiser's batch — [uncond, cond] when the pipeline runs guidance as one batched call —
+    is its own pipeline (``asyncdiff/guidance.py``), on twice the ranks, ε halves swapped
+    once per round (N = 1: plain CFG-parallel; emulate mode runs both halves in this
+    process). ``cache_interval=K``: the step cache instead of the pipeline (one device,
+    emulate mode, ``strategy="shell_core"``: ``asyncdiff/step_cache.py``).
+
+    ``strategy`` (default ``balanced``), ``cost_model``, ``depth``: the partition
+    (``partition.compile_model``). The split can also be given as the command line takes it:
+    ``boundaries=[module, …]`` or ``stages=[[module, …], …]`` (``strategy="manual"``),
+    ``split="paper_sd15_n3"`` (one of the paper's splits, with its N) or ``plan=`` a saved
+    ``plan.json`` (its N and stages, rebuilt and verified, its ``plan_hash`` kept); a split or
+    a plan sets the strategy, cost model and depth, and a strategy given with it must agree.
+    ``verify``: check each compiled split against the denoiser on the first call's inputs
+    (``partition/verify.py``; ``False`` skips it, the plan says so). ``backend``: ``auto``
+    (torch.export, else the module backend), ``graph`` or ``module``.
+
+    ``mode``: ``emulate`` or ``distributed`` (see the module docstring); ``offload``
+    (distributed only): what happens to the weights this rank's stage does not use, ``cpu``
+    (kept in host memory; ``detach()`` restores them exactly) or ``drop`` (freed;
+    ``detach()`` then refuses). ``step_timeout_s`` (distributed): the longest a rank waits
+    for a peer in the sampling loop before it names that peer and stops (default: derived
+    from the plan's step, ``asyncdiff/distributed/limits.py``). ``denoiser``: the pipeline
+    attribute holding the network (default: every one of ``unet``, ``transformer``,
+    ``transformer_2``, … the pipeline holds; a name or a tuple of names).
     """
-    opts = arguments.options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
-                    boundaries, stages, split, plan, mode, offload, verify, backend)
-    opts = dataclasses.replace(opts, cooldown=cooldown, sync=arguments.sync_steps(sync),
-                               cfg_parallel=cfg_parallel, cache_interval=cache_interval,
-                               step_timeout_s=step_timeout_s)
-    arguments.check(opts)
-    return Handle(pipe, _find_denoisers(pipe, denoiser), opts)
-
-
-def _find_denoisers(pipe: Any, attr: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    """Every denoiser the pipeline holds (one that is None, such as Wan 2.2's optional
-    second denoiser, is skipped), or the ones named."""
-    names = (attr,) if isinstance(attr, str) else tuple(attr) if attr else DENOISERS
-    found = tuple(n for n in names if isinstance(getattr(pipe, n, None), nn.Module))
-    if not found or (attr and len(found) != len(names)):
-        raise ValueError(f"{type(pipe).__name__} has no denoiser module at "
-                         f"{' or '.join('pipe.' + n for n in names)}; pass "
-                         "denoiser='<attribute>'")
-    return found
+    part = arguments.partitioning(n, strategy, cost_model, depth, boundaries, stages, split,
+                                  plan, verify, backend)
+    schedule = Schedule(n=part.n, stride=stride, warmup=warmup, cooldown=cooldown, sync=sync,
+                        time_shift=time_shift, stride_noise=stride_noise,
+                        cache_interval=cache_interval, cfg_parallel=cfg_parallel)
+    arguments.check(part, schedule, mode, offload, step_timeout_s)
+    return Handle(pipe, find_denoisers(pipe, denoiser), schedule, part, mode, offload,
+                  step_timeout_s)
 
 
 class Handle:
     """A parallelized pipeline; :meth:`detach` (or leaving a ``with`` block) undoes it.
 
-    ``denoisers``: one :class:`_Denoiser` per parallelized module; ``sessions``: every
-    compiled denoiser, by (attribute, call structure and shapes) (``.plan``, and ``.staged`` in
-    emulate mode); ``executor``: the executor of the latest call's stream.
+    ``schedule``: how the pipeline runs (:class:`asyncdiff.Schedule`; :meth:`set_timeline`
+    changes it); ``partitioning``: how the denoiser is split; ``denoisers``: one
+    :class:`_Denoiser` per parallelized module; ``sessions``: every compiled denoiser, by
+    (attribute, call structure and shapes) (``.plan``, and ``.staged`` in emulate mode);
+    ``executor``: the executor of the latest call's stream.
     """
 
-    def __init__(self, pipe: Any, attrs: tuple[str, ...], opts: Options):
-        self.pipe, self.options = pipe, opts
+    def __init__(self, pipe: Any, attrs: tuple[str, ...], schedule: Schedule,
+                 partitioning: Partitioning, mode: str, offload: str,
+                 step_timeout_s: float | None):
+        self.pipe, self.schedule, self.partitioning = pipe, schedule, partitioning
+        self.mode, self.offload, self.step_timeout_s = mode, offload, step_timeout_s
         self.clock = StepClock(getattr(pipe, "scheduler", None), type(pipe).__name__)
         self.denoisers: dict[str, _Denoiser] = {}
         try:
@@ -166,13 +159,13 @@ class Handle:
         t = call.tensors[call.timestep]
         _, taus = self.clock.locate(t)
         step, j = self.clock.call(d.attr)
-        if not self.options.cfg_parallel:
+        if not self.schedule.cfg_parallel:
             stream = self._stream(d, (d.attr, j), step, taus, call)
             return answer(stream.denoise(call), stream.session.form)
         # CFG-parallel: each half of the batch is its own stream (its own pipeline)
-        if self.options.mode == "distributed":
+        if self.mode == "distributed":
             import torch.distributed as dist
-            group = place(dist.get_rank(), self.options.devices, 2)[1]
+            group = self.schedule.place(dist.get_rank())[1]
             half = half_call(call, group)
             stream = self._stream(d, (d.attr, j, group), step, taus, half)
             eps = stream.denoise(half)  # its executor swaps the ε halves: the whole batch's
@@ -209,17 +202,11 @@ class Handle:
                      cache_interval: int | None = None) -> None:
         """Change the schedule from the next pipeline run on, keeping the captures and plans
         (they depend on ``n`` and the shapes only): a warm-up or stride sweep on one capture."""
-        o = self.options
-        new = dataclasses.replace(
-            o, stride=o.stride if stride is None else stride,
-            warmup=o.warmup if warmup is None else warmup,
-            cooldown=o.cooldown if cooldown is None else cooldown,
-            sync=o.sync if sync is None else arguments.sync_steps(sync),
-            time_shift=o.time_shift if time_shift is None else time_shift,
-            stride_noise=o.stride_noise if stride_noise is None else stride_noise,
-            cache_interval=o.cache_interval if cache_interval is None else cache_interval)
-        arguments.check(new)
-        self.options = new
+        new = self.schedule.replace(stride=stride, warmup=warmup, cooldown=cooldown, sync=sync,
+                                    time_shift=time_shift, stride_noise=stride_noise,
+                                    cache_interval=cache_interval)
+        arguments.check(self.partitioning, new, self.mode, self.offload, self.step_timeout_s)
+        self.schedule = new
         self.streams.clear()  # the next call starts new streams
 
     # ------------------------------------------------------------------ undo
@@ -259,14 +246,14 @@ class _Denoiser:
         if isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _Denoiser):
             raise RuntimeError(f"pipe.{attr} is already parallelized; detach() that handle first")
         refuse_stateful_hooks(handle.pipe, attr, module)
-        opts = handle.options
+        h = handle
         self.handle, self.attr, self.module = handle, attr, module
         self.sessions: dict[tuple, Session] = {}
         self.original = module.forward  # the class's forward, or a hook's instance forward
         self.signature = inspect.signature(self.original)
         self._had_instance_forward = "forward" in module.__dict__
         self._instance_forward = module.__dict__.get("forward")
-        self.parked = Parked(module, opts.offload) if opts.mode == "distributed" else None
+        self.parked = Parked(module, h.offload) if h.mode == "distributed" else None
         module.__dict__["forward"] = self.forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -280,7 +267,7 @@ class _Denoiser:
         if cached is not None:  # the module changed since its capture: capture it again
             log.info("pipe.%s changed since it was captured (a scale, a flag, a module "
                      "added or removed): capturing it again", self.attr)
-        opts = self.handle.options
+        h, part = self.handle, self.handle.partitioning
         if self.parked is not None and self.parked.entries:
             if self.parked.dropped:
                 fix = "load the pipeline whole with offload='cpu'" if \
@@ -298,18 +285,20 @@ class _Denoiser:
             return DenoiserContract().prediction(bound(**nest(inputs)))
 
         def capture_call():  # (None, why): the module backend (asked for, or no capture)
-            if opts.backend == "module":
+            if part.backend == "module":
                 return None, ""
             return try_capture(lambda: capture(self.module, call.specs(), call.tensors),
-                               opts.backend)
+                               part.backend)
 
         with self._unpatched(bound):
             if hasattr(self.module, CHECKPOINT_ATTR):
-                session = sessions.distributed_lazy(self.module, call, opts, self._checkpoint())
-            elif opts.mode == "emulate":
-                session = sessions.emulated(self.module, call, capture_call(), opts, runner)
+                session = sessions.distributed_lazy(self.module, call, part, h.schedule.devices,
+                                                    h.step_timeout_s, self._checkpoint())
+            elif h.mode == "emulate":
+                session = sessions.emulated(self.module, call, capture_call(), part, runner)
             else:
-                session = sessions.distributed(self.module, call, capture_call, opts, runner)
+                session = sessions.distributed(self.module, call, capture_call, part,
+                                               h.schedule.devices, h.step_timeout_s, runner)
         session.form = output_form(seen[-1])
         session.state = state
         self.sessions[call.key] = session
@@ -320,12 +309,13 @@ class _Denoiser:
     def _checkpoint(self):
         """Where a meta denoiser's weights are (``asyncdiff/dropin/lazy.py``), after checking
         that the options allow loading it stage by stage."""
-        o, where = self.handle.options, f"pipe.{self.attr} is on the meta device (loaded lazily)"
+        h, where = self.handle, f"pipe.{self.attr} is on the meta device (loaded lazily)"
+        o = h.partitioning
         checkpoint = getattr(self.module, CHECKPOINT_ATTR)
         for key, value, allowed in (("cost_model", o.cost_model, "flops"),
                                     ("backend", o.backend, "auto, graph"),
-                                    ("mode", o.mode, "distributed"),
-                                    ("offload", o.offload, "drop")):
+                                    ("mode", h.mode, "distributed"),
+                                    ("offload", h.offload, "drop")):
             if value not in allowed.split(", "):
                 raise ValueError(f"{where}: {key}={value!r}; allowed: {allowed} (each rank "
                                  "loads only its own stage's weights)")
@@ -358,22 +348,16 @@ class _Stream:
 
     def __init__(self, handle: Handle, d: _Denoiser, key: tuple, run: int,
                  first: int, taus: list[float], call: Call):
-        o = handle.options
+        sch = handle.schedule
         self.run, self.first, self.k, self.call_key = run, first, 0, call.key
         self.session = d.session(call)
-        steps = len(taus)
         self.fed = FedTimesteps(taus, f"{type(handle.pipe).__name__}, stream {key}")
-        warmup = min(o.warmup, steps)
-        cooldown = min(o.cooldown, steps - warmup)
-        if o.cache_interval:  # a run of fewer steps than K: step 0 full, the rest cached
-            timeline = build_cache_timeline(o.n, min(o.cache_interval, steps), steps)
-        else:
-            timeline = build_timeline(o.n, o.stride, warmup, steps, o.time_shift,
-                                      o.stride_noise, cooldown,
-                                      tuple(k for k in o.sync if warmup <= k < steps - cooldown))
+        # the run fits the schedule: a run of fewer steps than W + C (or K) keeps the warm-up
+        # (a step cache: step 0 full, the rest cached)
+        timeline = sch.timeline(len(taus), clamp=True)
         self.executor = self.session.executor(timeline, self.fed,
                                               call.tensors[call.latent].device,
-                                              groups=2 if o.cfg_parallel else 1)
+                                              groups=sch.groups)
         self.denoiser = PipelineDenoiser(self.executor)
         self.first_cond: dict[str, torch.Tensor] | None = None
         self.static: dict[str, torch.Tensor] = {}

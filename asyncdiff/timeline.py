@@ -60,7 +60,8 @@ from typing import Literal
 #   N−1 runs, fed τ_k on x_k, reading every other stage's values from the last sequential
 #   round (up to K−1 steps stale). With a shell/core split (``partition/strategies/shell.py``)
 #   stage N−1 holds the network's outer blocks, so the outer blocks run every step and the
-#   inner ones every K steps. K = 1 is the sequential sampler.
+#   inner ones every K steps. K = 1 is the sequential sampler. Built and checked in
+#   ``asyncdiff/step_cache.py``.
 # * What travels between devices follows from these rules and the plan, and is derived in one
 #   place: [Note: lowering] in ``asyncdiff/lowering/programs.py``. A sequential round is split
 #   into phases there, one group of messages per segment, because its stages read values of
@@ -198,7 +199,7 @@ class Timeline:
         return format_grid(self)
 
 
-def _check_int(key: str, value: object, low: int, high: int | None = None, why: str = "") -> int:
+def check_int(key: str, value: object, low: int, high: int | None = None, why: str = "") -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         if value >= low and (high is None or value <= high):
             return value
@@ -206,8 +207,8 @@ def _check_int(key: str, value: object, low: int, high: int | None = None, why: 
     raise ValueError(f"{key}={value!r}; allowed: {allowed}{why}")
 
 
-def _warmup_round(k: int, n: int, hold: bool = False, index: int | None = None,
-                  kind: Literal["warmup", "cooldown", "sync"] = "warmup") -> Round:
+def sequential_round(k: int, n: int, hold: bool = False, index: int | None = None,
+                     kind: Literal["warmup", "cooldown", "sync"] = "warmup") -> Round:
     """Step k < W (or k ≥ T − C, round ``index``): stage s on device s, in order, fresh
     values, fed τ_k; everything published. ``hold`` (official, even W, k = W−1): its ε serves
     the load-only step k+1 too."""
@@ -258,12 +259,12 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
     naming the key and the allowed values; W = 0 needs N = 1 (nothing else seeds the stale
     values).
     """
-    n = _check_int("n", n, 1)
-    stride = _check_int("stride", stride, 1)
-    steps = _check_int("steps", steps, 1)
+    n = check_int("n", n, 1)
+    stride = check_int("stride", stride, 1)
+    steps = check_int("steps", steps, 1)
     why = " when n > 1 (the last warm-up step seeds the stale cross-stage values)" if n > 1 else ""
-    warmup = _check_int("warmup", warmup, 1 if n > 1 else 0, steps, why)
-    cooldown = _check_int("cooldown", cooldown, 0, steps - warmup,
+    warmup = check_int("warmup", warmup, 1 if n > 1 else 0, steps, why)
+    cooldown = check_int("cooldown", cooldown, 0, steps - warmup,
                           f" (warm-up + cool-down <= T = {steps}; W = {warmup})")
     if not isinstance(time_shift, bool):
         raise ValueError(f"time_shift={time_shift!r}; allowed: true, false")
@@ -275,11 +276,11 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
     last = steps - cooldown  # the first cool-down step
     hold = _load_only_step(n, stride, warmup, last, stride_noise)
     sync = _check_sync(sync, warmup, last, hold, n, stride, stride_noise)
-    rounds: list[Round] = [_warmup_round(r, n, hold and r == warmup - 1) for r in range(warmup)]
+    rounds: list[Round] = [sequential_round(r, n, hold and r == warmup - 1) for r in range(warmup)]
     k0 = warmup + hold
     while k0 < last:
         if k0 in sync:
-            rounds.append(_warmup_round(k0, n, index=len(rounds), kind="sync"))
+            rounds.append(sequential_round(k0, n, index=len(rounds), kind="sync"))
             k0 += 1
             continue
         k1 = min(k0 + stride, last, min((k for k in sync if k > k0), default=last))
@@ -287,75 +288,13 @@ def build_timeline(n: int, stride: int, warmup: int, steps: int, time_shift: boo
                                       stride_noise))
         k0 = k1
     for k in range(last, steps):
-        rounds.append(_warmup_round(k, n, index=len(rounds), kind="cooldown"))
+        rounds.append(sequential_round(k, n, index=len(rounds), kind="cooldown"))
     devices = devices_needed(n, stride, stride_noise)
     timeline = Timeline(n=n, stride=stride, warmup=warmup, steps=steps, time_shift=time_shift,
                         stride_noise=stride_noise, devices=devices, rounds=tuple(rounds),
                         cooldown=cooldown, sync=sync)
     validate(timeline)
     return timeline
-
-
-def build_cache_timeline(n: int, interval: int, steps: int) -> Timeline:
-    """Step caching on one device ([Note: staleness], "Step cache"): a sequential round at
-    every step k ≡ 0 (mod ``interval``), a cached round (stage N−1 alone, on the values of
-    the last sequential round) at every other step. ``interval`` = 1 is the sequential
-    sampler. Bad arguments raise ValueError naming the key and the allowed values."""
-    n = _check_int("n", n, 2, None, " (the step cache reuses the values of stages 0 … N−2)")
-    steps = _check_int("steps", steps, 1)
-    interval = _check_int("cache_interval", interval, 1, steps)
-    rounds: list[Round] = []
-    full = -1
-    for k in range(steps):
-        if k % interval == 0:
-            rnd = _warmup_round(k, n, kind="warmup" if k == 0 else "sync")
-            full = k
-            rounds.append(Round(index=k, kind=rnd.kind, steps=rnd.steps, actions=tuple(
-                Action(**{**a.__dict__, "device": 0}) for a in rnd.actions)))
-        else:
-            rounds.append(Round(index=k, kind="cached", steps=(k,), actions=(Action(
-                round=k, device=0, stage=n - 1, copy=0, t_step=k, latent_step=k,
-                inputs_round=full, eps_steps=(k,), publishes=False),)))
-    timeline = Timeline(n=n, stride=1, warmup=1, steps=steps, time_shift=False,
-                        stride_noise="fresh", devices=1, rounds=tuple(rounds),
-                        sync=tuple(range(interval, steps, interval)), cache=interval)
-    validate(timeline)
-    return timeline
-
-
-def _validate_cache(tl: Timeline) -> None:
-    """A step-cache timeline: one device; sequential rounds at k ≡ 0 (mod K), each stage once
-    in order on fresh values; cached rounds run stage N−1 alone, fed τ_k on x_k, on the
-    values of the last sequential round, publishing nothing."""
-    def fail(r: int, msg: str) -> None:
-        raise ValueError(f"step-cache timeline round {r}: {msg}")
-
-    if tl.devices != 1 or tl.n < 2 or tl.cache < 1:
-        raise ValueError(f"step-cache timeline: {tl.devices} devices, N={tl.n}, K={tl.cache}; "
-                         "allowed: 1 device, N >= 2, K >= 1")
-    if [k for r in tl.rounds for k in r.steps] != list(range(tl.steps)):
-        raise ValueError(f"step-cache timeline: rounds must cover 0 … {tl.steps - 1}, one each")
-    full = None
-    for i, rnd in enumerate(tl.rounds):
-        if len(rnd.steps) != 1:
-            fail(i, f"covers steps {rnd.steps}; a step-cache round covers one step")
-        k = rnd.steps[0]
-        if rnd.index != i or any(a.device != 0 or a.round != i or a.latent_step != k
-                                 or a.t_step != k or a.eps_steps != (() if a.stage < tl.n - 1
-                                                                     else (k,))
-                                 for a in rnd.actions):
-            fail(i, "every action on device 0, of its own round, fed τ_k on x_k, ε_k from "
-                    f"stage {tl.n - 1}")
-        if k % tl.cache == 0:
-            runs = [(a.stage, a.inputs_round, a.publishes) for a in rnd.actions]
-            if rnd.kind != ("warmup" if k == 0 else "sync") or \
-                    runs != [(s, i, True) for s in range(tl.n)]:
-                fail(i, f"step {k} ≡ 0 (mod {tl.cache}) runs stages 0 … N−1 in order, fresh")
-            full = i
-        elif rnd.kind != "cached" or [(a.stage, a.inputs_round, a.publishes) for a in
-                                      rnd.actions] != [(tl.n - 1, full, False)]:
-            fail(i, f"cached step {k} runs stage {tl.n - 1} alone on the values of round "
-                    f"{full} (the last sequential round)")
 
 
 def _check_sync(sync, warmup: int, last: int, hold: bool, n: int, stride: int,
@@ -367,7 +306,7 @@ def _check_sync(sync, warmup: int, last: int, hold: bool, n: int, stride: int,
     except TypeError:
         steps = [sync]
     for k in steps:
-        _check_int("sync", k, warmup, last - 1,
+        check_int("sync", k, warmup, last - 1,
                    f" (steps between warm-up and cool-down: W = {warmup}, T − C = {last})")
     aligned = stride_noise == "official" and stride == 2 and n > 1
     bad = [k for k in steps if aligned and (k % 2 == 1 or (hold and k == warmup))]
@@ -392,7 +331,7 @@ def validate(tl: Timeline) -> None:
     sync step.
     """
     if tl.cache:
-        return _validate_cache(tl)
+        raise ValueError("a step-cache timeline: asyncdiff.step_cache.validate checks it")
 
     def fail(r: int, msg: str) -> None:
         raise ValueError(f"timeline round {r}: {msg}")

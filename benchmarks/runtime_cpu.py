@@ -33,9 +33,9 @@ import torch
 
 from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.distributed.launch import launch
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.worker import SamplingJob
+from asyncdiff.schedule import Schedule
 from asyncdiff.guidance import GuidanceSplit
-from asyncdiff.timeline import build_timeline
 from experiments import zoo
 from partition import PartitionRequest, compile_model
 from schedulers import make_scheduler, sample
@@ -139,9 +139,8 @@ def main() -> None:
         cfg, n, s, cooldown = parse(pair)
         if cfg and args.guidance is None:
             raise SystemExit(f"error: --configs {pair}: CFG-parallel needs --guidance")
-        par = ParallelSpec(n=n, stride=s, warmup=args.warmup, cooldown=cooldown, threads=1,
-                           cfg_parallel=cfg)
-        threads = min(par.world, os.cpu_count() or 1)
+        par = Schedule(n=n, stride=s, warmup=args.warmup, cooldown=cooldown, cfg_parallel=cfg)
+        threads = min(par.world_size(), os.cpu_count() or 1)
         torch.set_num_threads(1)
         if cfg and half is None:  # the plan of one guidance half: one row
             half = build(rows=1)
@@ -156,7 +155,7 @@ def main() -> None:
             walls.append(result.wall_s)
         out = result.latents[0]
         wall, t_seq1, t_seqp = (statistics.median(x) for x in (walls, seq1s, seqps))
-        tl = build_timeline(n, s, min(args.warmup, args.steps), args.steps, cooldown=cooldown)
+        tl = par.timeline(args.steps, clamp=True)
         seq_rounds = sum(r.sequential for r in tl.rounds)
         ideal = par.groups * args.steps / (seq_rounds + len(tl.parallel_rounds) / n)
         sp1 = t_seq1 / wall
@@ -172,7 +171,7 @@ def main() -> None:
         name = ("CFG-parallel" if n == 1 else f"hybrid CFG × N={n} S={s}") if cfg else \
             f"N={n} S={s}"
         name += f" C={cooldown}" if cooldown else ""
-        print(f"\n{name} on {par.world} workers × 1 thread: {spread(walls)}  "
+        print(f"\n{name} on {par.world_size()} workers × 1 thread: {spread(walls)}  "
               f"(sequential: {spread(seq1s)} on 1 thread, {spread(seqps)} on "
               f"{threads} threads; medians of {args.repeats})")
         print(f"  speedup {sp1:.2f}x vs 1 thread (ideal {ideal:.2f}x, efficiency "

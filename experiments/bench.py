@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from asyncdiff.distributed.launch import launch
 from experiments import atomic
 from experiments import metrics as M
-from experiments.build import compiled_model, parallel_spec, sampling_jobs, sequential_sample
+from experiments.build import compiled_model, sampling_jobs, sequential_sample, workers
 from experiments.cli import checked
 from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds, plain,
-                                sequential_rounds)
+                                schedule_of, sequential_rounds)
 from experiments.record import identity, write_json
 from experiments.run import save_plan
 from experiments.checks import resolved
@@ -48,11 +48,11 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     """Time each mode ``bench.repeats`` times (interleaved, so drifting machine load hits
     every mode alike); write bench.csv and bench.json; return the JSON's content."""
     bundle, compiled = compiled_model(cfg)
-    par = parallel_spec({**plain(cfg.parallel), "replicas": 1}, compiled.plan,
-                        cfg.scheduler.steps)
+    sch = schedule_of({**plain(cfg.parallel), "replicas": 1})
+    par = workers(plain(cfg.parallel), sch, compiled.plan, cfg.scheduler.steps)
     save_plan(cfg, out, compiled.plan)
     job = sampling_jobs(bundle, cfg, 1)[0]
-    p = par.devices
+    p = sch.devices
     for _ in range(cfg.bench.warmup_runs):
         sequential_sample(compiled.staged, job, 1, progress=False)
     rows = []
@@ -63,7 +63,8 @@ def bench(cfg: DictConfig, out: Path) -> dict:
             rows.append({"mode": "sequential", "threads": threads, "workers": 1, "repeat": i,
                          "latency_s": t, "end_to_end_s": t})
         t0 = time.perf_counter()
-        result = launch(compiled.staged, compiled.plan, par, [job])
+        result = launch(compiled.staged, compiled.plan, sch, [job], threads=par.threads,
+                        backend=par.backend, limits=par.limits)
         rows.append({"mode": "asyncdiff", "threads": par.threads, "workers": p, "repeat": i,
                      "latency_s": result.wall_s, "end_to_end_s": time.perf_counter() - t0})
     groups = {"sequential_1": [r for r in rows if r["mode"] == "sequential" and r["threads"] == 1],
@@ -77,8 +78,8 @@ def bench(cfg: DictConfig, out: Path) -> dict:
         "speedup_vs_1_thread": M.speedup(summary["sequential_1"]["median_s"], ours),
         f"speedup_vs_{p}_threads": M.speedup(summary[f"sequential_{p}"]["median_s"], ours),
         "predicted": predict(compiled.plan, cfg.scheduler.steps,
-                             sequential_rounds(vars(par), cfg.scheduler.steps), par.stride,
-                             parallel_rounds(vars(par), cfg.scheduler.steps)),
+                             sequential_rounds(sch, cfg.scheduler.steps), sch.stride,
+                             parallel_rounds(sch, cfg.scheduler.steps)),
         "summary": summary, "rows": rows, "plan_hash": compiled.plan.plan_hash,
     }
     atomic.write_csv(out / "bench.csv", rows, list(rows[0]))
@@ -96,7 +97,7 @@ def bench(cfg: DictConfig, out: Path) -> dict:
              ours, report["speedup_vs_1_thread"], report[f"speedup_vs_{p}_threads"],
              report["predicted"]["speedup"], out)
     logger = RunLogger(plain(cfg.wandb), plain(cfg), out, job_type="bench",
-                       name=f"bench-{cfg.model.name}-N{par.n}S{par.stride}W{par.warmup}")
+                       name=f"bench-{cfg.model.name}-N{sch.n}S{sch.stride}W{sch.warmup}")
     logger.plan(compiled.plan)
     logger.table("bench", rows)
     logger.metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}

@@ -7,11 +7,11 @@ jobs of a sweep (basic launcher: one process) capture each model once and only r
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.guidance import GuidanceSplit
 from asyncdiff.distributed import limits
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
-from experiments.checks import check_backend, devices, guidance_scale
+from asyncdiff.distributed.limits import Limits
+from asyncdiff.distributed.worker import SamplingJob
+from asyncdiff.schedule import Schedule
+from experiments.checks import check_backend, guidance_scale
 from experiments.common import partition_request, plain, requested
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
                                          scheduler_kwargs)
@@ -38,28 +40,31 @@ from schedulers import make_scheduler, sample
 log = logging.getLogger(__name__)
 
 
-def parallel_spec(par: dict, plan: Plan | None = None, steps: int | None = None,
-                  quiet: bool = False) -> ParallelSpec:
-    """The runtime's parallel settings; with the plan and T, its time limits (configured, or
-    derived from the planned step time: asyncdiff/distributed/limits.py)."""
-    spec = ParallelSpec(n=par["n"], stride=par["stride"], warmup=par["warmup"],
-                        cooldown=par.get("cooldown", 0), sync=tuple(par.get("sync") or ()),
-                        time_shift=par["time_shift"], stride_noise=par["stride_noise"],
-                        threads=par["threads"], replicas=par["replicas"],
-                        cfg_parallel=bool(par.get("cfg_parallel", False)),
-                        backend=check_backend(par["backend"], par["replicas"] * devices(par)
-                                              * (2 if par.get("cfg_parallel") else 1),
-                                              os.environ))
+@dataclass(frozen=True)
+class Workers:
+    """How the ranks of a run are started: intra-op threads each, the backend, the waits."""
+
+    threads: int
+    backend: str
+    limits: Limits
+
+
+def workers(par: dict, schedule: Schedule, plan: Plan | None = None, steps: int | None = None,
+            quiet: bool = False) -> Workers:
+    """The ``parallel`` settings that are not the schedule; with the plan and T, the time
+    limits (configured, or derived from the planned step time: limits.py)."""
+    backend = check_backend(par["backend"], schedule.world_size(), os.environ)
     if plan is None:
-        return spec
-    if steps is None:
-        raise ValueError("parallel_spec: the time limits need T (steps) with the plan")
-    lim = limits.derive(plan, steps, step_s=par.get("step_timeout_s"),
-                        run_s=par.get("run_timeout_s"), startup_s=par.get("startup_timeout_s"))
-    if not quiet:
-        log.info("%s", lim.describe())
-    return dataclasses.replace(spec, timeout_s=lim.step_s, run_timeout_s=lim.run_s,
-                               startup_timeout_s=lim.startup_s)
+        lim = Limits(startup_s=par.get("startup_timeout_s") or limits.STARTUP_S)
+    else:
+        if steps is None:
+            raise ValueError("workers: the time limits need T (steps) with the plan")
+        lim = limits.derive(plan, steps, step_s=par.get("step_timeout_s"),
+                            run_s=par.get("run_timeout_s"),
+                            startup_s=par.get("startup_timeout_s"))
+        if not quiet:
+            log.info("%s", lim.describe())
+    return Workers(par["threads"], backend, lim)
 
 
 def _halves(example: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from experiments.common import ConfigError
+from experiments.common import ConfigError, schedule_of
 from experiments import zoo
 from partition.spec import InputSpec, latent_name
 
@@ -45,10 +45,16 @@ def _int(key: str, value, low: int, high: int | None = None, why: str = "") -> i
     raise ConfigError(f"{key}={value!r}; allowed: {allowed}{why}")
 
 
-def devices(par: Mapping) -> int:
-    """Workers per pipeline: N−1+S (``stride_noise: fresh``) or N (``reuse``, ``official``)."""
-    from asyncdiff.timeline import devices_needed
-    return devices_needed(par["n"], par["stride"], par["stride_noise"])
+def schedule(par: Mapping, steps: int | None = None):
+    """The run's schedule (:class:`asyncdiff.Schedule`, which checks itself by the timeline's
+    rules), and with T its timeline's too; a bad value is one ConfigError naming the key."""
+    try:
+        sch = schedule_of(par)
+        if steps is not None:
+            sch.timeline(steps)
+    except ValueError as err:
+        raise ConfigError(f"parallel.{err}") from None
+    return sch
 
 
 def guidance_scale(cfg: Mapping) -> float | None:
@@ -60,10 +66,10 @@ def guidance_scale(cfg: Mapping) -> float | None:
 
 
 def check_modes(cfg: Mapping, entry: str) -> None:
-    """CFG-parallel needs guidance and runs in asyncdiff-run and the study (a pipeline run
-    takes it through ``asyncdiff.parallelize(pipe, cfg_parallel=True)`` in Python); the step
-    cache runs on one device, in the study's emulator, with the shell/core split (its last
-    stage holds the outer blocks) and nothing else of the pipeline's schedule."""
+    """Where the modes run: CFG-parallel needs guidance and runs in asyncdiff-run and the
+    study (a pipeline run takes it through ``asyncdiff.parallelize(pipe, cfg_parallel=True)``
+    in Python); the step cache (its schedule checked by the Schedule) runs on one device, in
+    the study's emulator, on the shell/core split."""
     par = cfg["parallel"]
     if par.get("cfg_parallel"):
         if cfg.get("pipeline") is not None or entry in ("bench", "demo"):
@@ -77,21 +83,14 @@ def check_modes(cfg: Mapping, entry: str) -> None:
             raise ConfigError("parallel.cfg_parallel=true without guidance; allowed: a "
                               "guidance scale (scheduler.guidance=7.5), or "
                               "parallel.cfg_parallel=false")
-    k = _int("parallel.cache_interval", par.get("cache_interval", 0), 0,
-             cfg["scheduler"]["steps"], " (at most T = scheduler.steps)")
+    k = par.get("cache_interval") or 0
     if not k:
         return
-    strategy = cfg["partition"]["strategy"]
-    schedule = {"stride": par["stride"] != 1, "cooldown": bool(par.get("cooldown")),
-                "sync": bool(par.get("sync")), "time_shift": bool(par["time_shift"]),
-                "cfg_parallel": bool(par.get("cfg_parallel"))}
-    if par["n"] < 2 or strategy != "shell_core" or any(schedule.values()):
-        raise ConfigError(
-            f"parallel.cache_interval={k} with parallel.n={par['n']}, partition={strategy}"
-            + "".join(f", parallel.{key}" for key, on in schedule.items() if on)
-            + "; allowed: n >= 2, partition=shell_core (the outer blocks on the last stage), "
-            "stride 1 and no cooldown, sync, time_shift or cfg_parallel; or "
-            "parallel.cache_interval=0")
+    from asyncdiff.step_cache import check_split  # the runtime after the cheap checks
+    try:
+        check_split(cfg["partition"]["strategy"], k)
+    except ValueError as err:
+        raise ConfigError(f"partition.{err} (or parallel.cache_interval=0)") from None
     if entry not in ("plan", "study"):
         raise ConfigError(f"parallel.cache_interval={k}: the step cache runs on one device in "
                           "the study's emulator (a point of python -m experiments.study); "
@@ -205,19 +204,12 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
         _int("partition.threads", part["threads"], 1)
     if part["device"] == "cuda" and not _cuda_available():
         raise ConfigError("partition.device=cuda: no CUDA device here; allowed: cpu")
-    n = _int("parallel.n", par["n"], 1)
-    stride = _int("parallel.stride", par["stride"], 1)
     _int("parallel.threads", par["threads"], 1)
-    replicas = _int("parallel.replicas", par["replicas"], 1)
     if sch["name"] not in schedulers.SCHEDULERS:
         raise ConfigError(f"scheduler.name={sch['name']!r}; allowed: "
                           f"{', '.join(schedulers.SCHEDULERS)}")
     steps = _int("scheduler.steps", sch["steps"], 1)
-    why = (" (W <= T = scheduler.steps; W >= 1 when n > 1: the last warm-up step seeds the "
-           "stale cross-stage values)")
-    _int("parallel.warmup", par["warmup"], 1 if n > 1 else 0, steps, why)
-    _int("parallel.cooldown", par.get("cooldown", 0), 0, steps - par["warmup"],
-         f" (W + C <= T = scheduler.steps; W = {par['warmup']})")
+    run = schedule(par, steps)
     if cfg.get("pipeline") is not None:
         check_pipeline(cfg, entry)
     else:
@@ -232,29 +224,15 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
     _int("bench.repeats", cfg["bench"]["repeats"], 1)
     _int("bench.warmup_runs", cfg["bench"]["warmup_runs"], 0)
     if "RANK" in env and "WORLD_SIZE" in env:
-        per = devices(par)
-        groups = 2 if par.get("cfg_parallel") else 1
         world = int(env["WORLD_SIZE"])
-        if world != replicas * groups * per:
-            cfgp = " × 2 (parallel.cfg_parallel: a group per guidance half)" if groups == 2 \
-                else ""
+        if world != run.world_size():
             raise ConfigError(
                 f"WORLD_SIZE={world} (torchrun --nproc-per-node × nodes); allowed: "
-                f"parallel.replicas × (n−1+stride){cfgp} = {replicas} × ({n}−1+{stride})"
-                f"{' × 2' if groups == 2 else ''} = {replicas * groups * per}"
-                + (f" (stride_noise={par['stride_noise']}: n)"
-                   if par["stride_noise"] != "fresh" else ""))
+                f"parallel.replicas × groups × devices = {run.replicas} × {run.groups} × "
+                f"{run.devices} = {run.world_size()} ({run.describe()})")
     for key in ("step_timeout_s", "run_timeout_s", "startup_timeout_s"):
         value = par.get(key)
         if value is not None and not value > 0:
             raise ConfigError(f"parallel.{key}={value!r}; allowed: a number of seconds > 0, or "
                               "null (derived from the plan)")
-    check_backend(par["backend"], replicas * (2 if par.get("cfg_parallel") else 1)
-                  * devices(par), env)
-    # the runtime's own schedule checks (pure; e.g. stride_noise rules)
-    from asyncdiff.timeline import build_timeline
-    try:
-        build_timeline(n, stride, par["warmup"], steps, par["time_shift"], par["stride_noise"],
-                       par.get("cooldown", 0), tuple(par.get("sync") or ()))
-    except ValueError as err:
-        raise ConfigError(f"parallel.{err}") from None
+    check_backend(par["backend"], run.world_size(), env)

@@ -38,23 +38,28 @@ def plain(cfg: DictConfig | Any) -> Any:
         if isinstance(cfg, DictConfig) else cfg
 
 
-def run_timeline(par: Mapping, steps: int):
-    """The timeline of the run the ``parallel`` settings describe, for ``steps`` steps."""
-    from asyncdiff.timeline import build_timeline
-    return build_timeline(par["n"], par["stride"], min(par["warmup"], steps), steps,
-                          bool(par.get("time_shift", False)), par.get("stride_noise", "fresh"),
-                          par.get("cooldown", 0), tuple(par.get("sync") or ()))
+def schedule_of(par: Mapping):
+    """The run's :class:`asyncdiff.Schedule` from the ``parallel`` settings (resolved plain
+    data): the one place the configuration becomes a schedule. ValueError names the key."""
+    from asyncdiff.schedule import Schedule  # the runtime only when a config is resolved
+    return Schedule(n=par["n"], stride=par.get("stride", 1), warmup=par.get("warmup", 1),
+                    cooldown=par.get("cooldown") or 0, sync=tuple(par.get("sync") or ()),
+                    time_shift=bool(par.get("time_shift", False)),
+                    stride_noise=par.get("stride_noise", "fresh"),
+                    cache_interval=par.get("cache_interval") or 0,
+                    cfg_parallel=bool(par.get("cfg_parallel", False)),
+                    replicas=par.get("replicas", 1))
 
 
-def parallel_rounds(par: Mapping, steps: int) -> int:
+def parallel_rounds(schedule, steps: int) -> int:
     """The parallel rounds of the run's timeline (what the latency prediction counts)."""
-    return len(run_timeline(par, steps).parallel_rounds)
+    return len(schedule.timeline(steps, clamp=True).parallel_rounds)
 
 
-def sequential_rounds(par: Mapping, steps: int) -> int:
+def sequential_rounds(schedule, steps: int) -> int:
     """The run's sequential rounds (warm-up, sync, cool-down; official's load-only step
     rides on the last warm-up round): the full steps the latency prediction counts."""
-    return sum(r.sequential for r in run_timeline(par, steps).rounds)
+    return sum(r.sequential for r in schedule.timeline(steps, clamp=True).rounds)
 
 
 def partition_request(part: dict, n: int) -> PartitionRequest:

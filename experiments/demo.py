@@ -24,11 +24,11 @@ from omegaconf import DictConfig
 from asyncdiff.distributed.launch import launch
 from experiments import metrics as M
 from experiments import quality as Q
-from experiments.build import (compiled_model, job_labels, parallel_spec, sampling_jobs,
+from experiments.build import (compiled_model, job_labels, sampling_jobs, workers,
                                sequential_sample)
 from experiments.cli import checked
 from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds, plain,
-                                sequential_rounds)
+                                schedule_of, sequential_rounds)
 from experiments.images import save_image_grid
 from experiments.reference.model import (classify, is_reference, reference_classifier,
                                          reference_tokens)
@@ -41,21 +41,22 @@ from partition import format_plan
 def hydra_main(cfg: DictConfig) -> None:
     cfg = resolved(cfg, "demo")
     bundle, compiled = compiled_model(cfg)
-    spec = parallel_spec({**plain(cfg.parallel), "replicas": 1}, compiled.plan,
-                         cfg.scheduler.steps)
+    spec = schedule_of({**plain(cfg.parallel), "replicas": 1})
+    run = workers(plain(cfg.parallel), spec, compiled.plan, cfg.scheduler.steps)
     print(format_plan(compiled.plan, steps=cfg.scheduler.steps,
-                      warmup=sequential_rounds(vars(spec), cfg.scheduler.steps),
-                      stride=spec.stride, rounds=parallel_rounds(vars(spec), cfg.scheduler.steps)))
+                      warmup=sequential_rounds(spec, cfg.scheduler.steps),
+                      stride=spec.stride, rounds=parallel_rounds(spec, cfg.scheduler.steps)))
     job = sampling_jobs(bundle, cfg, 1)[0]
     ref, t1 = sequential_sample(compiled.staged, job, 1, cfg.progress)
     _, tp = sequential_sample(compiled.staged, job, spec.devices, cfg.progress)
-    result = launch(compiled.staged, compiled.plan, spec, [job])
+    result = launch(compiled.staged, compiled.plan, spec, [job], threads=run.threads,
+                    backend=run.backend, limits=run.limits)
     out = result.latents[0]
     n_img = out.shape[0]
     print(f"\n{bundle.name}: {n_img} image(s), {cfg.scheduler.steps} {cfg.scheduler.name} steps"
           f"{'' if job.guidance is None else f', guidance {job.guidance:g}'}, "
           f"N={spec.n} S={spec.stride} W={spec.warmup}, {spec.devices} workers × "
-          f"{spec.threads} thread")
+          f"{run.threads} thread")
     print(f"sequential, 1 thread:  {t1:.2f} s")
     print(f"sequential, {spec.devices} threads: {tp:.2f} s")
     print(f"asyncdiff:             {result.wall_s:.2f} s   speedup "

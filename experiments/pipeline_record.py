@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments import atomic
 from experiments import quality as Q
-from experiments.common import parallel_rounds, plain, sequential_rounds
+from experiments.common import parallel_rounds, plain, schedule_of, sequential_rounds
 from experiments.generate import request
 from experiments.learned import learned_metrics
 from experiments.metrics import speedup
@@ -116,9 +116,10 @@ def finish_pipeline(cfg: DictConfig, out: Path, images: torch.Tensor, extra: dic
     if plans:
         atomic.write_text(out / "plan.json", plans[0].to_json())
         par, steps = data["parallel"], data["scheduler"]["steps"]
-        table = "\n\n".join(format_plan(p, steps=steps, warmup=sequential_rounds(par, steps),
-                                        stride=par["stride"],
-                                        rounds=parallel_rounds(par, steps)) for p in plans)
+        sch = schedule_of(par)
+        table = "\n\n".join(format_plan(p, steps=steps, warmup=sequential_rounds(sch, steps),
+                                        stride=sch.stride, rounds=parallel_rounds(sch, steps))
+                            for p in plans)
         atomic.write_text(out / "plan.txt", table + "\n")
     req = request(data)
     latency, seq_latency = sum(extra["seconds"]), sum(seq_seconds)

@@ -42,7 +42,8 @@ from asyncdiff.distributed import limits, liveness
 from asyncdiff.distributed.launch import Task, from_bytes, run_ranks, to_bytes
 from asyncdiff.distributed.limits import STARTUP_S
 from asyncdiff.distributed.worker import init_group
-from experiments.common import ConfigError, parallel_rounds, plain, sequential_rounds
+from experiments.common import (ConfigError, parallel_rounds, plain, schedule_of,
+                                sequential_rounds)
 from experiments.generate import Request, check_request, generate, load, request
 from partition.threads import intra_op_threads
 
@@ -118,12 +119,12 @@ def _limits(cfg: dict, step_estimate_s: float) -> tuple[float, float]:
 def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     """The ranks spawned here (``asyncdiff.distributed.launch.run_ranks``); this process records."""
     from asyncdiff.distributed.launch import Task, run_ranks
-    from experiments.checks import check_backend, devices
+    from experiments.checks import check_backend
 
     data = plain(cfg)
     check_request(request(data))
     par = data["parallel"]
-    world = devices(par)
+    world = schedule_of(par).world_size()
     base = sequential(data)  # first: its step time sizes the ranks' time limits
     steps = len(base[1]) * data["scheduler"]["steps"]
     step_s, run_s = _limits(data, sum(base[1]) / steps if steps else 0.0)
@@ -168,8 +169,9 @@ def predicted(cfg: dict, plan) -> dict:
     from partition import predict
 
     par, steps = cfg["parallel"], cfg["scheduler"]["steps"]
-    return predict(plan, steps=steps, warmup=sequential_rounds(par, steps), stride=par["stride"],
-                   rounds=parallel_rounds(par, steps))
+    sch = schedule_of(par)
+    return predict(plan, steps=steps, warmup=sequential_rounds(sch, steps), stride=sch.stride,
+                   rounds=parallel_rounds(sch, steps))
 
 
 __all__ = ["run_pipeline_spawn", "run_pipeline_torchrun", "rank_task", "dropin_options"]

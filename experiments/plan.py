@@ -19,7 +19,7 @@ from experiments import atomic
 from experiments.cli import checked
 from asyncdiff.lowering import check, lower
 from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds,
-                                partition_request, plain, requested, run_timeline,
+                                partition_request, plain, requested, schedule_of,
                                 sequential_rounds)
 from experiments.checks import resolved
 from partition import compile_model, format_plan
@@ -28,7 +28,8 @@ from experiments import zoo
 
 def plan_from_config(cfg: DictConfig, out_dir: Path | None):
     model_cfg, part, par = plain(cfg.model), plain(cfg.partition), plain(cfg.parallel)
-    request = partition_request(part, par["n"])
+    sch = schedule_of(par)
+    request = partition_request(part, sch.n)
     t0 = time.perf_counter()
     bundle = zoo.build(model_cfg, seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
@@ -43,17 +44,16 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
     t_plan = time.perf_counter() - t0 - t_build
     if cfg.print_report:
         print(format_plan(compiled.plan, steps=cfg.scheduler.steps,
-                          warmup=sequential_rounds(par, cfg.scheduler.steps),
-                          stride=par["stride"],
-                          rounds=parallel_rounds(par, cfg.scheduler.steps)))
+                          warmup=sequential_rounds(sch, cfg.scheduler.steps),
+                          stride=sch.stride, rounds=parallel_rounds(sch, cfg.scheduler.steps)))
         print(f"build {t_build:.1f} s, plan {t_plan:.1f} s")
     if out_dir is not None:
         path = out_dir / cfg.out
         atomic.write_text(path, compiled.plan.to_json())
         print(f"wrote {path}")
     if cfg.get("print_comm"):
-        comm = lower(run_timeline(par, cfg.scheduler.steps), compiled.plan,
-                     groups=2 if par.get("cfg_parallel") else 1, replicas=par["replicas"])
+        comm = lower(sch.timeline(cfg.scheduler.steps, clamp=True), compiled.plan,
+                     groups=sch.groups, replicas=sch.replicas)
         check(comm)  # what would be posted completes under NCCL's rules
         text = f"{comm}\nreplayed under NCCL's rules: every rank completes"
         print(text)

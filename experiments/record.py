@@ -46,15 +46,15 @@ def timeline_rows(stats: Mapping[int, Sequence], devices: int, groups: int = 1,
     return rows
 
 
-def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: float,
+def run_metrics(*, plan: Plan, schedule, steps: int, latency_s: float, sequential_s: float,
                 out: torch.Tensor, ref: torch.Tensor, rows: list[dict],
                 peak_rss: Mapping[int, int] | None, weights_dir) -> dict:
     """One flat dict per run: the row of a sweep's results table."""
-    pred = predict(plan, steps=steps, warmup=sequential_rounds(vars(par), steps),
-                   stride=par.stride,
-                   rounds=parallel_rounds(vars(par), steps), groups=par.groups)
+    pred = predict(plan, steps=steps, warmup=sequential_rounds(schedule, steps),
+                   stride=schedule.stride, rounds=parallel_rounds(schedule, steps),
+                   groups=schedule.groups)
     sent = M.bytes_sent(rows)
-    macs = M.macs_per_device(plan, par.devices)
+    macs = M.macs_per_device(plan, schedule.devices)
     out_m = {
         "latency_s": latency_s, "sequential_s": sequential_s,
         "speedup": M.speedup(sequential_s, latency_s),
@@ -62,7 +62,7 @@ def run_metrics(*, plan: Plan, par, steps: int, latency_s: float, sequential_s: 
         "psnr_db": Q.psnr(out, ref), "ssim": Q.ssim(out, ref),
         "relative_l2": Q.relative_l2(out, ref),
         "max_abs_diff": float((out.double() - ref.double()).abs().max()),
-        "devices": par.devices, "world": par.world,
+        "devices": schedule.devices, "world": schedule.world_size(),
         "macs_per_device": macs, "max_device_macs": max(macs),
         "bytes_sent_total": sum(sent.values()), "bytes_sent_per_rank": list(sent.values()),
         "plan_bytes_per_step": plan.bytes_per_step, "imbalance": plan.imbalance,

@@ -39,11 +39,12 @@ from asyncdiff.distributed.worker import (WorkerJob, fault_from_env, init_group,
                                           placement, run_job)
 from asyncdiff.timeline import stage_of_device
 from experiments import atomic
-from experiments.build import (compiled_model, job_labels, model_config, parallel_spec,
+from experiments.build import (compiled_model, job_labels, model_config, workers,
                                sampling_jobs, sequential_sample)
 from experiments.cli import checked
 from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds,
-                                partition_request, plain, requested, sequential_rounds)
+                                partition_request, plain, requested, schedule_of,
+                                sequential_rounds)
 from experiments.images import save_image_grid, save_latent_comparison
 from experiments.reference.model import (classify, is_reference, reference_classifier,
                                          reference_tokens)
@@ -55,7 +56,7 @@ from partition import Plan, compile_model, format_plan
 from experiments import zoo
 from partition.capture import capture
 
-__all__ = ["main", "run_spawn", "run_torchrun", "parallel_spec", "sampling_jobs"]
+__all__ = ["main", "run_spawn", "run_torchrun", "sampling_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +66,29 @@ def save_plan(cfg: DictConfig, out: Path, plan: Plan) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic.write_text(out / "plan.json", plan.to_json())
+    sch = schedule_of(plain(cfg.parallel))
     table = format_plan(plan, steps=cfg.scheduler.steps,
-                        warmup=sequential_rounds(plain(cfg.parallel), cfg.scheduler.steps),
-                        stride=cfg.parallel.stride,
-                        rounds=parallel_rounds(plain(cfg.parallel), cfg.scheduler.steps))
+                        warmup=sequential_rounds(sch, cfg.scheduler.steps), stride=sch.stride,
+                        rounds=parallel_rounds(sch, cfg.scheduler.steps))
     atomic.write_text(out / "plan.txt", table + "\n")
     if cfg.print_report:
         log.info("plan:\n%s", table)
 
 
-def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tensor],
+def finish(cfg: DictConfig, out: Path, plan: Plan, sch, latents: list[torch.Tensor],
            ref: torch.Tensor, t_seq: float, wall: float, rows: list[dict],
            peak_rss: dict[int, int] | None) -> dict:
     """Metrics, latents, timeline, images and the W&B run of a finished run (one process)."""
     resolved = plain(cfg)
     metrics = {**identity(resolved),
-               **run_metrics(plan=plan, par=par, steps=cfg.scheduler.steps, latency_s=wall,
+               **run_metrics(plan=plan, schedule=sch, steps=cfg.scheduler.steps, latency_s=wall,
                              sequential_s=t_seq, out=latents[0], ref=ref, rows=rows,
                              peak_rss=peak_rss, weights_dir=cfg.metrics.weights_dir)}
     atomic.save_torch(latents, out / "result.pt")
     atomic.save_torch(ref, out / "sequential.pt")
     write_json(out / "timeline.json", rows)
     write_json(out / "metrics.json", metrics)
-    cool = (f" C={par.cooldown}" if par.cooldown else "") + \
-        (f" sync={list(par.sync)}" if par.sync else "")
-    label = (f"{metrics['model']} N={par.n} S={par.stride} W={par.warmup}{cool}, "
+    label = (f"{metrics['model']} {sch.describe()}, "
              f"{cfg.scheduler.steps} {cfg.scheduler.name} steps")
     images = {}
     model_cfg = plain(cfg.model)
@@ -122,7 +121,7 @@ def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tens
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name
     logger = RunLogger(resolved["wandb"], resolved, out, group=group,
-                       name=f"{cfg.model.name}-N{par.n}S{par.stride}W{par.warmup}")
+                       name=f"{cfg.model.name}-N{sch.n}S{sch.stride}W{sch.warmup}")
     logger.plan(plan)
     logger.timings(rows)
     logger.metrics(metrics)
@@ -134,23 +133,26 @@ def finish(cfg: DictConfig, out: Path, plan: Plan, par, latents: list[torch.Tens
 def run_spawn(cfg: DictConfig, out: Path) -> dict:
     """One command, P = R·(N−1+S) worker processes spawned here; this process logs."""
     bundle, compiled = compiled_model(cfg)
-    par = parallel_spec(plain(cfg.parallel), compiled.plan, cfg.scheduler.steps)
+    sch = schedule_of(plain(cfg.parallel))
+    run = workers(plain(cfg.parallel), sch, compiled.plan, cfg.scheduler.steps)
     save_plan(cfg, out, compiled.plan)
-    jobs = sampling_jobs(bundle, cfg, par.replicas)
+    jobs = sampling_jobs(bundle, cfg, sch.replicas)
     log.info("asyncdiff: %d pipeline(s) × %d workers × %d thread(s), %d %s steps",
-             par.replicas * par.groups, par.devices, par.threads, cfg.scheduler.steps,
+             sch.replicas * sch.groups, sch.devices, run.threads, cfg.scheduler.steps,
              cfg.scheduler.name)
-    result = launch(compiled.staged, compiled.plan, par, jobs, progress=bool(cfg.progress))
-    ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress,
-                                   par.cfg_parallel)
-    rows = timeline_rows(result.stats, par.devices, par.groups)
-    return finish(cfg, out, compiled.plan, par, result.latents, ref, t_seq, result.wall_s, rows,
+    result = launch(compiled.staged, compiled.plan, sch, jobs, threads=run.threads,
+                    backend=run.backend, limits=run.limits, progress=bool(cfg.progress))
+    ref, t_seq = sequential_sample(compiled.staged, jobs[0], run.threads, cfg.progress,
+                                   sch.cfg_parallel)
+    rows = timeline_rows(result.stats, sch.devices, sch.groups)
+    return finish(cfg, out, compiled.plan, sch, result.latents, ref, t_seq, result.wall_s, rows,
                   result.peak_rss)
 
 
 def run_torchrun(cfg: DictConfig, out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    par = parallel_spec(plain(cfg.parallel))
+    sch = schedule_of(plain(cfg.parallel))
+    par = workers(plain(cfg.parallel), sch)
     part = plain(cfg.partition)
     # before the first step every collective is preceded by a meeting of the ranks that
     # names one that stopped answering (asyncdiff/distributed/liveness.py); the loop's waits
@@ -172,7 +174,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
         nonlocal compiled
         with requested():
             compiled = compile_model(
-                bundle.module, bundle.specs, inputs, partition_request(part, par.n),
+                bundle.module, bundle.specs, inputs, partition_request(part, sch.n),
                 strategy=part["strategy"], cost_model=part["cost_model"], captured=captured,
                 name=f"{bundle.name}/{bundle.variant}", config_hash=bundle.architecture,
                 repeats=part["repeats"], threads=part["threads"], contract=bundle.contract,
@@ -182,25 +184,27 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
         return compiled.plan
 
     plan = plan_from_rank0(make_plan)  # rank 0 plans (measured costs are taken once)
-    par = parallel_spec(plain(cfg.parallel), plan, cfg.scheduler.steps, quiet=rank != 0)
-    device = rank % par.devices
+    par = workers(plain(cfg.parallel), sch, plan, cfg.scheduler.steps, quiet=rank != 0)
+    device = sch.place(rank)[2]
     own = on_every_rank(lambda: own_stage(plan, captured, bundle.module, bundle.specs, inputs,
                                           bundle.contract, stage_of_device(device, plan.n),
                                           part["threads"]), "building this rank's stage")
-    jobs = sampling_jobs(bundle, cfg, par.replicas)
+    jobs = sampling_jobs(bundle, cfg, sch.replicas)
     job = WorkerJob(plan=plan, segments=own.parts, hoist_inputs=own.hoist_inputs,
                     specs=bundle.specs,
                     placeholders=captured.placeholders if captured is not None else
                     {s.name: s.name for s in bundle.specs},
-                    output=plan.output, parallel=par, sampling=jobs,
-                    progress=bool(cfg.progress), fault=fault)
+                    output=plan.output, schedule=sch, sampling=jobs, threads=par.threads,
+                    backend=par.backend, limits=par.limits, progress=bool(cfg.progress),
+                    fault=fault)
     bundle = captured = None  # keep only this rank's stage (rank 0: and the plan's)
     liveness.arrive("sampling")
     t0 = time.perf_counter()
     latent, stats = run_job(job, rank, world)
     wall = time.perf_counter() - t0
-    if rank % (par.devices * par.groups) == 0:  # the first rank of each replica
-        atomic.save_torch(latent, out / f"result_replica{rank // (par.devices * par.groups)}.pt")
+    replica, group, device = sch.place(rank)
+    if group == 0 and device == 0:  # the first rank of each replica
+        atomic.save_torch(latent, out / f"result_replica{replica}.pt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mine = {"stats": [dataclasses.asdict(s) for s in stats], "peak": peak,
             "placement": placement(par.backend, rank)}
@@ -209,11 +213,11 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     dist.destroy_process_group()
     if rank == 0:  # the others are done; rank 0 runs the baseline and writes the results
         ref, t_seq = sequential_sample(compiled.staged, jobs[0], par.threads, cfg.progress,
-                                       par.cfg_parallel)
+                                       sch.cfg_parallel)
         rows = timeline_rows({r: [RoundStats(**s) for s in g["stats"]]
-                              for r, g in enumerate(gathered)}, par.devices, par.groups,
+                              for r, g in enumerate(gathered)}, sch.devices, sch.groups,
                              {r: g["placement"] for r, g in enumerate(gathered)})
-        finish(cfg, out, plan, par, [latent], ref, t_seq, wall, rows,
+        finish(cfg, out, plan, sch, [latent], ref, t_seq, wall, rows,
                {r: g["peak"] for r, g in enumerate(gathered)})
 
 

@@ -16,18 +16,24 @@ import time
 import torch
 
 from asyncdiff.inputs import model_env
-from asyncdiff.timeline import devices_needed
+from asyncdiff.schedule import Schedule
 from experiments.common import parallel_rounds, sequential_rounds
 from experiments.metrics import macs_per_device
 from partition import predict
 
 
+def point_schedule(d: dict) -> Schedule:
+    """The schedule of study point ``d`` (``experiments.study.describe``)."""
+    return Schedule(n=d["n"], stride=d["stride"], warmup=d["warmup"],
+                    cooldown=d.get("cooldown", 0), sync=tuple(d.get("sync", ())),
+                    time_shift=d["time_shift"], stride_noise=d["stride_noise"],
+                    cache_interval=d.get("cache", 0), cfg_parallel=bool(d.get("cfg_parallel")))
+
+
 def devices_of(d: dict) -> int:
     """Devices a point runs on: 1 (sequential, step cache), N−1+S or N per pipeline, twice
     that with CFG-parallel (a group per guidance half)."""
-    per = 1 if d["n"] == 1 or d.get("cache") else \
-        devices_needed(d["n"], d["stride"], d["stride_noise"])
-    return per * (2 if d.get("cfg_parallel") else 1)
+    return point_schedule(d).world_size()
 
 
 def point_latency(plan, d: dict, ms_per_flop: float | None = None) -> dict:
@@ -40,8 +46,9 @@ def point_latency(plan, d: dict, ms_per_flop: float | None = None) -> dict:
     if d["n"] == 1:
         return predict(plan, steps, warmup=steps, rounds=0, groups=groups,
                        ms_per_flop=ms_per_flop)
-    return predict(plan, steps, warmup=sequential_rounds(d, steps), stride=d["stride"],
-                   rounds=parallel_rounds(d, steps), groups=groups, ms_per_flop=ms_per_flop)
+    sch = point_schedule(d)
+    return predict(plan, steps, warmup=sequential_rounds(sch, steps), stride=d["stride"],
+                   rounds=parallel_rounds(sch, steps), groups=groups, ms_per_flop=ms_per_flop)
 
 
 def point_speed(d: dict, plan, whole_plan, reference_plan, reference_steps: int,
@@ -60,9 +67,9 @@ def point_speed(d: dict, plan, whole_plan, reference_plan, reference_steps: int,
     elif d["n"] == 1:
         busiest = d["steps"] * full
     else:
-        per = devices_needed(d["n"], d["stride"], d["stride_noise"])
-        busiest = (sequential_rounds(d, d["steps"]) * full
-                   + parallel_rounds(d, d["steps"]) * max(macs_per_device(plan, per)))
+        sch = point_schedule(d)
+        busiest = (sequential_rounds(sch, d["steps"]) * full
+                   + parallel_rounds(sch, d["steps"]) * max(macs_per_device(plan, sch.devices)))
     return {"devices": devices_of(d), "predicted_speedup": ref_flops / flops["latency_ms"],
             "ideal_speedup": flops["ideal_speedup"] * reference_steps / d["steps"],
             "predicted_speedup_comm": ref_flops * ms_per_flop / timed["latency_ms"],

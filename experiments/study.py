@@ -38,7 +38,6 @@ from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
 from asyncdiff.emulate import Emulator
 from asyncdiff.inputs import model_env
 from asyncdiff.guidance import GuidanceSplit
-from asyncdiff.timeline import build_cache_timeline, build_timeline
 from experiments import atomic
 from experiments import frontier as fr
 from experiments import quality as Q
@@ -46,7 +45,7 @@ from experiments.build import compiled_model, guidance_of, model_config
 from experiments.checks import check_config, resolved
 from experiments.cli import checked, sweep_points
 from experiments.common import CONF_DIR, ConfigError, exit_on_bad_input, plain
-from experiments.speed import measured_ms_per_flop, point_speed
+from experiments.speed import measured_ms_per_flop, point_schedule, point_speed
 from experiments.plots import stage_similarity, study_quality
 from experiments.reference import model as R
 from experiments import zoo
@@ -217,9 +216,7 @@ class Sampler:
             return recorder or SequentialDenoiser(compiled.staged)
         scheduler = make_scheduler(self.cfg.scheduler.name, **self.schedule)
         scheduler.set_timesteps(d["steps"])
-        tl = build_cache_timeline(d["n"], d["cache"], d["steps"]) if d.get("cache") else \
-            build_timeline(d["n"], d["stride"], d["warmup"], d["steps"], d["time_shift"],
-                           d["stride_noise"], d.get("cooldown", 0), tuple(d.get("sync", ())))
+        tl = point_schedule(d).timeline(d["steps"])
         return PipelineDenoiser(Emulator(compiled.staged, compiled.plan, tl,
                                          scheduler.timesteps))
 

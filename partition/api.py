@@ -44,10 +44,21 @@ class Compiled:
     graph: Any  # TrunkGraph (graph backend) or partition.modular.BlockGraph (module backend)
 
 
+# what a request may name, by key: every front end checks against these (the command line's
+# enums are made from them: experiments/schema.py)
+CHOICES: dict[str, tuple[str, ...]] = {"strategy": tuple(STRATEGIES), "cost_model": COST_MODELS,
+                                       "backend": BACKENDS}
+
+
+def check_choice(key: str, name: str) -> str:
+    """``name`` if it is one of ``CHOICES[key]``, else RequestError naming the allowed."""
+    if name not in CHOICES[key]:
+        raise RequestError(f"{key}={name!r}; allowed: {', '.join(CHOICES[key])}")
+    return name
+
+
 def get_strategy(name: str) -> Partitioner:
-    if name not in STRATEGIES:
-        raise RequestError(f"strategy={name!r}; allowed: {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]
+    return STRATEGIES[check_choice("strategy", name)]
 
 
 def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[str, torch.Tensor],
@@ -70,11 +81,9 @@ def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[s
     why the module backend was chosen, when the caller tried the capture itself (it goes
     into the plan's notes).
     """
-    if cost_model not in COST_MODELS:
-        raise RequestError(f"cost_model={cost_model!r}; allowed: {', '.join(COST_MODELS)}")
-    if backend not in BACKENDS:
-        raise RequestError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
-    get_strategy(strategy)
+    check_choice("cost_model", cost_model)
+    check_choice("backend", backend)
+    check_choice("strategy", strategy)
     contract = contract or (captured.contract if captured is not None else DenoiserContract())
     fallback = note
     if backend != "module" and captured is None:

@@ -7,7 +7,8 @@ owns: it binds the port itself (port 0: the system picks a free one) and keeps i
 run, so no other process can take it between choosing and using (a "free port" looked up and
 then released can). A worker that raises or dies makes the parent stop every other worker at
 once and raise :class:`WorkerError` naming the rank and the cause; Ctrl-C stops them all too.
-No process is left behind.
+No process is left behind. :func:`launch_all` runs several runs of one world size on one set
+of workers.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import resource
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -27,10 +28,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from asyncdiff.distributed import liveness
-from asyncdiff.distributed.limits import STARTUP_S
+from asyncdiff.distributed.limits import STARTUP_S, Limits
 from asyncdiff.distributed.sharing import rank_stage
-from asyncdiff.distributed.worker import (ParallelSpec, SamplingJob, WorkerJob, inject,
-                                          run_job)
+from asyncdiff.distributed.worker import SamplingJob, WorkerJob, inject, run_job
+from asyncdiff.schedule import Schedule
 from asyncdiff.timeline import stage_of_device
 from partition.plan import Plan
 from partition.stages import StagedModel
@@ -141,55 +142,108 @@ def run_ranks(task: Task, world: int, timeout_s: float) -> dict[int, RankResult]
         del store   # the rendezvous lives exactly as long as the run
 
 
-def _sampling(rank: int, world: int, jobs: str) -> tuple[bytes | None, list]:
-    """The sampling task: the job is the file ``<jobs>/<rank>.pt`` (each worker reads only
-    its own stage); device 0 of each replica returns the replica's latent."""
-    job: WorkerJob = torch.load(os.path.join(jobs, f"{rank}.pt"), weights_only=False)
-    inject(job.fault, rank, "start")
-    out, stats = run_job(job, rank, world)
-    first = rank % (job.parallel.devices * job.parallel.groups) == 0
-    return (to_bytes(out) if first else None), stats
+@dataclass(frozen=True)
+class Run:
+    """One sampling run for :func:`launch_all`: ``len(sampling)`` = R replicas of the
+    pipeline ``schedule`` describes, on ``plan``'s stages (``staged``)."""
+
+    staged: StagedModel
+    plan: Plan
+    schedule: Schedule
+    sampling: list[SamplingJob]
+    threads: int = 1
+    backend: str = "gloo"
+    limits: Limits = field(default_factory=Limits)
+    fault: dict | None = None             # tests: worker.inject
+    plans: dict[int, Plan] | None = None  # tests: another plan for some ranks
+    progress: bool = False
+    trace_dir: str | None = None          # each rank records its point-to-point calls there
 
 
-def launch(staged: StagedModel, plan: Plan, parallel: ParallelSpec, sampling: list[SamplingJob],
-           *, fault: dict | None = None, timeout_s: float | None = None,
+def _sampling(rank: int, world: int, runs: list[str]) -> tuple[bytes | None, list]:
+    """The sampling task: each run's job is the file ``<run>/<rank>.pt`` (each worker reads
+    only its own stage); the first device of each replica returns the replica's latent."""
+    outs, extra = [], []
+    for where in runs:
+        job: WorkerJob = torch.load(os.path.join(where, f"{rank}.pt"), weights_only=False)
+        inject(job.fault, rank, "start")
+        t0 = time.perf_counter()
+        out, stats = run_job(job, rank, world)
+        extra.append((stats, time.perf_counter() - t0))
+        first = rank % (job.schedule.devices * job.schedule.groups) == 0
+        outs.append(out if first else None)
+    return (to_bytes(outs) if any(o is not None for o in outs) else None), extra
+
+
+def launch(staged: StagedModel, plan: Plan, schedule: Schedule, sampling: list[SamplingJob],
+           *, threads: int = 1, backend: str = "gloo", limits: Limits | None = None,
+           timeout_s: float | None = None, fault: dict | None = None,
            plans: dict[int, Plan] | None = None, progress: bool = False,
            trace_dir: str | None = None) -> LaunchResult:
-    """Run ``len(sampling)`` = R pipelines of N−1+S workers each (two per replica with
-    CFG-parallel, one per guidance half, each on ``plan``); return their latents.
+    """Run ``len(sampling)`` = R pipelines of ``schedule.devices`` workers each (two per
+    replica with CFG-parallel, one per guidance half, each on ``plan``); return their
+    latents. ``limits``: the waits (``asyncdiff/distributed/limits.py``; default: a tiny
+    model's); ``timeout_s``: the whole run (default ``limits.run_s``)."""
+    run = Run(staged, plan, schedule, sampling, threads, backend, limits or Limits(), fault,
+              plans, progress, trace_dir)
+    return launch_all([run], timeout_s)[0]
 
-    ``plans`` (tests) gives some ranks a different plan, to check the hash comparison.
-    ``trace_dir``: every rank records its point-to-point calls there
-    (``asyncdiff/distributed/trace.py``).
-    ``timeout_s``: the whole run (default ``parallel.run_timeout_s``); each wait for a peer is
-    bounded by ``parallel.timeout_s`` (both: asyncdiff/distributed/limits.py).
-    """
-    timeout_s = parallel.run_timeout_s if timeout_s is None else timeout_s
-    if len(sampling) != parallel.replicas:
-        raise ValueError(f"sampling: {len(sampling)} jobs for replicas={parallel.replicas}; "
-                         "allowed: one job per replica")
-    if len({job.steps for job in sampling}) != 1:
-        raise ValueError(f"sampling: steps {[job.steps for job in sampling]}; allowed: the "
-                         "same number of steps in every replica (one timeline)")
-    per = parallel.devices
-    world = parallel.world
+
+def launch_all(runs: list[Run], timeout_s: float | None = None) -> list[LaunchResult]:
+    """Several runs of one world size on one set of workers, spawned once, one run after the
+    other (a sweep over schedules, a test matrix). ``timeout_s``: all of them (default: the
+    sum of their ``limits.run_s``)."""
+    worlds = {r.schedule.world_size() for r in runs}
+    backends = {r.backend for r in runs}
+    if len(worlds) != 1 or len(backends) != 1:
+        raise ValueError(f"launch_all: world sizes {sorted(worlds)}, backends {sorted(backends)};"
+                         " allowed: one world size and one backend (one set of workers)")
+    for run in runs:
+        _check(run)
+    world = worlds.pop()
+    timeout_s = sum(r.limits.run_s for r in runs) if timeout_s is None else timeout_s
     with tempfile.TemporaryDirectory(prefix="asyncdiff-jobs-") as jobs:
-        for rank in range(world):
-            own = rank_stage(staged, stage_of_device(rank % per, plan.n))
-            torch.save(WorkerJob(
-                plan=(plans or {}).get(rank, plan),
-                segments=[p.stripped() for p in own.parts], hoist_inputs=own.hoist_inputs,
-                specs=staged.specs,
-                placeholders=staged.placeholders, output=staged.output, parallel=parallel,
-                sampling=sampling, fault=fault, progress=progress, trace_dir=trace_dir),
-                os.path.join(jobs, f"{rank}.pt"))
-        task = Task(_sampling, jobs, parallel.backend, parallel.startup_timeout_s)
+        dirs = []
+        for i, run in enumerate(runs):
+            dirs.append(os.path.join(jobs, str(i)))
+            os.makedirs(dirs[-1])
+            _write_jobs(run, world, dirs[-1])
+        task = Task(_sampling, dirs, backends.pop(), max(r.limits.startup_s for r in runs))
         done = run_ranks(task, world, timeout_s)
-    latents = {r // (per * parallel.groups): from_bytes(d.payload) for r, d in done.items()
-               if d.payload is not None}
-    return LaunchResult([latents[r] for r in range(parallel.replicas)],
-                        {r: d.extra for r, d in done.items()}, max(d.wall_s for d in done.values()),
-                        {r: d.peak_rss for r, d in done.items()})
+    results = []
+    for i, run in enumerate(runs):
+        sch = run.schedule
+        per = sch.devices * sch.groups
+        latents = {r // per: from_bytes(d.payload)[i] for r, d in done.items()
+                   if d.payload is not None and r % per == 0}
+        results.append(LaunchResult([latents[k] for k in range(sch.replicas)],
+                                    {r: d.extra[i][0] for r, d in done.items()},
+                                    max(d.extra[i][1] for d in done.values()),
+                                    {r: d.peak_rss for r, d in done.items()}))
+    return results
+
+
+def _check(run: Run) -> None:
+    if len(run.sampling) != run.schedule.replicas:
+        raise ValueError(f"sampling: {len(run.sampling)} jobs for replicas="
+                         f"{run.schedule.replicas}; allowed: one job per replica")
+    if len({job.steps for job in run.sampling}) != 1:
+        raise ValueError(f"sampling: steps {[job.steps for job in run.sampling]}; allowed: the "
+                         "same number of steps in every replica (one timeline)")
+
+
+def _write_jobs(run: Run, world: int, where: str) -> None:
+    """Each rank's job file: its own stage's segments only."""
+    for rank in range(world):
+        _, _, device = run.schedule.place(rank)
+        own = rank_stage(run.staged, stage_of_device(device, run.plan.n))
+        torch.save(WorkerJob(
+            plan=(run.plans or {}).get(rank, run.plan),
+            segments=[p.stripped() for p in own.parts], hoist_inputs=own.hoist_inputs,
+            specs=run.staged.specs, placeholders=run.staged.placeholders,
+            output=run.staged.output, schedule=run.schedule, sampling=run.sampling,
+            threads=run.threads, backend=run.backend, limits=run.limits, fault=run.fault,
+            progress=run.progress, trace_dir=run.trace_dir), os.path.join(where, f"{rank}.pt"))
 
 
 def _collect(ctx, results, timeout_s: float, store=None) -> dict[int, RankResult]:

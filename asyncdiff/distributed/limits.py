@@ -30,10 +30,12 @@ MARGIN = 10.0
 
 @dataclass(frozen=True)
 class Limits:
-    step_s: float
-    run_s: float
-    startup_s: float
-    estimate_s: float  # the estimated sequential step the defaults were derived from
+    """The waits of a run (module docstring); the defaults: a tiny model's."""
+
+    step_s: float = MIN_STEP_S
+    run_s: float = 600.0
+    startup_s: float = STARTUP_S
+    estimate_s: float = 0.0  # the estimated sequential step the values were derived from
 
     def describe(self) -> str:
         return (f"limits: {self.step_s:.0f} s per wait, {self.run_s:.0f} s per run "

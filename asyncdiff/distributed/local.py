@@ -25,7 +25,8 @@ import torch
 
 from asyncdiff.distributed.sharing import rank_stage
 from asyncdiff.distributed.transport import LocalTransport, PeerError
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob, WorkerJob, rank_loop
+from asyncdiff.distributed.worker import SamplingJob, WorkerJob, rank_loop
+from asyncdiff.schedule import Schedule
 from asyncdiff.timeline import stage_of_device
 from partition.plan import Plan
 from partition.stages import StagedModel
@@ -38,7 +39,7 @@ class LocalResult:
     syncs: dict[int, int]         # rank -> host synchronisations inside its parallel rounds
 
 
-def run_local(staged: StagedModel, plan: Plan, parallel: ParallelSpec,
+def run_local(staged: StagedModel, plan: Plan, schedule: Schedule,
               sampling: Sequence[SamplingJob], device: str | torch.device = "cpu",
               timeout_s: float = 120.0, fault: dict | None = None) -> LocalResult:
     """Run ``len(sampling)`` replicas of the pipeline on ``device``, one thread per rank. A
@@ -47,17 +48,17 @@ def run_local(staged: StagedModel, plan: Plan, parallel: ParallelSpec,
     device = torch.device(device)
     if device.type == "cuda":
         staged = copy.deepcopy(staged).to(device)
-    world = LocalTransport.World(parallel.world, timeout_s)
+    world = LocalTransport.World(schedule.world_size(), timeout_s)
     results: dict[int, tuple] = {}
     errors: dict[int, BaseException] = {}
     steady = threading.local()
-    counts = {r: 0 for r in range(parallel.world)}
+    counts = {r: 0 for r in range(schedule.world_size())}
 
     def rank(r: int) -> None:
-        own = rank_stage(staged, stage_of_device(r % parallel.devices, plan.n))
+        own = rank_stage(staged, stage_of_device(schedule.place(r)[2], plan.n))
         job = WorkerJob(plan=plan, segments=own.parts, hoist_inputs=own.hoist_inputs,
                         specs=staged.specs, placeholders=staged.placeholders,
-                        output=staged.output, parallel=parallel, sampling=list(sampling),
+                        output=staged.output, schedule=schedule, sampling=list(sampling),
                         fault=fault)
         steady.rank = r
         try:
@@ -69,7 +70,7 @@ def run_local(staged: StagedModel, plan: Plan, parallel: ParallelSpec,
 
     with _counting(steady, counts, device):
         threads = [threading.Thread(target=rank, args=(r,), name=f"asyncdiff-rank-{r}")
-                   for r in range(parallel.world)]
+                   for r in range(schedule.world_size())]
         for t in threads:
             t.start()
         for t in threads:
@@ -79,8 +80,8 @@ def run_local(staged: StagedModel, plan: Plan, parallel: ParallelSpec,
         first = min(own or errors)
         raise RuntimeError(f"rank {first} failed: {type(errors[first]).__name__}: "
                            f"{errors[first]}") from errors[first]
-    per = parallel.devices * parallel.groups
-    return LocalResult([results[i * per][0] for i in range(parallel.replicas)],
+    per = schedule.devices * schedule.groups
+    return LocalResult([results[i * per][0] for i in range(schedule.replicas)],
                        {r: res[1] for r, res in results.items()}, counts)
 
 

@@ -23,8 +23,9 @@ from asyncdiff.distributed.executor import DistributedExecutor
 from asyncdiff.distributed.sharing import check_plan_hash
 from asyncdiff.distributed.transport import TorchTransport, Transport
 from asyncdiff.guidance import GuidanceHalf
-from asyncdiff.lowering import checked_program, place
-from asyncdiff.timeline import build_timeline, devices_needed
+from asyncdiff.distributed.limits import Limits
+from asyncdiff.lowering import checked_program
+from asyncdiff.schedule import Schedule
 from partition.plan import Plan
 from partition.threads import intra_op_threads
 from partition.stages import Segment
@@ -45,39 +46,6 @@ class SamplingJob:
 
 
 @dataclass
-class ParallelSpec:
-    n: int
-    stride: int = 1
-    warmup: int = 1
-    time_shift: bool = False
-    stride_noise: str = "fresh"
-    cooldown: int = 0
-    sync: tuple[int, ...] = ()
-    threads: int = 1
-    backend: str = "gloo"
-    replicas: int = 1
-    cfg_parallel: bool = False    # the two guidance halves on two groups (asyncdiff/guidance.py)
-    timeout_s: float = 30.0       # the longest wait for a peer (asyncdiff/distributed/limits.py)
-    run_timeout_s: float = 600.0  # the whole run, start-up included
-    startup_timeout_s: float = 120.0  # a rank silent this long before the first step failed
-
-    @property
-    def devices(self) -> int:
-        """Devices of one pipeline (one guidance group): N−1+S, or N."""
-        return devices_needed(self.n, self.stride, self.stride_noise)
-
-    @property
-    def groups(self) -> int:
-        """Guidance groups per replica: 2 with CFG-parallel (uncond, cond), else 1."""
-        return 2 if self.cfg_parallel else 1
-
-    @property
-    def world(self) -> int:
-        """Ranks: replicas × groups × devices; rank = (replica·groups + group)·devices + d."""
-        return self.replicas * self.groups * self.devices
-
-
-@dataclass
 class WorkerJob:
     """Everything rank ``rank`` needs; its ``segments`` are its own stage's only."""
 
@@ -86,8 +54,11 @@ class WorkerJob:
     specs: tuple
     placeholders: dict
     output: str
-    parallel: ParallelSpec
+    schedule: Schedule
     sampling: list[SamplingJob]  # one per replica
+    threads: int = 1             # intra-op threads of this rank
+    backend: str = "gloo"        # gloo (CPU) or nccl (CUDA)
+    limits: Limits = field(default_factory=Limits)  # the waits (limits.py)
     hoist_inputs: tuple[str, ...] = ()  # model inputs every stage's prologues read
     fault: dict | None = None    # tests: {"rank": r, "at": round or point, "kind": …} (inject)
     trace_dir: str | None = None  # record every point-to-point call there (trace.py)
@@ -116,12 +87,12 @@ def placement(backend: str, rank: int) -> dict:
 
 
 def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
-    """Sample on this rank's pipeline (at ``parallel.threads`` intra-op threads); returns the
+    """Sample on this rank's pipeline (at ``job.threads`` intra-op threads); returns the
     final latent and per-round stats. With a trace directory (``job.trace_dir`` or
     ``ASYNCDIFF_TRACE_COMM``) every point-to-point call is recorded there
     (``asyncdiff/distributed/trace.py``)."""
     where = trace.trace_dir(job.trace_dir)
-    with intra_op_threads(job.parallel.threads), (
+    with intra_op_threads(job.threads), (
             trace.recording() if where else contextlib.nullcontext()) as calls:
         try:
             return _run_job(job, rank, world)
@@ -131,16 +102,17 @@ def run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
 
 
 def _run_job(job: WorkerJob, rank: int, world: int) -> tuple[torch.Tensor, list]:
-    par = job.parallel
-    if world != par.world:
+    sch = job.schedule
+    if world != sch.world_size():
         raise ValueError(f"world size {world}; allowed: replicas × groups × devices = "
-                         f"{par.replicas} × {par.groups} × {par.devices} = {par.world}")
+                         f"{sch.replicas} × {sch.groups} × {sch.devices} = {sch.world_size()}")
     check_plan_hash(job.plan)
-    where = rank_device(par.backend, rank)
+    where = rank_device(job.backend, rank)
     if where.type == "cuda":
         torch.cuda.set_device(where)
-    loop = liveness.loop_group(par.timeout_s, where)  # each wait of the loop: the step limit
-    return rank_loop(job, rank, TorchTransport(rank, loop, par.timeout_s), where)
+    step_s = job.limits.step_s  # each wait of the loop
+    return rank_loop(job, rank, TorchTransport(rank, liveness.loop_group(step_s, where), step_s),
+                     where)
 
 
 def rank_loop(job: WorkerJob, rank: int, transport: Transport, where: torch.device,
@@ -148,10 +120,10 @@ def rank_loop(job: WorkerJob, rank: int, transport: Transport, where: torch.devi
     """One rank's sampling loop on ``where``, its messages through ``transport``: what every
     launcher runs (processes over torch.distributed, or threads: ``local.py``). ``wrap``: an
     optional wrapper of the executor (its ``run_round``), for measurements."""
-    par = job.parallel
-    replica, group, _ = place(rank, par.devices, par.groups)
+    sch = job.schedule
+    replica, group, _ = sch.place(rank)
     task = job.sampling[replica]
-    if par.cfg_parallel and task.guidance is None:
+    if sch.cfg_parallel and task.guidance is None:
         raise ValueError("parallel.cfg_parallel=true without guidance; allowed: a guidance "
                          "scale (scheduler.guidance), or cfg_parallel=false")
     segments = job.segments
@@ -161,18 +133,17 @@ def rank_loop(job: WorkerJob, rank: int, transport: Transport, where: torch.devi
         task = _to_device(task, where)
     scheduler = make_scheduler(task.scheduler, **task.scheduler_kwargs)
     scheduler.set_timesteps(task.steps)
-    timeline = build_timeline(job.plan.n, par.stride, par.warmup, task.steps, par.time_shift,
-                              par.stride_noise, par.cooldown, par.sync)
+    timeline = sch.timeline(task.steps)
     # a schedule that would hang under NCCL is refused here, never posted
-    program = checked_program(timeline, job.plan, rank, groups=par.groups,
-                              replicas=par.replicas)
+    program = checked_program(timeline, job.plan, rank, groups=sch.groups,
+                              replicas=sch.replicas)
     executor = DistributedExecutor(segments, job.plan, timeline, scheduler.timesteps,
                                    program, job.specs, job.placeholders, job.output, transport,
                                    torch_device=where,
-                                   guidance=group if par.cfg_parallel else None,
+                                   guidance=group if sch.cfg_parallel else None,
                                    hoist_inputs=job.hoist_inputs)
     denoiser = PipelineDenoiser(wrap(executor) if wrap is not None else executor)
-    if par.cfg_parallel:  # this rank's half; the executor swaps the ε halves
+    if sch.cfg_parallel:  # this rank's half; the executor swaps the ε halves
         denoiser = GuidanceHalf(denoiser, group)
     if job.fault and job.fault.get("rank") == rank:
         denoiser = _Faulty(denoiser, job.fault, timeline, rank)

@@ -1,23 +1,40 @@
-"""The drop-in's arguments (``asyncdiff.parallelize``): one split source, the timeline's keys,
-the partition's and the mode's, each checked at the call, before anything is captured. Bad
-arguments raise ValueError naming the key and the allowed values (STYLE 8)."""
+"""The drop-in's arguments (``asyncdiff.parallelize``): how the denoiser is split
+(:class:`Partitioning`: one split source), and what only the drop-in asks (its mode, what
+becomes of the weights a rank does not use). The schedule is :class:`asyncdiff.Schedule`,
+which checks itself. Bad arguments raise ValueError naming the key and the allowed values
+(STYLE 8), at the call, before anything is captured."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from asyncdiff.dropin import splits
-from asyncdiff.dropin.session import Options
 from asyncdiff.dropin.weights import OFFLOAD
-from asyncdiff.timeline import build_cache_timeline, build_timeline
-from partition import STRATEGIES
-from partition.api import BACKENDS
-from partition.cost import COST_MODELS
+from asyncdiff.schedule import Schedule
+from asyncdiff.step_cache import check_split
+from partition import Plan, check_choice
 
 MODES: tuple[str, ...] = ("emulate", "distributed")
 
 
-def options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, depth,
-             boundaries, stages, split, plan, mode, offload, verify, backend) -> Options:
+@dataclass(frozen=True)
+class Partitioning:
+    """How the drop-in cuts the denoiser into ``n`` stages: a strategy (with its manual cut
+    points or shell options, ``manual``), or a saved plan (its stages rebuilt)."""
+
+    n: int
+    strategy: str = "balanced"
+    cost_model: str = "flops"
+    depth: int | None = 4
+    slack: float = 0.01
+    manual: dict = field(default_factory=dict)  # PartitionRequest.options
+    plan: Plan | None = None
+    verify: bool = True
+    backend: str = "auto"
+
+
+def partitioning(n, strategy, cost_model, depth, boundaries, stages, split, plan, verify,
+                 backend) -> Partitioning:
     """One split source: a strategy (with manual cut points), a named split, or a plan."""
     given = [k for k, v in (("boundaries", boundaries), ("stages", stages), ("split", split),
                             ("plan", plan)) if v is not None]
@@ -44,16 +61,12 @@ def options(n, stride, warmup, time_shift, stride_noise, strategy, cost_model, d
         strategy = agree("strategy", strategy, "manual", "boundaries/stages")
     if n is None:
         raise ValueError("n=None; allowed: an integer >= 1 (or a split or plan that sets it)")
-    return Options(n, stride, warmup, time_shift, stride_noise, strategy or "balanced",
-                   cost_model, depth, mode, offload, verify, backend, split=manual, slack=slack,
-                   plan=saved)
-
-
-def sync_steps(sync: Any) -> tuple[int, ...]:
-    try:
-        return tuple(sorted(set(sync)))
-    except TypeError:
-        raise ValueError(f"sync={sync!r}; allowed: a list of step indices") from None
+    part = Partitioning(n, strategy or "balanced", cost_model, depth, slack, manual, saved,
+                        verify, backend)
+    check_choice("strategy", part.strategy)
+    check_choice("cost_model", part.cost_model)
+    check_choice("backend", part.backend)
+    return part
 
 
 def agree(key: str, given: Any, implied: Any, source: str) -> Any:
@@ -62,64 +75,35 @@ def agree(key: str, given: Any, implied: Any, source: str) -> Any:
     return implied if implied is not None else given
 
 
-def check(o: Options) -> None:
-    """Bad arguments raise ValueError naming the key and the allowed values (STYLE 8)."""
-    if not isinstance(o.cfg_parallel, bool):
-        raise ValueError(f"cfg_parallel={o.cfg_parallel!r}; allowed: True, False")
-    if not isinstance(o.cooldown, int) or isinstance(o.cooldown, bool) or o.cooldown < 0:
-        raise ValueError(f"cooldown={o.cooldown!r}; allowed: an integer >= 0")
-    bad = [k for k in o.sync if not isinstance(k, int) or isinstance(k, bool) or k < o.warmup]
-    if bad:
-        raise ValueError(f"sync={bad}; allowed: step indices >= warmup={o.warmup} (the run's "
-                         "steps between warm-up and cool-down)")
-    steps = max(o.warmup, 1, *(k + 1 for k in o.sync)) + o.stride + o.cooldown
-    build_timeline(o.n, o.stride, o.warmup, steps, o.time_shift, o.stride_noise, o.cooldown,
-                   o.sync)
-    check_cache(o)
-    for key, value, allowed in (("strategy", o.strategy, tuple(STRATEGIES)),
-                                ("cost_model", o.cost_model, tuple(COST_MODELS)),
-                                ("mode", o.mode, MODES), ("offload", o.offload, OFFLOAD),
-                                ("backend", o.backend, BACKENDS)):
+def check(part: Partitioning, schedule: Schedule, mode: str, offload: str,
+          step_timeout_s: float | None) -> None:
+    """What the drop-in adds to the schedule's and the split's own checks: its mode and
+    weights, the step cache's split and mode, and (distributed) the process group."""
+    for key, value, allowed in (("mode", mode, MODES), ("offload", offload, OFFLOAD)):
         if value not in allowed:
             raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
-    if o.step_timeout_s is not None and not (isinstance(o.step_timeout_s, (int, float))
-                                             and o.step_timeout_s > 0):
-        raise ValueError(f"step_timeout_s={o.step_timeout_s!r}; allowed: a number of seconds "
+    if step_timeout_s is not None and not (isinstance(step_timeout_s, (int, float))
+                                           and step_timeout_s > 0):
+        raise ValueError(f"step_timeout_s={step_timeout_s!r}; allowed: a number of seconds "
                          "> 0, or None (derived from the plan)")
-    if o.mode == "distributed":
-        check_group(o)
+    if schedule.cache_interval:
+        check_split(part.strategy, schedule.cache_interval)
+        if mode != "emulate":
+            raise ValueError(f"mode={mode!r} with cache_interval={schedule.cache_interval}; "
+                             "allowed: 'emulate' (the step cache runs on one device)")
+    if mode == "distributed":
+        check_group(schedule)
 
 
-def check_cache(o: Options) -> None:
-    """The step cache is its own schedule on one device, on a shell/core split."""
-    k = o.cache_interval
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ValueError(f"cache_interval={k!r}; allowed: an integer >= 0 (0: no step cache)")
-    if not k:
-        return
-    for key, value, allowed in (("mode", o.mode, "emulate"), ("strategy", o.strategy,
-                                                             "shell_core"),
-                                ("warmup", o.warmup, 1), ("stride", o.stride, 1),
-                                ("cooldown", o.cooldown, 0), ("sync", o.sync, ()),
-                                ("time_shift", o.time_shift, False),
-                                ("stride_noise", o.stride_noise, "fresh"),
-                                ("cfg_parallel", o.cfg_parallel, False)):
-        if value != allowed:
-            raise ValueError(f"{key}={value!r} with cache_interval={k}; allowed: {allowed!r} "
-                             "(the step cache is its own schedule, on one device, on a "
-                             "shell/core split)")
-    build_cache_timeline(o.n, k, k)
-
-
-def check_group(opts: Options) -> None:
+def check_group(schedule: Schedule) -> None:
+    """The environment: an initialised process group of exactly the ranks the schedule needs."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("mode='distributed' needs an initialised torch.distributed process "
                            "group (run under torchrun and call "
                            "torch.distributed.init_process_group() first)")
-    devices = opts.devices * (2 if opts.cfg_parallel else 1)
-    if dist.get_world_size() != devices:
-        raise ValueError(f"world size {dist.get_world_size()}; n={opts.n}, stride={opts.stride}, "
-                         f"stride_noise={opts.stride_noise}, cfg_parallel={opts.cfg_parallel} "
-                         f"need exactly {devices} ranks")
+    world = schedule.world_size(1)
+    if dist.get_world_size() != world:
+        raise ValueError(f"world size {dist.get_world_size()}; {schedule.describe()} needs "
+                         f"exactly {world} ranks")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from asyncdiff.dropin.denoisers import DENOISERS
 from partition.stages import Segment
 
 CHECKPOINT_ATTR = "_asyncdiff_checkpoint"  # set on a meta denoiser: where its weights are
@@ -141,8 +142,6 @@ def load_pipeline(path: str | os.PathLike, *, denoisers: Iterable[str] | None = 
     from its config, its checkpoint folder recorded for :func:`materialise`. Everything else
     (text encoders, VAE, scheduler) loads as usual."""
     from diffusers import DiffusionPipeline
-
-    from asyncdiff.parallelize import DENOISERS
 
     index = DiffusionPipeline.load_config(str(path), local_files_only=True)
     names = tuple(denoisers) if denoisers is not None else \

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,11 +20,14 @@ from torch import nn
 
 from asyncdiff.distributed import limits, liveness
 from asyncdiff.distributed.executor import DistributedExecutor
+from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0
 from asyncdiff.distributed.transport import TorchTransport
+from asyncdiff.dropin.arguments import Partitioning
 from asyncdiff.dropin.call import Call
+from asyncdiff.dropin.lazy import UNVERIFIED, hollow, materialise
 from asyncdiff.emulate import Emulator
 from asyncdiff.lowering import checked_program, place
-from asyncdiff.timeline import Timeline, devices_needed, stage_of_device
+from asyncdiff.timeline import Timeline, stage_of_device
 from partition import Compiled, PartitionRequest, Plan, compile_from_plan, compile_model
 from partition.capture import Captured, capture
 from partition.cost import NodeCosts, profile
@@ -35,41 +38,11 @@ from partition.stages import Segment, StagedModel
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Options:
-    """What :func:`asyncdiff.parallelize` was asked for (validated there)."""
-
-    n: int
-    stride: int
-    warmup: int
-    time_shift: bool
-    stride_noise: str
-    strategy: str
-    cost_model: str
-    depth: int | None
-    mode: str
-    offload: str
-    verify: bool = True
-    backend: str = "auto"
-    split: dict = field(default_factory=dict)  # manual cut points etc. (PartitionRequest)
-    slack: float = 0.01
-    plan: Plan | None = None  # a saved plan: its stages are rebuilt, not planned again
-    cooldown: int = 0  # C: the last C steps of each run sequential ([Note: staleness])
-    sync: tuple[int, ...] = ()  # steps in between run sequential too
-    cfg_parallel: bool = False  # each half of the denoiser batch its own pipeline (group)
-    cache_interval: int = 0  # K > 0: the step cache (one device) instead of the pipeline
-    step_timeout_s: float | None = None  # distributed: each wait of the loop (None: derived)
-
-    @property
-    def devices(self) -> int:
-        """Devices of one pipeline (one guidance group)."""
-        return devices_needed(self.n, self.stride, self.stride_noise)
-
-
-def place(opts: Options) -> tuple[int, int]:
-    """(device in its pipeline, the global rank of the pipeline's device 0) of this rank."""
+def rank_in_pipeline(devices: int) -> tuple[int, int]:
+    """(device in its pipeline, the global rank of the pipeline's device 0) of this rank, in
+    pipelines of ``devices`` ranks."""
     rank = dist.get_rank()
-    return rank % opts.devices, rank - rank % opts.devices
+    return rank % devices, rank - rank % devices
 
 
 @dataclass(eq=False)
@@ -122,48 +95,47 @@ def config_hash(module: nn.Module) -> str:
         hashlib.sha256(type(module).__qualname__.encode()).hexdigest()
 
 
-def compile_call(module: nn.Module, call: Call, captured: Captured | None, opts: Options,
+def compile_call(module: nn.Module, call: Call, captured: Captured | None, part: Partitioning,
                  runner=None, note: str = "", costs: NodeCosts | None = None) -> Compiled:
-    """Plan the call into ``opts.n`` stages (the one place a plan is made): on its capture,
+    """Plan the call into ``part.n`` stages (the one place a plan is made): on its capture,
     or with the module backend where there is none; or rebuild a saved plan's stages.
     ``costs``: the capture's, already counted (a lazily loaded denoiser's, over fake
     tensors only)."""
-    if opts.plan is not None:
-        return compile_from_plan(module, call.specs(), call.tensors, opts.plan,
+    if part.plan is not None:
+        return compile_from_plan(module, call.specs(), call.tensors, part.plan,
                                  captured=captured, threads=torch.get_num_threads(),
-                                 verify=opts.verify, runner=runner,
+                                 verify=part.verify, runner=runner,
                                  name=type(module).__name__)
     return compile_model(module, call.specs(), call.tensors,
-                         PartitionRequest(n=opts.n, depth=opts.depth, slack=opts.slack,
-                                          options=dict(opts.split)),
-                         strategy=opts.strategy, cost_model=opts.cost_model,
+                         PartitionRequest(n=part.n, depth=part.depth, slack=part.slack,
+                                          options=dict(part.manual)),
+                         strategy=part.strategy, cost_model=part.cost_model,
                          name=type(module).__name__, config_hash=config_hash(module),
-                         repeats=3 if opts.cost_model == "time" else 0,
+                         repeats=3 if part.cost_model == "time" else 0,
                          threads=torch.get_num_threads(), captured=captured, costs=costs,
-                         verify=opts.verify, runner=runner, note=note,
+                         verify=part.verify, runner=runner, note=note,
                          backend="module" if captured is None else "graph")
 
 
 def emulated(module: nn.Module, call: Call, captured: tuple[Captured | None, str],
-             opts: Options, runner=None) -> Session:
+             part: Partitioning, runner=None) -> Session:
     """``captured``: what :func:`asyncdiff.distributed.sharing.try_capture` returned."""
-    compiled = compile_call(module, call, captured[0], opts, runner, captured[1])
+    compiled = compile_call(module, call, captured[0], part, runner, captured[1])
     staged = compiled.staged
     return Session(call.key, compiled.plan, None, staged.specs, staged.placeholders,
                    staged.output, staged=staged)
 
 
 def distributed(module: nn.Module, call: Call,
-                capture: Callable[[], tuple[Captured | None, str]], opts: Options,
-                runner=None) -> Session:
+                capture: Callable[[], tuple[Captured | None, str]], part: Partitioning,
+                devices: int, step_timeout_s: float | None, runner=None) -> Session:
     """Every rank captures (or traces, for the module backend); rank 0 plans and broadcasts;
     each rank keeps its own stage (``asyncdiff/distributed/sharing.py``: a failure on any rank is
-    raised on every rank)."""
-    from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0
-
-    rank, base = place(opts)
+    raised on every rank). ``devices``: of one pipeline; ``step_timeout_s``: the loop's waits
+    (None: derived from the plan)."""
+    rank, base = rank_in_pipeline(devices)
     captured, fallback = on_every_rank(capture, "asyncdiff.parallelize: capture")
-    plan = plan_from_rank0(lambda: compile_call(module, call, captured, opts, runner,
+    plan = plan_from_rank0(lambda: compile_call(module, call, captured, part, runner,
                                                 fallback).plan,
                            "asyncdiff.parallelize: planning")
     mine = on_every_rank(lambda: own_stage(plan, captured, module, call.specs(), call.tensors,
@@ -176,26 +148,24 @@ def distributed(module: nn.Module, call: Call,
     return Session(call.key, plan, None, specs, placeholders, plan.output,
                    segments=tuple(mine.parts), rank=rank, base=base,
                    hoist_inputs=mine.hoist_inputs,
-                   **_loop_group(plan, opts, call.tensors[call.latent].device))
+                   **_loop_group(plan, step_timeout_s, call.tensors[call.latent].device))
 
 
-def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -> Session:
+def distributed_lazy(module: nn.Module, call: Call, part: Partitioning, devices: int,
+                     step_timeout_s: float | None, checkpoint) -> Session:
     """:func:`distributed` for a denoiser on the meta device (``asyncdiff/dropin/lazy.py``):
     every rank gives it hollow storage and captures it (the graph a whole load captures),
     rank 0 costs it by FLOPs over fake tensors and plans, and each rank reads only its own
     stage's tensors from ``checkpoint``. Unverified: no process holds the whole denoiser (the
     plan and a warning say so)."""
-    from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0
-    from asyncdiff.dropin.lazy import UNVERIFIED, hollow, materialise
-
-    (rank, base), device = place(opts), call.tensors[call.latent].device
+    (rank, base), device = rank_in_pipeline(devices), call.tensors[call.latent].device
     hollows = hollow(module, device, checkpoint)
     captured: Captured = on_every_rank(lambda: capture(module, call.specs(), call.tensors),
                                        "asyncdiff.parallelize: capture")
 
     def make() -> Plan:
         costs = profile(captured, call.tensors, repeats=0, fake_only=True)  # never the values
-        return compile_call(module, call, captured, dataclasses.replace(opts, verify=False),
+        return compile_call(module, call, captured, dataclasses.replace(part, verify=False),
                             costs=costs).plan
 
     plan = dataclasses.replace(plan_from_rank0(make, "asyncdiff.parallelize: planning"),
@@ -210,7 +180,7 @@ def distributed_lazy(module: nn.Module, call: Call, opts: Options, checkpoint) -
                          "asyncdiff.parallelize: loading this rank's stage")
     return Session(call.key, plan, None, tuple(call.specs()), captured.placeholders,
                    plan.output, segments=tuple(mine), rank=rank, base=base,
-                   hoist_inputs=own.hoist_inputs, **_loop_group(plan, opts, device))
+                   hoist_inputs=own.hoist_inputs, **_loop_group(plan, step_timeout_s, device))
 
 
 def _agree(timeline: Timeline, plan: Plan, groups: int) -> None:
@@ -229,9 +199,8 @@ def _agree(timeline: Timeline, plan: Plan, groups: int) -> None:
                            "the same steps, inputs and options)")
 
 
-def _loop_group(plan: Plan, opts: Options, device: torch.device) -> dict:
+def _loop_group(plan: Plan, step_timeout_s: float | None, device: torch.device) -> dict:
     """The group the session's rounds communicate in, and its step limit (``step_timeout_s``,
     else derived from the plan: ``asyncdiff/distributed/limits.py``)."""
-    step_s = opts.step_timeout_s if opts.step_timeout_s is not None else \
-        limits.derive(plan, 1).step_s
+    step_s = step_timeout_s if step_timeout_s is not None else limits.derive(plan, 1).step_s
     return {"group": liveness.loop_group(step_s, device), "step_s": step_s}

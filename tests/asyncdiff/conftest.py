@@ -54,14 +54,11 @@ def emulate(c, par, x, cond, steps: int = STEPS):
     """The emulator under the sampler: what the distributed executor must equal."""
     from asyncdiff.denoiser import PipelineDenoiser
     from asyncdiff.emulate import Emulator
-    from asyncdiff.timeline import build_timeline
     from schedulers import make_scheduler, sample
 
     sched = make_scheduler("ddim")
     sched.set_timesteps(steps)
-    tl = build_timeline(par.n, par.stride, par.warmup, steps, par.time_shift, par.stride_noise,
-                        par.cooldown, par.sync)
-    emu = Emulator(c.staged, c.plan, tl, sched.timesteps)
+    emu = Emulator(c.staged, c.plan, par.timeline(steps), sched.timesteps)
     return sample(PipelineDenoiser(emu), make_scheduler("ddim"), x, cond, steps=steps)
 
 

@@ -15,7 +15,8 @@ from conftest import emulate as emulate_steps
 
 from asyncdiff.denoiser import SequentialDenoiser
 from asyncdiff.distributed.launch import launch
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.worker import SamplingJob
+from asyncdiff.schedule import Schedule
 from partition import PartitionRequest, compile_model
 from schedulers import make_scheduler, sample
 
@@ -57,7 +58,7 @@ def test_module_backend_is_stale_exactly_as_the_graph_backend(n, stride, warmup,
     graph, module = compiled(n, "graph"), compiled(n, "module")
     assert (graph.plan.backend, module.plan.backend) == ("graph", "module")
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=n, stride=stride, warmup=warmup, time_shift=shift, stride_noise=noise)
+    par = Schedule(n=n, stride=stride, warmup=warmup, time_shift=shift, stride_noise=noise)
     a, b = emulate(graph, par, x, cond), emulate(module, par, x, cond)
     assert torch.equal(a, b)
     seq = sample(SequentialDenoiser(graph.staged), make_scheduler("ddim"), x, cond, steps=STEPS)
@@ -68,7 +69,7 @@ def test_module_backend_is_stale_exactly_as_the_graph_backend(n, stride, warmup,
 def test_module_backend_warmup_everything_is_sequential(n):
     c = compiled(n, "module")
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=n, warmup=STEPS)
+    par = Schedule(n=n, warmup=STEPS)
     seq = sample(SequentialDenoiser(compiled(n, "graph").staged),
                  make_scheduler("ddim"), x, cond, steps=STEPS)
     assert torch.equal(emulate(c, par, x, cond), seq)
@@ -79,7 +80,7 @@ def test_module_backend_warmup_everything_is_sequential(n):
 def test_module_backend_distributed_equals_emulator(n, stride, warmup):
     c = compiled(n, "module")
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=n, stride=stride, warmup=warmup)
+    par = Schedule(n=n, stride=stride, warmup=warmup)
     want = emulate(c, par, x, cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0], want)

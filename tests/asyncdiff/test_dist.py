@@ -16,7 +16,9 @@ from conftest import emulate as emulate_steps
 
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.distributed.launch import WorkerError, launch
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.worker import SamplingJob
+from asyncdiff.distributed.limits import Limits
+from asyncdiff.schedule import Schedule
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import build_timeline
 from schedulers import make_scheduler, sample
@@ -48,7 +50,7 @@ MATRIX = [
 def test_distributed_equals_emulator(n, stride, warmup, shift, noise, strategy):
     c = compiled(n, strategy)
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=n, stride=stride, warmup=warmup, time_shift=shift, stride_noise=noise)
+    par = Schedule(n=n, stride=stride, warmup=warmup, time_shift=shift, stride_noise=noise)
     want = emulate(c, par, x, cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0], want)
@@ -61,7 +63,7 @@ def test_distributed_equals_emulator_with_sync_and_cooldown():
     in sequential rounds, and are handed the values they read next)."""
     c = compiled(3)
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=3, stride=2, warmup=1, cooldown=1, sync=(3,))
+    par = Schedule(n=3, stride=2, warmup=1, cooldown=1, sync=(3,))
     want = emulate(c, par, x, cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0], want)
@@ -71,7 +73,7 @@ def test_distributed_equals_emulator_with_sync_and_cooldown():
 def test_replicas_run_independent_pipelines():
     c = compiled(2)
     jobs, wants = [], []
-    par = ParallelSpec(n=2, stride=1, warmup=1, replicas=2)
+    par = Schedule(n=2, stride=1, warmup=1, replicas=2)
     for seed in (1, 2):
         cond, x = cond_and_noise(seed)
         jobs.append(SamplingJob("ddim", STEPS, x, cond))
@@ -96,10 +98,11 @@ def _gone(pids) -> bool:
 def test_failed_worker_stops_everyone(kind):
     c = compiled(3)
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=3, timeout_s=10)
+    par = Schedule(n=3)
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"rank \d") as err:
         launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)],
+               limits=Limits(step_s=10),
                fault={"rank": 1, "at": 2, "kind": kind})
     assert time.monotonic() - t0 < 30 + 10  # the bound, plus process start-up
     # a raise or a death is named by the parent; the hung rank by whoever waited on it
@@ -112,7 +115,7 @@ def test_plan_hash_mismatch_is_an_error():
     c2, c3 = compiled(2), compiled(3)
     cond, x = cond_and_noise()
     with pytest.raises(WorkerError, match="plan hash mismatch"):
-        launch(c2.staged, c2.plan, ParallelSpec(n=2), [SamplingJob("ddim", STEPS, x, cond)],
+        launch(c2.staged, c2.plan, Schedule(n=2), [SamplingJob("ddim", STEPS, x, cond)],
                plans={1: c3.plan})
 
 
@@ -125,7 +128,7 @@ def test_guidance_and_other_schedulers(scheduler):
     ehs = cond2["encoder_hidden_states"]
     cond, uncond = {"encoder_hidden_states": ehs[1:]}, {"encoder_hidden_states": ehs[:1]}
     x = x2[:1]
-    par = ParallelSpec(n=2, stride=2, warmup=1)
+    par = Schedule(n=2, stride=2, warmup=1)
     sched = make_scheduler(scheduler)
     sched.set_timesteps(STEPS)
     tl = build_timeline(2, 2, 1, STEPS)
@@ -148,7 +151,7 @@ def test_learned_sigma_model_with_a_narrowed_prediction():
                       contract=bundle.contract)
     cond = {s.name: inputs[s.name] for s in bundle.specs if s.role == "cond"}
     x = torch.randn(inputs[bundle.latent].shape, generator=torch.Generator().manual_seed(3))
-    par = ParallelSpec(n=2, stride=1, warmup=1)
+    par = Schedule(n=2, stride=1, warmup=1)
     want = emulate(c, par, x, cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0], want)
@@ -176,7 +179,7 @@ def test_half_precision_end_to_end(dtype):
     assert 2 * c.plan.bytes_per_step == full.plan.bytes_per_step
     cond = {"encoder_hidden_states": inputs["encoder_hidden_states"]}
     _, x = cond_and_noise()
-    par = ParallelSpec(n=2)
+    par = Schedule(n=2)
     want = emulate(c, par, x.to(dtype), cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x.to(dtype), cond)])
     assert got.latents[0].dtype == dtype and torch.equal(got.latents[0], want)
@@ -211,14 +214,14 @@ def test_recorded_calls_equal_the_lowered_program_and_replay_under_nccl_rules(
         ehs = cond["encoder_hidden_states"]
         x, cond = x[:1], {"encoder_hidden_states": ehs[1:]}
         guided = {"guidance": 3.0, "uncond": {"encoder_hidden_states": ehs[:1]}}
-    par = ParallelSpec(n=n, stride=stride, warmup=warmup, stride_noise=noise, cooldown=cool,
+    par = Schedule(n=n, stride=stride, warmup=warmup, stride_noise=noise, cooldown=cool,
                        sync=sync, cfg_parallel=cfg, replicas=replicas)
     jobs = [SamplingJob("ddim", STEPS, x, cond, **guided)] * replicas
     got = launch(c.staged, c.plan, par, jobs, trace_dir=str(tmp_path))
     recorded = trace.load(tmp_path)
     tl = build_timeline(n, stride, warmup, STEPS, stride_noise=noise, cooldown=cool, sync=sync)
     lowered = lower(tl, c.plan, groups=par.groups, replicas=replicas)
-    assert sorted(recorded) == list(range(par.world))
+    assert sorted(recorded) == list(range(par.world_size()))
     for rank, calls in recorded.items():
         assert calls == trace.lowered_calls(lowered.program(rank)), rank
         assert all(len(g) >= 1 for g in calls)
@@ -236,8 +239,7 @@ def test_recorded_calls_equal_the_lowered_program_and_replay_under_nccl_rules(
 def _emulator(c, par):
     sched = make_scheduler("ddim")
     sched.set_timesteps(STEPS)
-    tl = build_timeline(par.n, par.stride, par.warmup, STEPS, par.time_shift, par.stride_noise,
-                        par.cooldown, par.sync)
+    tl = par.timeline(STEPS)
     return Emulator(c.staged, c.plan, tl, sched.timesteps)
 
 
@@ -259,7 +261,7 @@ def test_hoisted_values_sent_from_their_home_stage(tmp_path):
     assert sent
     cond = {"context": inputs["context"]}
     x = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(5))
-    par = ParallelSpec(n=3, stride=2, warmup=1)
+    par = Schedule(n=3, stride=2, warmup=1)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)],
                  trace_dir=str(tmp_path))
     assert torch.equal(got.latents[0], emulate(c, par, x, cond))

@@ -166,12 +166,12 @@ def test_stateful_cache_hooks_are_refused_in_one_line():
 
 
 def test_a_missing_first_denoiser_is_skipped():
-    from asyncdiff.parallelize import _find_denoisers
+    from asyncdiff.dropin.denoisers import find_denoisers
 
     pipe = types.SimpleNamespace(transformer=None, transformer_2=torch.nn.Linear(2, 2))
-    assert _find_denoisers(pipe, None) == ("transformer_2",)
+    assert find_denoisers(pipe, None) == ("transformer_2",)
     with pytest.raises(ValueError, match="no denoiser module at pipe.transformer"):
-        _find_denoisers(pipe, "transformer")
+        find_denoisers(pipe, "transformer")
 
 
 # ------------------------------------------------------------------------------ refusals

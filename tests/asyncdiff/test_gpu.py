@@ -9,7 +9,8 @@ from conftest import STEPS, compiled, cond_and_noise, tiny
 
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.distributed.launch import launch
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.worker import SamplingJob
+from asyncdiff.schedule import Schedule
 from asyncdiff.emulate import Emulator
 from asyncdiff.timeline import build_timeline
 from partition.capture import move_graph
@@ -42,8 +43,8 @@ def test_nccl_equals_emulator_on_gpu():
     emu = Emulator(staged, c.plan, build_timeline(2, 1, 1, STEPS), sched.timesteps)
     want = sample(PipelineDenoiser(emu), make_scheduler("ddim"), x.cuda(),
                   {k: v.cuda() for k, v in cond.items()}, steps=STEPS)
-    got = launch(c.staged, c.plan, ParallelSpec(n=2, backend="nccl"),
-                 [SamplingJob("ddim", STEPS, x, cond)])
+    got = launch(c.staged, c.plan, Schedule(n=2), [SamplingJob("ddim", STEPS, x, cond)],
+                 backend="nccl")
     assert torch.equal(got.latents[0].cpu(), want.cpu())
 
 
@@ -59,7 +60,7 @@ def test_each_ranks_loop_on_one_gpu_with_its_sends_lowered(n, stride, warmup, no
     torch.backends.cudnn.deterministic = True
     c = compiled(n)
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=n, stride=stride, warmup=warmup, stride_noise=noise)
+    par = Schedule(n=n, stride=stride, warmup=warmup, stride_noise=noise)
     staged = copy.deepcopy(c.staged).to("cuda")
     sched = make_scheduler("ddim")
     sched.set_timesteps(STEPS)

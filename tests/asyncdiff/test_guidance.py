@@ -14,7 +14,8 @@ from test_emulator import timesteps
 
 from asyncdiff.denoiser import PipelineDenoiser, SequentialDenoiser
 from asyncdiff.distributed.launch import launch
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.worker import SamplingJob
+from asyncdiff.schedule import Schedule
 from asyncdiff.emulate import Emulator
 from asyncdiff.guidance import GuidanceSplit, guidance_half
 from asyncdiff.inputs import model_env
@@ -112,7 +113,7 @@ def test_distributed_cfg_parallel_equals_the_emulator(n, replicas):
         den = cfg_parallel() if n == 1 else GuidanceSplit([pipeline(n, 1), pipeline(n, 1)])
         wants.append(sample(den, make_scheduler("ddim"), xr, cond, steps=STEPS,
                             guidance_scale=SCALE, uncond=uncond))
-    par = ParallelSpec(n=n, warmup=1, cfg_parallel=True, replicas=replicas)
+    par = Schedule(n=n, warmup=1, cfg_parallel=True, replicas=replicas)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, xr, cond, guidance=SCALE,
                                                      uncond=uncond) for xr in noises])
     assert all(torch.equal(g, w) for g, w in zip(got.latents, wants))
@@ -124,6 +125,6 @@ def test_distributed_cfg_parallel_equals_the_emulator(n, replicas):
 def test_distributed_cfg_parallel_without_guidance_is_refused():
     c = compiled(1, rows=1)
     x, cond, _ = guided_inputs()
-    par = ParallelSpec(n=1, cfg_parallel=True)
+    par = Schedule(n=1, cfg_parallel=True)
     with pytest.raises(Exception, match="cfg_parallel=true without guidance"):
         launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])

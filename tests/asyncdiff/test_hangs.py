@@ -14,9 +14,12 @@ import pytest
 from conftest import compiled, cond_and_noise
 
 from asyncdiff.distributed.launch import WorkerError, launch
-from asyncdiff.distributed.worker import FAULT_ENV, ParallelSpec, SamplingJob
+from asyncdiff.distributed.limits import Limits
+from asyncdiff.distributed.worker import FAULT_ENV, SamplingJob
+from asyncdiff.schedule import Schedule
 
 LIMIT_S = 10.0
+LIMITS = Limits(step_s=LIMIT_S, startup_s=LIMIT_S)
 # start-up of the workers and of the model (torchrun: each rank builds and captures it),
 # then the teardown; generous for a loaded 2-core machine
 MARGIN_S = 45.0
@@ -40,10 +43,10 @@ def _alive(pids) -> list[int]:
 def test_a_stopped_rank_ends_a_self_spawned_run(at):
     c = compiled(3)
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=3, timeout_s=LIMIT_S, startup_timeout_s=LIMIT_S)
+    par = Schedule(n=3)
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"rank 1") as err:
-        launch(c.staged, c.plan, par, [SamplingJob("ddim", 8, x, cond)],
+        launch(c.staged, c.plan, par, [SamplingJob("ddim", 8, x, cond)], limits=LIMITS,
                fault={"rank": 1, "at": at, "kind": "stop"})
     took = time.monotonic() - t0
     assert LIMIT_S <= took < LIMIT_S + MARGIN_S, took
@@ -61,11 +64,11 @@ def test_a_hung_rank_at_start_up_is_named_alive_and_the_run_ends():
     hung, and the run ends with every process gone."""
     c = compiled(3)
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=3, timeout_s=LIMIT_S, startup_timeout_s=LIMIT_S)
+    par = Schedule(n=3)
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"rank 1 did not reach the plan check within 10 s "
                                           r".*alive, but busy or hung") as err:
-        launch(c.staged, c.plan, par, [SamplingJob("ddim", 8, x, cond)],
+        launch(c.staged, c.plan, par, [SamplingJob("ddim", 8, x, cond)], limits=LIMITS,
                fault={"rank": 1, "at": "start", "kind": "hang"})
     assert LIMIT_S <= time.monotonic() - t0 < LIMIT_S + MARGIN_S
     assert not _alive(err.value.pids)
@@ -87,10 +90,10 @@ def test_the_stopped_rank_is_named_not_the_live_one_waiting_on_it():
     assert not any(len(v.consumers) > 1 or v.consumers[0] != v.producer + 1
                    for v in c.plan.values)  # a chain
     cond = {s.name: inputs[s.name] for s in bundle.specs if s.role == "cond"}
-    par = ParallelSpec(n=3, warmup=2, timeout_s=LIMIT_S, startup_timeout_s=LIMIT_S)
+    par = Schedule(n=3, warmup=2)
     with pytest.raises(WorkerError) as err:
         launch(c.staged, c.plan, par, [SamplingJob("ddim", 6, inputs[bundle.latent], cond)],
-               fault={"rank": 0, "at": 1, "kind": "stop"})
+               limits=LIMITS, fault={"rank": 0, "at": 1, "kind": "stop"})
     assert str(err.value).startswith("rank 0 stopped answering (put down by rank 1: no answer "
                                      "in round 1 fresh 0)"), str(err.value)
     assert not _alive(err.value.pids)

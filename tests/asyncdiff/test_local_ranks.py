@@ -8,7 +8,8 @@ import torch
 from conftest import compiled, cond_and_noise, emulate
 
 from asyncdiff.distributed.local import run_local
-from asyncdiff.distributed.worker import ParallelSpec, SamplingJob
+from asyncdiff.distributed.worker import SamplingJob
+from asyncdiff.schedule import Schedule
 
 STEPS = 6
 
@@ -28,7 +29,7 @@ def test_every_rank_in_one_process_equals_the_emulator(n, stride, warmup, noise,
                                                         shift):
     c = compiled(n)
     cond, x = cond_and_noise()
-    par = ParallelSpec(n=n, stride=stride, warmup=warmup, stride_noise=noise, cooldown=cool,
+    par = Schedule(n=n, stride=stride, warmup=warmup, stride_noise=noise, cooldown=cool,
                        sync=sync, time_shift=shift)
     got = run_local(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0], emulate(c, par, x, cond, STEPS))
@@ -42,7 +43,7 @@ def test_a_shell_core_split_with_two_replicas_equals_the_emulator():
     c = compiled(3, "shell_core")
     cond, x = cond_and_noise()
     _, x2 = cond_and_noise(7)
-    par = ParallelSpec(n=3, stride=2, warmup=1, replicas=2)
+    par = Schedule(n=3, stride=2, warmup=1, replicas=2)
     got = run_local(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, xr, cond)
                                             for xr in (x, x2)])
     assert [torch.equal(g, emulate(c, par, xr, cond, STEPS))
@@ -71,7 +72,7 @@ def test_cfg_parallel_and_the_hybrid_equal_the_emulated_halves(n):
         for _ in (0, 1)]
     want = sample(GuidanceSplit(halves), make_scheduler("ddim"), x, cond, steps=STEPS,
                   guidance_scale=3.0, uncond=uncond)
-    par = ParallelSpec(n=n, warmup=1, cfg_parallel=True)
+    par = Schedule(n=n, warmup=1, cfg_parallel=True)
     got = run_local(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond, guidance=3.0,
                                                         uncond=uncond)])
     assert torch.equal(got.latents[0], want)
@@ -90,7 +91,7 @@ def test_hoisted_values_sent_from_their_home_equal_the_emulator():
     assert any(h.home >= 0 for h in c.plan.hoisted)
     cond = {"context": inputs["context"]}
     x = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(5))
-    for par in (ParallelSpec(n=3, stride=2, warmup=1), ParallelSpec(n=3, stride=3, warmup=2)):
+    for par in (Schedule(n=3, stride=2, warmup=1), Schedule(n=3, stride=3, warmup=2)):
         got = run_local(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
         assert torch.equal(got.latents[0], emulate(c, par, x, cond, STEPS))
 
@@ -102,6 +103,6 @@ def test_a_rank_that_fails_stops_the_others_and_is_named():
     c = compiled(3)
     cond, x = cond_and_noise()
     job = SamplingJob("ddim", STEPS, x, cond)
-    par = ParallelSpec(n=3, stride=1, warmup=1)
+    par = Schedule(n=3, stride=1, warmup=1)
     with pytest.raises(RuntimeError, match=r"^rank 1 failed: RuntimeError: injected fault at 2"):
         run_local(c.staged, c.plan, par, [job], timeout_s=20, fault={"rank": 1, "at": 2})

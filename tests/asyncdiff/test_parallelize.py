@@ -34,7 +34,8 @@ import torch
 import asyncdiff
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.emulate import Emulator
-from asyncdiff.timeline import build_cache_timeline, build_timeline
+from asyncdiff.step_cache import build_cache_timeline
+from asyncdiff.timeline import build_timeline
 from experiments import zoo
 from schedulers import make_scheduler, sample
 

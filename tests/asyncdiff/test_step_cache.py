@@ -11,7 +11,7 @@ from test_emulator import sequential, timesteps
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.emulate import Emulator
 from asyncdiff.inputs import model_env
-from asyncdiff.timeline import build_cache_timeline, validate
+from asyncdiff.step_cache import build_cache_timeline, validate
 from schedulers import make_scheduler, sample
 
 

@@ -113,14 +113,18 @@ BAD = [
     (["scheduler.name=foo"], "scheduler.name='foo'; allowed: ddim, dpmsolver++, euler"),
     (["parallel.n=0"], "parallel.n=0; allowed: an integer >= 1"),
     (["parallel.stride=0"], "parallel.stride=0; allowed: an integer >= 1"),
-    (["parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer in [1, 4]"),
-    (["parallel.warmup=5"], "parallel.warmup=5; allowed: an integer in [1, 4]"),
-    (["parallel.n=1", "parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer in [0, 4]"),
-    (["parallel.cooldown=-1"], "parallel.cooldown=-1; allowed: an integer in [0, 3]"),
+    (["parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer >= 1 when n > 1 (the "
+                             "last warm-up step seeds the stale cross-stage values)"),
+    (["parallel.warmup=5"], "parallel.warmup=5; allowed: an integer in [1, 4] when n > 1"),
+    (["parallel.n=1", "parallel.warmup=-1"], "parallel.warmup=-1; allowed: an integer >= 0\n"),
+    (["parallel.cooldown=-1"], "parallel.cooldown=-1; allowed: an integer >= 0"),
     (["parallel.warmup=2", "parallel.cooldown=3"],
-     "parallel.cooldown=3; allowed: an integer in [0, 2] (W + C <= T = scheduler.steps; W = 2)"),
-    (["parallel.sync=[0]"], "parallel.sync=0; allowed: an integer in [1, 3] (steps between "
-                            "warm-up and cool-down: W = 1, T − C = 4)"),
+     "parallel.cooldown=3; allowed: an integer in [0, 2] (warm-up + cool-down <= T = 4; W = 2)"),
+    (["parallel.sync=[0]"], "parallel.sync=[0]; allowed: step indices >= warmup=1 (the steps "
+                            "between warm-up and cool-down run sequential too)"),
+    (["parallel.sync=[3]", "parallel.cooldown=1"],
+     "parallel.sync=3; allowed: an integer in [1, 2] (steps between warm-up and cool-down: "
+     "W = 1, T − C = 3)"),
     (["parallel.nn=3"], "parallel.nn: unknown key; allowed: n, stride, warmup, cooldown, "
                         "sync, time_shift, "
                         "stride_noise, backend, threads, replicas, cfg_parallel, "
@@ -129,15 +133,15 @@ BAD = [
     (["parallel.cfg_parallel=true"], "parallel.cfg_parallel=true without guidance; allowed: a "
                                      "guidance scale (scheduler.guidance=7.5), or "
                                      "parallel.cfg_parallel=false"),
-    (["parallel.cache_interval=-1"], "parallel.cache_interval=-1; allowed: an integer in [0, 4]"),
-    (["parallel.cache_interval=2"], "parallel.cache_interval=2 with parallel.n=2, partition="
-                                    "balanced; allowed: n >= 2, partition=shell_core"),
+    (["parallel.cache_interval=-1"], "parallel.cache_interval=-1; allowed: an integer >= 0 "
+                                     "(0: no step cache)"),
+    (["parallel.cache_interval=2"], "partition.strategy='balanced' with cache_interval=2; "
+                                    "allowed: 'shell_core' (the step cache reruns the last "
+                                    "stage every step"),
     (["parallel.cache_interval=2", "partition=shell_core", "parallel.cooldown=1"],
-     "parallel.cache_interval=2 with parallel.n=2, partition=shell_core, parallel.cooldown; "
-     "allowed: n >= 2, partition=shell_core (the outer blocks on the last stage), stride 1 "
-     "and no cooldown, sync, time_shift or cfg_parallel; or parallel.cache_interval=0"),
-    (["parallel.cache_interval=9"], "parallel.cache_interval=9; allowed: an integer in [0, 4] "
-                                    "(at most T = scheduler.steps)"),
+     "parallel.cooldown=1 with cache_interval=2; allowed: 0 (the step cache is its own "
+     "schedule, on one device)"),
+    (["parallel.cache_interval=9"], "parallel.cache_interval=9; allowed: an integer in [1, 4]"),
     (["parallel.cache_interval=2", "partition=shell_core"],
      "parallel.cache_interval=2: the step cache runs on one device in the study's emulator "
      "(a point of python -m experiments.study); allowed with asyncdiff-run: 0"),
@@ -213,13 +217,14 @@ def test_world_size_must_be_replicas_times_devices():
     cfg = plain(compose_cfg(*FAST))
     cfg["parallel"] = par
     check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "8"})
-    with pytest.raises(ConfigError, match=r"WORLD_SIZE=6 .*allowed: .* = 8$"):
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=6 .*allowed: .* = 8 \(N=3 S=2 W=1 "
+                                          r"2 replicas\)$"):
         check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "6"})
     check_config(cfg, env={"WORLD_SIZE": "6"})  # not under torchrun: not checked
     cfg["parallel"] = {**par, "cfg_parallel": True}  # a group per guidance half
     cfg["scheduler"]["guidance"] = 3.0
     check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "16"})
-    with pytest.raises(ConfigError, match=r"WORLD_SIZE=8 .*cfg_parallel.* = 16$"):
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=8 .*groups.* = 2 × 2 × 4 = 16 .*CFG-parallel"):
         check_config(cfg, env={"RANK": "0", "WORLD_SIZE": "8"})
     with pytest.raises(ConfigError, match=r"cfg_parallel=true with asyncdiff-bench; allowed: "
                                           r"false \(CFG-parallel runs in asyncdiff-run"):
@@ -237,7 +242,7 @@ def test_bad_input_subprocesses(tmp_path):
                    *_args(["parallel.n=2", "parallel.stride=2"], tmp_path / "c")],
                   {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"},
                   "WORLD_SIZE=4 (torchrun --nproc-per-node × nodes); allowed: "
-                  "parallel.replicas × (n−1+stride) = 1 × (2−1+2) = 3"),
+                  "parallel.replicas × groups × devices = 1 × 1 × 3 = 3 (N=2 S=2 W=1)"),
     }
     procs = {k: (popen(args, **extra), msg) for k, (args, extra, msg) in cases.items()}
     for key, (proc, msg) in procs.items():
