@@ -1,4 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test` (both set everything up).
+# `make test` is the fast tier (minutes; at least one case of every equivalence claim),
+# `make test-all` the whole suite (CI runs it). JOBS test processes side by side.
 # The virtual environment sees the system's packages, so a user's own torch (e.g. a CUDA
 # build) is kept; torch==2.13.0 (a CPU wheel) is installed only when none is importable.
 PY ?= python3
@@ -7,7 +9,10 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test bench gpu-check clean
+JOBS ?= 2
+FAST_LIMIT ?= 30
+
+.PHONY: setup demo test test-all bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -22,7 +27,11 @@ demo: setup
 
 test: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow" --fast-limit=$(FAST_LIMIT)
+
+test-all: setup
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -n $(JOBS)
 
 bench: setup
 	$(BIN)/python benchmarks/partition_sd15.py

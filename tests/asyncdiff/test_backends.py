@@ -75,6 +75,7 @@ def test_module_backend_warmup_everything_is_sequential(n):
     assert torch.equal(emulate(c, par, x, cond), seq)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("n,stride,warmup", [(2, 1, 1), (3, 2, 2)])
 def test_module_backend_distributed_equals_emulator(n, stride, warmup):

@@ -15,7 +15,7 @@ from conftest import compiled, cond_and_noise
 from conftest import emulate as emulate_steps
 
 from asyncdiff.denoiser import PipelineDenoiser
-from asyncdiff.distributed.launch import WorkerError, launch
+from asyncdiff.distributed.launch import Run, WorkerError, launch, launch_all
 from asyncdiff.distributed.worker import SamplingJob
 from asyncdiff.distributed.limits import Limits
 from asyncdiff.schedule import Schedule
@@ -26,7 +26,7 @@ from schedulers import make_scheduler, sample
 STEPS = 5
 
 
-def emulate(c, par: ParallelSpec, x, cond):
+def emulate(c, par: Schedule, x, cond):
     return emulate_steps(c, par, x, cond, STEPS)
 
 
@@ -45,16 +45,37 @@ MATRIX = [
 ]
 
 
+def _by_world(matrix) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for case in matrix:
+        n, stride, warmup, shift, noise, _ = case
+        world = Schedule(n=n, stride=stride, warmup=warmup, stride_noise=noise).world_size()
+        out.setdefault(world, []).append(case)
+    return out
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("n,stride,warmup,shift,noise,strategy", MATRIX)
-def test_distributed_equals_emulator(n, stride, warmup, shift, noise, strategy):
-    c = compiled(n, strategy)
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow),
+                                   pytest.param(4, marks=pytest.mark.slow)])
+def test_distributed_equals_emulator(world):
+    """The matrix's cases of one world size run on one set of workers, spawned once
+    (``launch_all``), each its own plan and schedule."""
+    cases = _by_world(MATRIX)[world]
     cond, x = cond_and_noise()
-    par = Schedule(n=n, stride=stride, warmup=warmup, time_shift=shift, stride_noise=noise)
-    want = emulate(c, par, x, cond)
-    got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
-    assert torch.equal(got.latents[0], want)
-    assert len(got.stats) == par.devices
+    runs, wants = [], []
+    for n, stride, warmup, shift, noise, strategy in cases:
+        c = compiled(n, strategy)
+        par = Schedule(n=n, stride=stride, warmup=warmup, time_shift=shift, stride_noise=noise)
+        wants.append(emulate(c, par, x, cond))
+        runs.append(Run(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)]))
+    got = launch_all(runs)
+    assert [torch.equal(g.latents[0], w) for g, w in zip(got, wants)] == [True] * len(cases)
+    assert all(len(g.stats) == world for g in got)
+
+
+def test_the_matrix_covers_every_world_size_it_is_grouped_by():
+    assert sorted(_by_world(MATRIX)) == [2, 3, 4] and sum(map(len, _by_world(MATRIX).values())) \
+        == len(MATRIX)
 
 
 @pytest.mark.timeout(300)
@@ -94,7 +115,7 @@ def _gone(pids) -> bool:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["raise", "kill", "hang"])
+@pytest.mark.parametrize("kind", ["raise", "kill", pytest.param("hang", marks=pytest.mark.slow)])
 def test_failed_worker_stops_everyone(kind):
     c = compiled(3)
     cond, x = cond_and_noise()
@@ -157,6 +178,7 @@ def test_learned_sigma_model_with_a_narrowed_prediction():
     assert torch.equal(got.latents[0], want)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_end_to_end(dtype):
@@ -189,10 +211,10 @@ def test_half_precision_end_to_end(dtype):
 RECORDED = [
     # n, stride, warmup, noise, cooldown, sync, cfg_parallel, replicas
     (2, 1, 1, "fresh", 0, (), False, 1),
-    (3, 2, 2, "fresh", 1, (3,), False, 1),
-    (3, 2, 2, "official", 0, (), False, 1),
-    (2, 1, 1, "fresh", 0, (), True, 1),   # the hybrid: 4 ranks
-    (2, 1, 1, "fresh", 0, (), False, 2),  # two replicas
+    pytest.param(3, 2, 2, "fresh", 1, (3,), False, 1, marks=pytest.mark.slow),
+    pytest.param(3, 2, 2, "official", 0, (), False, 1, marks=pytest.mark.slow),
+    pytest.param(2, 1, 1, "fresh", 0, (), True, 1, marks=pytest.mark.slow),  # the hybrid
+    pytest.param(2, 1, 1, "fresh", 0, (), False, 2, marks=pytest.mark.slow),  # two replicas
 ]
 
 
@@ -243,6 +265,7 @@ def _emulator(c, par):
     return Emulator(c.staged, c.plan, tl, sched.timesteps)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_hoisted_values_sent_from_their_home_stage(tmp_path):
     """A caption projection heavier than the blocks is computed once per run on one stage and

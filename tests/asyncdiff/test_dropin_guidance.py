@@ -40,6 +40,7 @@ def halves_reference(handle, make) -> torch.Tensor:
                   steps=tp.STEPS, guidance_scale=tp.GUIDANCE, uncond=fam.cond(e, True))
 
 
+@pytest.mark.slow
 def test_cfg_parallel_and_hybrid_through_the_dropin():
     fam = tp.FAMILIES[NAME]
     pipe, plain = tp.pipeline(NAME)
@@ -98,6 +99,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_cfg_parallel_equals_the_emulated_dropin(tmp_path):
     """Two ranks, one guidance half each, ε halves swapped every step."""

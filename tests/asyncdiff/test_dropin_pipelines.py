@@ -44,7 +44,14 @@ def _built(name: str):
     return pipe
 
 
-@pytest.mark.parametrize("name", list(P.PIPELINES))
+# the pipelines that take more than a few seconds each: the full tier (make test-all)
+SLOW_PIPELINES = {"svd", "animatediff", "sd15_ip_adapter", "sd15", "sdxl_controlnet",
+                  "sdxl_img2img_heun", "sd21_vpred", "sdxl", "sd15_controlnet",
+                  "wan22_two_experts"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PIPELINES
+                                  else n for n in P.PIPELINES])
 def test_pipeline_warm_equals_plain_and_stale_runs(name):
     case = P.PIPELINES[name]
     pipe = _built(name)
@@ -62,6 +69,7 @@ def test_pipeline_warm_equals_plain_and_stale_runs(name):
     assert torch.equal(after, plain)
 
 
+@pytest.mark.slow
 def test_cooldown_through_the_dropin():
     """W + C = T gives the plain pipeline bit for bit; W = 1 with a cool-down is a third
     result, neither plain nor the run without it; set_timeline changes C between runs."""
@@ -100,6 +108,7 @@ def test_true_cfg_with_stride_two_predicts_the_fed_timestep_exactly():
         assert torch.equal(stream.fed[1], torch.full_like(stream.fed[1], stream.taus[1]) / 1000)
 
 
+@pytest.mark.slow
 def test_ip_adapter_scale_changed_between_runs_is_recaptured():
     """The IP-Adapter's scale lives on the attention processors, a plain attribute a capture
     bakes in: changing it between runs (set_ip_adapter_scale) makes the drop-in capture again,
@@ -292,6 +301,7 @@ def test_a_scheduler_stepped_irregularly_is_refused():
     assert "step" not in sched.__dict__
 
 
+@pytest.mark.slow
 def test_two_experts_each_run_their_own_part_of_the_run():
     """Wan 2.2: ``transformer`` on the high-noise steps, ``transformer_2`` from the boundary
     on; each expert's streams start where it is first called and count its own steps."""

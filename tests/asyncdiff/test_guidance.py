@@ -100,7 +100,7 @@ def test_a_group_on_another_schedule_breaks_the_hybrid():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("n,replicas", [(1, 2), (2, 1)])
+@pytest.mark.parametrize("n,replicas", [pytest.param(1, 2, marks=pytest.mark.slow), (2, 1)])
 def test_distributed_cfg_parallel_equals_the_emulator(n, replicas):
     """CFG-parallel (N = 1: two replicas of 2 ranks, each its own noise) and the hybrid
     (N = 2, 4 ranks) over gloo."""

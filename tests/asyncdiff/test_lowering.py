@@ -327,6 +327,7 @@ def test_the_dataflow_check_catches_a_value_sent_a_round_late():
         _dataflow(tl, plan, bad)
 
 
+@pytest.mark.slow
 def test_the_nccl_watch_names_a_silent_peer_and_spares_a_live_one():
     """Under NCCL a group's wait does not block the host: the watch polls each group's
     completion and, past the step limit, names the peers whose heartbeat is still."""

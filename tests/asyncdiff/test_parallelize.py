@@ -265,8 +265,12 @@ def _threads():
 
 
 @pytest.mark.parametrize("name,n,stride,time_shift,backend", [
-    ("sd15", 2, 1, False, "auto"), ("sdxl", 2, 1, False, "auto"), ("sd3", 2, 1, False, "auto"),
-    ("pixart", 2, 1, False, "auto"), ("sd3", 3, 2, False, "auto"), ("pixart", 2, 2, True, "auto"),
+    pytest.param("sd15", 2, 1, False, "auto", marks=pytest.mark.slow),
+    pytest.param("sdxl", 2, 1, False, "auto", marks=pytest.mark.slow),
+    ("sd3", 2, 1, False, "auto"),
+    pytest.param("pixart", 2, 1, False, "auto", marks=pytest.mark.slow),
+    ("sd3", 3, 2, False, "auto"),
+    pytest.param("pixart", 2, 2, True, "auto", marks=pytest.mark.slow),
     ("sd15", 3, 1, False, "module"), ("pixart", 2, 2, False, "module"),
 ])
 def test_dropin_equals_sequential_and_emulator_and_detaches(name, n, stride, time_shift,
@@ -289,6 +293,7 @@ def test_dropin_equals_sequential_and_emulator_and_detaches(name, n, stride, tim
 @pytest.mark.parametrize("n,stride,warmup,time_shift", [
     (2, 2, 2, False), (3, 2, 1, False), (3, 2, 2, True), (4, 2, 4, False),
 ])
+@pytest.mark.slow
 def test_paper_split_and_official_schedule_equal_the_emulator(n, stride, warmup, time_shift):
     """The paper's SD 1.5 split (conf/partition/paper_sd15_n<N>.yaml) through the drop-in, on
     the unmodified pipeline with DDIM and CFG, run on the public code's schedule
@@ -307,6 +312,7 @@ def test_paper_split_and_official_schedule_equal_the_emulator(n, stride, warmup,
     assert not torch.equal(got, FAMILIES["sd15"].run(pipe, steps=steps))
 
 
+@pytest.mark.slow
 def test_a_saved_plan_gives_the_same_plan_and_result(tmp_path):
     pipe, _ = pipeline("sd15")
     with asyncdiff.parallelize(pipe, n=2, boundaries=["up_blocks.1"]) as handle:
@@ -324,6 +330,7 @@ def test_a_saved_plan_gives_the_same_plan_and_result(tmp_path):
             FAMILIES["pixart"].run(pixart)
 
 
+@pytest.mark.slow
 def test_step_cache_through_the_dropin():
     """cache_interval=K on one device (emulate): K = 1 is the sequential sampler (the plain
     pipeline) bit for bit; K = 2, 3 and K > T (clamped to T: one full step, the rest cached)
@@ -423,6 +430,7 @@ def test_call_split_keeps_non_tensor_entries():
     assert type(merged["scale"]) is Pair and merged["scale"].sin is b
 
 
+@pytest.mark.slow
 def test_runs_restart_and_shapes_recapture():
     """A new run (set_timesteps) restarts the step count; another T needs no new capture;
     another batch size is another capture."""
@@ -441,6 +449,7 @@ def test_runs_restart_and_shapes_recapture():
         assert len(handle.sessions) == 2
 
 
+@pytest.mark.slow
 def test_direct_call_answers_in_the_models_form():
     """Outside a pipeline loop: return_dict=True gets the model's output dataclass, equal to
     the eager model's (all steps warm: no staleness)."""
@@ -543,6 +552,7 @@ def torchrun(script: str, tmp_path: Path, nproc: int = 2) -> list:
     return torch.load(result)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_equals_emulated_dropin(tmp_path):
     ranks = torchrun(SCRIPT, tmp_path)

@@ -231,6 +231,7 @@ def test_world_size_must_be_replicas_times_devices():
         check_config(cfg, env={}, entry="bench")
 
 
+@pytest.mark.slow
 def test_bad_input_subprocesses(tmp_path):
     """The real command lines, as separate processes (run together: each mostly imports)."""
     conf = broken_model_dir(tmp_path)

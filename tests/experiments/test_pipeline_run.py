@@ -32,6 +32,7 @@ def _args(path, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_a_warmup_sweep_ends_with_sequential_images_at_w_equal_t(sd15, tmp_path):
     """A Hydra multirun over W (self-spawned ranks, the denoiser loaded lazily): at W = T
     every step is sequential, so the decoded images equal the plain pipeline's bit for bit;
@@ -66,6 +67,7 @@ def test_a_warmup_sweep_ends_with_sequential_images_at_w_equal_t(sd15, tmp_path)
             assert (out / "images" / name).is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_pipeline_run_equals_the_emulator(tmp_path):
     """``torchrun -m experiments.run pipeline=…``: every rank loads lazily and runs the same
@@ -122,6 +124,7 @@ def test_bad_pipeline_input_is_one_config_error(sd15, extra, message):
         check_command_line([*args, *extra])
 
 
+@pytest.mark.slow
 def test_bad_pipeline_input_exits_2_and_writes_nothing(tmp_path):
     import subprocess
     import sys

@@ -5,6 +5,7 @@ plan's ``config_hash`` is the model's class and config either way, and its name 
 outside the hash."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import asyncdiff
@@ -14,6 +15,7 @@ from exp_helpers import compose_cfg
 from experiments.schema import register
 
 
+@pytest.mark.slow
 def test_the_command_line_and_the_dropin_give_one_plan(tmp_path):
     torch.set_num_threads(1)
     pipe = P.PIPELINES["sd15"].build()

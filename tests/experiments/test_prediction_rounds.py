@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
+from asyncdiff.schedule import Schedule
 from experiments.common import parallel_rounds
 from partition.plan import Measured
 from partition.report import predict
 
 
 def test_official_even_warmup_has_one_round_fewer():
-    par = {"n": 3, "stride": 2, "warmup": 2}
-    assert parallel_rounds({**par, "stride_noise": "reuse"}, 9) == 4        # (2,3) … (8,)
-    assert parallel_rounds({**par, "stride_noise": "official"}, 9) == 3     # (3,4) (5,6) (7,8)
-    assert parallel_rounds({**par, "warmup": 3, "stride_noise": "official"}, 9) == 3
+    par = Schedule(n=3, stride=2, warmup=2)
+    assert parallel_rounds(par.replace(stride_noise="reuse"), 9) == 4       # (2,3) … (8,)
+    assert parallel_rounds(par.replace(stride_noise="official"), 9) == 3    # (3,4) (5,6) (7,8)
+    assert parallel_rounds(par.replace(warmup=3, stride_noise="official"), 9) == 3
 
 
 def test_predict_uses_the_rounds_it_is_given():

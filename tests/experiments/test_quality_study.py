@@ -76,6 +76,7 @@ def test_cosine_per_sample():
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.slow
 def test_study_on_digits_writes_its_table(tmp_path, monkeypatch, device):
     from hydra import compose, initialize_config_dir
 
@@ -143,6 +144,7 @@ def test_a_cooldown_or_sync_point_is_its_own_point():
     assert plain_point["stride_noise"] == "fresh" and "strategy" not in plain_point
 
 
+@pytest.mark.slow
 def test_frontier_study_runs_every_method(tmp_path, monkeypatch):
     """Sequential with fewer steps, CFG-parallel, the hybrid, the step cache and cool-down
     as study points, with the fronts per device count; the exact cases are exact."""

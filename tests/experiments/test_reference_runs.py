@@ -32,6 +32,7 @@ def composed(overrides):
         return compose(config_name="config", overrides=overrides)
 
 
+@pytest.mark.slow
 def test_jobs_use_the_training_betas_class_tokens_and_the_models_guidance():
     cfg = composed(OVERRIDES)
     bundle, compiled = compiled_model(cfg)
@@ -54,6 +55,7 @@ def test_jobs_use_the_training_betas_class_tokens_and_the_models_guidance():
                        tokens(torch.tensor([1, 2, 3])))  # (8 + 3 + i) mod 10
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_run_on_digits_equals_emulator_and_records_the_classifier(tmp_path):
     torch.set_num_threads(1)
@@ -79,6 +81,7 @@ def test_run_on_digits_equals_emulator_and_records_the_classifier(tmp_path):
     assert (tmp_path / "images" / "samples.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_demo_runs_on_the_digits_model(tmp_path):
     proc = subprocess.run(

@@ -41,6 +41,7 @@ def emulated(overrides):
                        steps=job.steps)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_equals_emulator(tmp_path):
     _, want = emulated(OVERRIDES)

@@ -13,6 +13,7 @@ from exp_helpers import FAST, MODEL, REPO, env
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_stride_warmup_sweep_writes_table_and_plots(tmp_path):
     sweep = tmp_path / "sweep"

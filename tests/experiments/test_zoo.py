@@ -16,6 +16,7 @@ from torch import nn
 
 from experiments import zoo
 from partition.spec import InputSpec, call_denoiser
+from tiers import SLOW_MODELS, model_params
 
 MODELS = zoo.model_names()
 
@@ -66,7 +67,7 @@ def test_zoo_holds_every_architecture():
 # --------------------------------------------------------------------------- tiny models
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", model_params(MODELS))
 def test_tiny_forward_is_eps_of_latent_shape(name):
     b = tiny(name)
     x = b.inputs(0)
@@ -80,7 +81,7 @@ def test_tiny_forward_is_eps_of_latent_shape(name):
     assert 1e-2 < float(out.std()) < 1e2
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", model_params(MODELS))
 def test_tiny_output_depends_on_timestep(name):
     b = tiny(name)
     x = b.inputs(0)
@@ -89,7 +90,7 @@ def test_tiny_output_depends_on_timestep(name):
     assert rel_change(run(b, x2), run(b, x)) > 1e-3
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", model_params(MODELS))
 def test_tiny_output_depends_on_latent(name):
     b = tiny(name)
     x = b.inputs(0)
@@ -110,8 +111,9 @@ class Positional(nn.Module):
         return call_denoiser(self.module, dict(zip(self.names, args)), self.contract, self.specs)
 
 
-# Exporting the two video UNets takes 10-20 s on a loaded core: marked slow (run by default).
-EXPORT_CASES = [pytest.param(n, marks=pytest.mark.slow) if n in ("svd", "animatediff") else n
+# Exporting a UNet takes 3-20 s on a loaded core (the video ones the most): the full tier
+# (partition/test_capture.py exports the SD 1.5 UNet in the fast one)
+EXPORT_CASES = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS | {"sd15"} else n
                 for n in MODELS]
 
 
@@ -126,7 +128,7 @@ def test_tiny_exports_bit_exactly(name):
         assert torch.equal(gm(*args), wrapper(*args))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", model_params(MODELS))
 def test_reinit_redraws_every_parameter_and_buffer(name):
     cfg = zoo.load_yaml(name)
     module = zoo.import_object(cfg["builder"]["cls"]).from_config(cfg["tiny"]["config"])
@@ -226,7 +228,7 @@ def test_contract_leaves_the_module_untouched():
 # --------------------------------------------------------------------------- full configs
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", model_params(MODELS))
 def test_full_config_is_the_released_architecture(name):
     cfg = zoo.load_yaml(name)
     cls = zoo.import_object(cfg["builder"]["cls"])

@@ -12,8 +12,9 @@ from torch import nn
 from partition import CaptureError, InputSpec, capture
 from experiments import zoo
 from partition.cost import node_module
+from tiers import model_params
 
-MODELS = zoo.model_names()
+MODELS = model_params(zoo.model_names())
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -17,6 +17,7 @@ import experiments.plan
 from partition import PartitionRequest, Plan, compile_model, format_plan, stages_from_plan
 from partition.plan import Measured
 from experiments import zoo
+from tiers import model_params
 
 REPO = Path(__file__).resolve().parents[2]
 REQUESTS = [
@@ -55,6 +56,7 @@ def test_unknown_schema_is_an_error(sd15):
         Plan.from_dict(d)
 
 
+@pytest.mark.slow
 def test_independent_runs_give_byte_identical_plans(sd15, fresh):
     other = fresh("sd15")  # a second build, capture and profile, sharing nothing
     assert other.captured is not sd15.captured
@@ -87,6 +89,7 @@ print(json.dumps([t.compile(PartitionRequest(n=n), s).plan.to_json(measured=Fals
 """
 
 
+@pytest.mark.slow
 def test_plan_is_the_same_in_another_process_and_for_other_weights(tiny):
     # Another interpreter with another string-hash seed (set orders differ) and other random
     # weights (a plan depends on the architecture and the shapes only): the same bytes.
@@ -193,7 +196,7 @@ def test_a_plan_whose_step_was_not_timed_with_its_stages_is_flagged(sd15, caplog
 # --------------------------------------------------------------------------- asyncdiff-plan
 
 
-@pytest.mark.parametrize("name", zoo.model_names())
+@pytest.mark.parametrize("name", model_params(zoo.model_names()))
 def test_asyncdiff_plan_for_every_model(tiny, compose_cfg, reuse_capture, tmp_path, capsys, name):
     reuse_capture(name)
     cfg = compose_cfg(f"model={name}", "parallel.n=2", "partition.cost_model=flops",

@@ -71,6 +71,7 @@ def check_contiguous(graph, a, depth) -> None:
 @settings(max_examples=40, **SETTINGS)
 @given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5),
        depth=st.sampled_from([2, 3, 4, None]))
+@pytest.mark.slow
 def test_contiguous_strategies_invariants(base, kind, seed, n, depth):
     g = dataclasses.replace(base, weights=random_weights(base, kind, seed))
     blocks = len(g.candidates(depth)) + 1
@@ -91,6 +92,7 @@ def test_contiguous_strategies_invariants(base, kind, seed, n, depth):
 @settings(max_examples=12, **SETTINGS)
 @given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31 - 1), n=st.integers(2, 5),
        depth=st.sampled_from([2, 3, 4]))
+@pytest.mark.slow
 def test_shell_core_invariants(base, kind, seed, n, depth):
     g = dataclasses.replace(base, weights=random_weights(base, kind, seed))
     try:
@@ -141,6 +143,7 @@ def unet_configs(draw):
 @settings(max_examples=4, **SETTINGS)
 @given(config=unet_configs(), n=st.integers(2, 4),
        strategy=st.sampled_from(["balanced", "equal_blocks", "shell_core"]))
+@pytest.mark.slow
 def test_random_unet_split_equals_whole(config, n, strategy):
     torch.set_num_threads(1)
     module = zoo.diffusers_from_config("diffusers.UNet2DConditionModel", config, seed=0)

@@ -25,6 +25,7 @@ def chained(compiled, inputs):
 # --------------------------------------------------------------------------- 1: side effects
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [D.RotaryGrid, D.FillAndIndexPut, D.InPlaceAlias])
 def test_in_place_writes_survive_staging(cls):
     torch.manual_seed(0)
@@ -236,6 +237,7 @@ def test_an_output_of_another_shape_and_dtype():
     assert same(chained(c, inputs), eager(model, inputs, specs))
 
 
+@pytest.mark.slow
 def test_compile_model_defaults_are_deterministic_and_do_no_timing(sd15):
     c = compile_model(sd15.bundle.module, sd15.bundle.specs, sd15.inputs, PartitionRequest(n=2),
                       captured=sd15.captured)

@@ -10,8 +10,9 @@ import torch
 from partition import PartitionRequest
 from experiments import zoo
 from partition.cost import node_module
+from tiers import model_params
 
-MODELS = zoo.model_names()
+MODELS = model_params(zoo.model_names())
 STRATEGIES = ("balanced", "equal_blocks", "shell_core")
 # Raised when a model has too few module blocks at the requested depth (legitimate).
 TOO_FEW_BLOCKS = re.compile(r"only \d+ blocks|no placement found")

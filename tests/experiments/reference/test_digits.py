@@ -80,6 +80,7 @@ def test_heldout_split_is_fixed_by_seed_and_the_classifier_passes():
     assert accuracy >= 0.98  # measured 0.99 (weights/digits/digits.json)
 
 
+@pytest.mark.slow
 def test_samples_of_the_sequential_sampler_are_recognised():
     r = ref()
     labels = torch.arange(20) % digits.NUM_CLASSES

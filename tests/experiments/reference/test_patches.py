@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 
+import pytest
 import torch
 
 from experiments.reference import model as R
@@ -18,6 +19,7 @@ def ref() -> R.ReferenceModel:
     return R.load("patches")
 
 
+@pytest.mark.slow
 def test_patches_are_crops_of_their_region_under_the_eight_symmetries():
     data = patches.Patches()
     x, y = data.split("test", per_class=3, seed=0)
@@ -54,6 +56,7 @@ def test_shipped_weights_load_and_the_classifier_knows_held_out_patches():
     assert accuracy >= 0.95
 
 
+@pytest.mark.slow
 def test_samples_of_the_sequential_sampler_are_recognised():
     r = ref()
     labels = torch.arange(24) % 12
