@@ -43,7 +43,6 @@ from torch import nn
 from asyncdiff.denoiser import PipelineDenoiser
 from asyncdiff.dropin import arguments
 from asyncdiff.dropin import session as sessions
-from asyncdiff.distributed.sharing import try_capture
 from asyncdiff.dropin.arguments import Partitioning
 from asyncdiff.dropin.denoisers import find_denoisers
 from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
@@ -53,6 +52,7 @@ from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
 from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
 from asyncdiff.dropin.weights import Parked
 from asyncdiff.schedule import Schedule
+from partition import capture_or_fallback
 from partition.capture import capture
 from partition.contract import DenoiserContract
 from partition.spec import nest
@@ -285,10 +285,8 @@ class _Denoiser:
             return DenoiserContract().prediction(bound(**nest(inputs)))
 
         def capture_call():  # (None, why): the module backend (asked for, or no capture)
-            if part.backend == "module":
-                return None, ""
-            return try_capture(lambda: capture(self.module, call.specs(), call.tensors),
-                               part.backend)
+            return capture_or_fallback(
+                lambda: capture(self.module, call.specs(), call.tensors), part.backend)
 
         with self._unpatched(bound):
             if hasattr(self.module, CHECKPOINT_ATTR):

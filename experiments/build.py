@@ -28,9 +28,9 @@ from experiments.checks import check_backend, guidance_scale
 from experiments.common import partition_request, plain, requested
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
                                          scheduler_kwargs)
-from partition import Compiled, Plan, compile_graph, compile_model
+from partition import Compiled, Plan, capture_or_fallback, compile_graph, compile_model
 from experiments import zoo
-from partition.capture import CaptureError, capture
+from partition.capture import capture
 from partition.cost import profile
 from partition.graph import build_graph
 from partition.threads import intra_op_threads
@@ -166,23 +166,20 @@ def sampling_jobs(bundle: ModelBundle, cfg: DictConfig, replicas: int) -> list[S
 def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads, device,
               backend: str):
     """Build, capture and cost a model once per process (a sweep re-plans on it); ``None``
-    for the capture when torch.export cannot capture it and the backend may fall back."""
+    for the capture, and why, when it is the module backend's (asked for, or torch.export
+    cannot capture it and the backend may fall back: ``partition.capture_or_fallback``)."""
     model_cfg = json.loads(model_json)
     bundle = zoo.build(model_cfg, seed=seed)
     inputs = bundle.inputs(seed)
-    if backend == "module":
-        return bundle, inputs, None, None
     with torch.no_grad():
-        try:
-            captured = capture(bundle.module, bundle.specs, inputs, bundle.contract)
-        except CaptureError:
-            if backend == "graph":
-                raise
-            return bundle, inputs, None, None
+        captured, why = capture_or_fallback(
+            lambda: capture(bundle.module, bundle.specs, inputs, bundle.contract), backend)
+        if captured is None:
+            return bundle, inputs, None, None, why
         fv = bundle.module if cost_model == "fvcore" else None
         costs = profile(captured, inputs, repeats=repeats if cost_model == "time" else 0,
                         threads=threads, fvcore_model=fv, device=device)
-    return bundle, inputs, captured, costs
+    return bundle, inputs, captured, costs, ""
 
 
 def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
@@ -191,7 +188,7 @@ def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
     t0 = time.perf_counter()
     hit = _captured.cache_info().hits
     backend = part.get("backend", "auto")
-    bundle, inputs, captured, costs = _captured(
+    bundle, inputs, captured, costs, why = _captured(
         json.dumps(model_cfg, sort_keys=True), int(cfg.seed), part["cost_model"],
         int(part.get("repeats", 3)), part.get("threads"), part.get("device"), backend)
     cached = _captured.cache_info().hits > hit
@@ -205,7 +202,7 @@ def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
                                      name=name, config_hash=bundle.architecture,
                                      repeats=int(part.get("repeats", 3)),
                                      threads=part.get("threads"), contract=bundle.contract,
-                                     verify=verify, backend="module")
+                                     verify=verify, backend="module", note=why)
         else:
             graph = build_graph(captured, costs, part["cost_model"])
             compiled = compile_graph(graph, request, strategy=part["strategy"],

@@ -14,19 +14,16 @@ import os
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from experiments import atomic
 from experiments import quality as Q
-from experiments.common import parallel_rounds, plain, schedule_of, sequential_rounds
+from experiments.common import plain, schedule_of
 from experiments.generate import request
 from experiments.learned import learned_metrics
 from experiments.metrics import speedup
-from experiments.record import write_json
-from experiments.wandb_log import RunLogger
-from partition import Plan, format_plan
+from experiments.record import log_run, predicted, save_plans, write_json
+from partition import Plan
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +103,11 @@ def identity(cfg: dict) -> dict:
 def finish_pipeline(cfg: DictConfig, out: Path, images: torch.Tensor, extra: dict,
                     ranks: dict[int, dict], baseline: tuple) -> dict:
     """Write the run directory (``experiments/pipeline_run.py``) and the W&B run."""
-    from experiments.pipeline_run import predicted
-
     data = plain(cfg)
     ref, seq_seconds, seq_first, scheduler = baseline
     plans = [Plan.from_json(p) for p in extra["plans"]]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    if plans:
-        atomic.write_text(out / "plan.json", plans[0].to_json())
-        par, steps = data["parallel"], data["scheduler"]["steps"]
-        sch = schedule_of(par)
-        table = "\n\n".join(format_plan(p, steps=steps, warmup=sequential_rounds(sch, steps),
-                                        stride=sch.stride, rounds=parallel_rounds(sch, steps))
-                            for p in plans)
-        atomic.write_text(out / "plan.txt", table + "\n")
+    sch, steps = schedule_of(data["parallel"]), data["scheduler"]["steps"]
+    save_plans(cfg, out, plans, sch, steps)
     req = request(data)
     latency, seq_latency = sum(extra["seconds"]), sum(seq_seconds)
     metrics = {**identity(data), "scheduler": scheduler, "items": len(req.items),
@@ -130,7 +117,7 @@ def finish_pipeline(cfg: DictConfig, out: Path, images: torch.Tensor, extra: dic
                "devices": len(ranks),
                "peak_rss_mb_per_rank": [ranks[r]["peak_rss"] / 2**20 for r in sorted(ranks)]}
     if plans:
-        pred = predicted(data, plans[0])
+        pred = predicted(plans[0], sch, steps)
         metrics.update(predicted_speedup=pred["speedup"], ideal_speedup=pred["ideal_speedup"],
                        plan_hash=plans[0].plan_hash, imbalance=plans[0].imbalance,
                        plan_hashes=[p.plan_hash for p in plans])
@@ -139,20 +126,10 @@ def finish_pipeline(cfg: DictConfig, out: Path, images: torch.Tensor, extra: dic
     files = save_images(ref, images, out) if data["save_images"] else {}
     atomic.save_torch({"sequential": ref, "asyncdiff": images}, out / "images.pt")
     write_json(out / "metrics.json", metrics)
-    label = (f"{req.cls} N={data['parallel']['n']} S={data['parallel']['stride']} "
-             f"W={data['parallel']['warmup']}, {req.steps} steps")
+    label = f"{req.cls} {sch.describe()}, {req.steps} steps"
     log.info("%s: asyncdiff %.3f s, sequential %.3f s, speedup %.2fx; PSNR %.1f dB, SSIM %.4f "
              "vs sequential (%d item(s)); %s", label, latency, seq_latency, metrics["speedup"],
              metrics["psnr_db"], metrics["ssim"], len(req.items), out)
-    group = None
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        group = Path(HydraConfig.get().sweep.dir).name
-    logger = RunLogger(data["wandb"], data, out, group=group,
-                       name=f"{data['pipeline']['name']}-N{data['parallel']['n']}"
-                            f"S{data['parallel']['stride']}W{data['parallel']['warmup']}")
-    for p in plans[:1]:
-        logger.plan(p)
-    logger.metrics(metrics)
-    logger.images(files)
-    logger.finish()
+    log_run(data, out, f"{data['pipeline']['name']}-N{sch.n}S{sch.stride}W{sch.warmup}", plans,
+            metrics, files)
     return metrics

@@ -42,9 +42,9 @@ from asyncdiff.distributed import limits, liveness
 from asyncdiff.distributed.launch import Task, from_bytes, run_ranks, to_bytes
 from asyncdiff.distributed.limits import STARTUP_S
 from asyncdiff.distributed.worker import init_group
-from experiments.common import (ConfigError, parallel_rounds, plain, schedule_of,
-                                sequential_rounds)
+from experiments.common import ConfigError, plain, schedule_of
 from experiments.generate import Request, check_request, generate, load, request
+from experiments.pipeline_record import finish_pipeline
 from partition.threads import intra_op_threads
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,6 @@ def _limits(cfg: dict, step_estimate_s: float) -> tuple[float, float]:
 
 def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     """The ranks spawned here (``asyncdiff.distributed.launch.run_ranks``); this process records."""
-    from asyncdiff.distributed.launch import Task, run_ranks
     from experiments.checks import check_backend
 
     data = plain(cfg)
@@ -136,7 +135,6 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
                      world, run_s)
     images = from_bytes(done[0].payload)
     ranks = {r: {"seconds": d.extra["seconds"], "peak_rss": d.peak_rss} for r, d in done.items()}
-    from experiments.pipeline_record import finish_pipeline
     return finish_pipeline(cfg, out, images, done[0].extra, ranks, base)
 
 
@@ -160,18 +158,8 @@ def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
     liveness.stop()
     dist.destroy_process_group()
     if rank == 0:
-        from experiments.pipeline_record import finish_pipeline
         images = from_bytes(payload)
         finish_pipeline(cfg, out, images, extra, dict(enumerate(gathered)), sequential(data))
-
-
-def predicted(cfg: dict, plan) -> dict:
-    from partition import predict
-
-    par, steps = cfg["parallel"], cfg["scheduler"]["steps"]
-    sch = schedule_of(par)
-    return predict(plan, steps=steps, warmup=sequential_rounds(sch, steps), stride=sch.stride,
-                   rounds=parallel_rounds(sch, steps))
 
 
 __all__ = ["run_pipeline_spawn", "run_pipeline_torchrun", "rank_task", "dropin_options"]

@@ -23,7 +23,8 @@ from experiments import metrics as M
 from experiments import quality as Q
 from experiments.common import parallel_rounds, sequential_rounds
 from experiments.learned import learned_metrics
-from partition import Plan
+from experiments.wandb_log import RunLogger
+from partition import Plan, format_plan
 from partition.report import predict
 
 
@@ -46,13 +47,56 @@ def timeline_rows(stats: Mapping[int, Sequence], devices: int, groups: int = 1,
     return rows
 
 
+def predicted(plan: Plan, schedule, steps: int) -> dict:
+    """The latency prediction (``partition.predict``) of a run of ``steps`` on ``plan``: the
+    rounds its timeline has."""
+    return predict(plan, steps=steps, warmup=sequential_rounds(schedule, steps),
+                   stride=schedule.stride, rounds=parallel_rounds(schedule, steps),
+                   groups=schedule.groups)
+
+
+def save_plans(cfg, out: Path, plans: Sequence[Plan], schedule, steps: int) -> str:
+    """What every run directory starts with: the resolved config, the plan (the first, as
+    JSON) and every plan's table (``plan.txt``); returns the table."""
+    from omegaconf import OmegaConf
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if not plans:
+        return ""
+    atomic.write_text(out / "plan.json", plans[0].to_json())
+    table = "\n\n".join(format_plan(p, steps=steps, warmup=sequential_rounds(schedule, steps),
+                                    stride=schedule.stride,
+                                    rounds=parallel_rounds(schedule, steps)) for p in plans)
+    atomic.write_text(out / "plan.txt", table + "\n")
+    return table
+
+
+def log_run(data: dict, out: Path, name: str, plans: Sequence[Plan], metrics: dict,
+            images: dict, rows: list[dict] | None = None, job_type: str = "run") -> None:
+    """The W&B run of a finished run, after the timed runs (its service would compete for the
+    cores); in a sweep, grouped by the sweep's directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    group = None
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        group = Path(HydraConfig.get().sweep.dir).name
+    logger = RunLogger(data["wandb"], data, out, group=group, name=name, job_type=job_type)
+    for p in plans[:1]:
+        logger.plan(p)
+    if rows is not None:
+        logger.timings(rows)
+    logger.metrics(metrics)
+    logger.images(images)
+    logger.finish()
+
+
 def run_metrics(*, plan: Plan, schedule, steps: int, latency_s: float, sequential_s: float,
                 out: torch.Tensor, ref: torch.Tensor, rows: list[dict],
                 peak_rss: Mapping[int, int] | None, weights_dir) -> dict:
     """One flat dict per run: the row of a sweep's results table."""
-    pred = predict(plan, steps=steps, warmup=sequential_rounds(schedule, steps),
-                   stride=schedule.stride, rounds=parallel_rounds(schedule, steps),
-                   groups=schedule.groups)
+    pred = predicted(plan, schedule, steps)
     sent = M.bytes_sent(rows)
     macs = M.macs_per_device(plan, schedule.devices)
     out_m = {

@@ -28,11 +28,10 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from asyncdiff.distributed.launch import launch
-from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0, try_capture
+from asyncdiff.distributed.sharing import on_every_rank, own_stage, plan_from_rank0
 from asyncdiff.distributed import limits, liveness
 from asyncdiff.distributed.executor import RoundStats
 from asyncdiff.distributed.worker import (WorkerJob, fault_from_env, init_group, inject,
@@ -42,17 +41,16 @@ from experiments import atomic
 from experiments.build import (compiled_model, job_labels, model_config, workers,
                                sampling_jobs, sequential_sample)
 from experiments.cli import checked
-from experiments.common import (CONF_DIR, exit_on_bad_input, parallel_rounds,
-                                partition_request, plain, requested, schedule_of,
-                                sequential_rounds)
+from experiments.common import (CONF_DIR, exit_on_bad_input, partition_request, plain,
+                                requested, schedule_of)
 from experiments.images import save_image_grid, save_latent_comparison
 from experiments.reference.model import (classify, is_reference, reference_classifier,
                                          reference_tokens)
 from experiments.plots import device_timeline
-from experiments.record import identity, run_metrics, timeline_rows, write_json
+from experiments.record import (identity, log_run, run_metrics, save_plans, timeline_rows,
+                                write_json)
 from experiments.checks import resolved
-from experiments.wandb_log import RunLogger
-from partition import Plan, compile_model, format_plan
+from partition import Plan, capture_or_fallback, compile_model
 from experiments import zoo
 from partition.capture import capture
 
@@ -63,14 +61,7 @@ log = logging.getLogger(__name__)
 
 def save_plan(cfg: DictConfig, out: Path, plan: Plan) -> None:
     """The resolved config and the plan (JSON and its table) go first into the run dir."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic.write_text(out / "plan.json", plan.to_json())
-    sch = schedule_of(plain(cfg.parallel))
-    table = format_plan(plan, steps=cfg.scheduler.steps,
-                        warmup=sequential_rounds(sch, cfg.scheduler.steps), stride=sch.stride,
-                        rounds=parallel_rounds(sch, cfg.scheduler.steps))
-    atomic.write_text(out / "plan.txt", table + "\n")
+    table = save_plans(cfg, out, [plan], schedule_of(plain(cfg.parallel)), cfg.scheduler.steps)
     if cfg.print_report:
         log.info("plan:\n%s", table)
 
@@ -116,17 +107,8 @@ def finish(cfg: DictConfig, out: Path, plan: Plan, sch, latents: list[torch.Tens
              "PSNR %.1f dB, SSIM %.4f vs sequential; %s", label, wall, t_seq,
              metrics["speedup"], metrics["predicted_speedup"], metrics["psnr_db"],
              metrics["ssim"], out)
-    # W&B starts after the timed runs: its service would compete for the cores
-    group = None
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        group = Path(HydraConfig.get().sweep.dir).name
-    logger = RunLogger(resolved["wandb"], resolved, out, group=group,
-                       name=f"{cfg.model.name}-N{sch.n}S{sch.stride}W{sch.warmup}")
-    logger.plan(plan)
-    logger.timings(rows)
-    logger.metrics(metrics)
-    logger.images(images)
-    logger.finish()
+    log_run(resolved, out, f"{cfg.model.name}-N{sch.n}S{sch.stride}W{sch.warmup}", [plan],
+            metrics, images, rows)
     return metrics
 
 
@@ -165,7 +147,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     bundle = zoo.build(model_config(cfg), seed=cfg.seed)
     inputs = bundle.inputs(cfg.seed)
     backend = part.get("backend", "auto")
-    captured, fallback = on_every_rank(lambda: (None, "") if backend == "module" else try_capture(
+    captured, fallback = on_every_rank(lambda: capture_or_fallback(
         lambda: capture(bundle.module, bundle.specs, inputs, bundle.contract), backend),
         "capture")
     compiled = None

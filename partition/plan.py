@@ -286,8 +286,6 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
             hoisted_params=int(hoisted_params),
             hoisted_flops=int(sum(costs.flops.get(c, 0) for p in prologues for c in p.conditioning)),
             hoisted=tuple(h.name for h in staged.hoisted if s in h.consumers)))
-    cost = np.array([st.cost for st in stages])
-    fl = np.array([st.flops for st in stages], dtype=np.float64)
     out_name = staged.output
     out_val = nodes[out_name].meta.get("val")
     if not static_tensor(out_val):  # a data-dependent shape: the one the example gave
@@ -315,10 +313,7 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
         model=model, config_hash=config_hash, graph_hash=graph.captured.graph_hash(),
         inputs=graph.captured.specs, n=n, strategy=assignment.strategy, cost_model=cost_model,
         depth=depth, stages=tuple(stages), values=tuple(values), output=out_name,
-        output_bytes=out_bytes,
-        imbalance=round(float(cost.max() / cost.mean()), 6) if cost.mean() > 0 else 1.0,
-        flops_imbalance=round(float(fl.max() / fl.mean()), 6) if fl.mean() > 0 else 1.0,
-        bytes_per_step=int(sum(v.bytes * len(v.consumers) for v in values) + out_bytes * (n - 1)),
+        output_bytes=out_bytes, **totals(stages, values, out_bytes),
         total_flops=int(sum(costs.flops.values())),
         total_params=int(sum(p.numel() for p in gm.parameters())),
         notes=assignment.notes, uncounted_ops=tuple(sorted(costs.uncounted.items())),
@@ -328,6 +323,18 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
                                       if h.home >= 0)),
         verification=verification,
         step_flops=int(sum(v for name, v in costs.flops.items() if name not in hoisted_nodes)))
+
+
+def totals(stages, values, output_bytes: int) -> dict:
+    """The plan-level figures both backends derive alike from their stages and crossing
+    values: imbalance under the cost model and in FLOPs (max / mean), and the bytes crossing
+    per step (each value to each consumer stage, ε to every other stage)."""
+    cost = np.array([st.cost for st in stages])
+    fl = np.array([st.flops for st in stages], dtype=np.float64)
+    return {"imbalance": round(float(cost.max() / cost.mean()), 6) if cost.mean() > 0 else 1.0,
+            "flops_imbalance": round(float(fl.max() / fl.mean()), 6) if fl.mean() > 0 else 1.0,
+            "bytes_per_step": int(sum(v.bytes * len(v.consumers) for v in values)
+                                  + output_bytes * (len(stages) - 1))}
 
 
 def _held(staged: StagedModel, stage: int) -> dict:

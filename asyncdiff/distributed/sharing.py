@@ -17,9 +17,7 @@ import torch.distributed as dist
 
 from asyncdiff.distributed import liveness
 from asyncdiff.hoisted import model_inputs_of
-from partition import CaptureError, Plan, stages_from_plan
-from partition.cost import NodeCosts
-from partition.graph import build_graph
+from partition import REGISTRY, Plan
 from partition.stages import StagedModel
 
 T = TypeVar("T")
@@ -72,20 +70,6 @@ def check_plan_hash(plan: Plan) -> None:
                            f"{[hashes[r] for r in bad]}; all workers must load the same plan")
 
 
-def try_capture(capture: Callable[[], T], backend: str) -> tuple[T | None, str]:
-    """``(captured, "")``, or ``(None, why)`` when torch.export cannot capture and the backend
-    may fall back to the module backend: ``why`` goes into the plan's notes and the log, so a
-    fallback is never silent."""
-    try:
-        return capture(), ""
-    except CaptureError as err:
-        if backend == "graph":
-            raise
-        why = f"module backend: torch.export could not capture the model ({err})"
-        log.warning("%s", why.splitlines()[0])
-        return None, why
-
-
 @dataclass
 class RankStage:
     """What one rank keeps of a split: ``parts``, its stage's segments and prologues (only
@@ -105,16 +89,11 @@ def own_stage(plan: Plan, captured, model, specs, inputs, contract, stage: int,
               threads: int | None = 1, runner=None) -> RankStage:
     """This rank's stage, rebuilt from its own capture (graph backend) or trace (module
     backend) of the same model; only its own weights are kept in its parts."""
-    if plan.backend == "module":
-        from partition.modular import graph_for_plan
-        from partition.modular import stages_from_plan as module_stages
-
-        staged = module_stages(graph_for_plan(model, specs, inputs, plan, contract, threads),
-                               plan, runner)
-        own = rank_stage(staged, stage)
-        return RankStage([p.stripped() for p in own.parts], own.hoist_inputs)
-    if captured is None:
+    if plan.backend == "graph" and captured is None:
         raise RankError("rank 0 planned the graph backend, but this rank could not capture the "
                         "model: all ranks must run the same model and library versions")
-    return rank_stage(stages_from_plan(build_graph(captured, NodeCosts({}, {}, {}), "flops"),
-                                       plan), stage)
+    _, staged = REGISTRY[plan.backend].rebuild(model, specs, inputs, plan, captured=captured,
+                                               contract=contract, threads=threads,
+                                               runner=runner)
+    own = rank_stage(staged, stage)
+    return RankStage([p.stripped() for p in own.parts], own.hoist_inputs)

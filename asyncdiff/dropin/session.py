@@ -119,7 +119,7 @@ def compile_call(module: nn.Module, call: Call, captured: Captured | None, part:
 
 def emulated(module: nn.Module, call: Call, captured: tuple[Captured | None, str],
              part: Partitioning, runner=None) -> Session:
-    """``captured``: what :func:`asyncdiff.distributed.sharing.try_capture` returned."""
+    """``captured``: what :func:`partition.capture_or_fallback` returned."""
     compiled = compile_call(module, call, captured[0], part, runner, captured[1])
     staged = compiled.staged
     return Session(call.key, compiled.plan, None, staged.specs, staged.placeholders,

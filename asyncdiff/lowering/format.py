@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from asyncdiff.lowering.actions import Compute, Group, _size
+from asyncdiff.lowering.actions import Compute, _size
 
 
 def _cell(item, stage_of) -> str:

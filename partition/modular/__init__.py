@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from partition.backend import Compiled
 from partition.contract import DenoiserContract
 from partition.modular.blocks import BlockGraph, choose_units, mark_trunk, trace_calls
 from partition.modular.plan import make_module_plan
@@ -24,7 +25,8 @@ from partition.threads import intra_op_threads
 STRATEGIES: tuple[str, ...] = ("balanced", "equal_blocks", "manual")
 COST_MODELS: tuple[str, ...] = ("flops", "time")
 
-__all__ = ["BlockGraph", "BlockSegment", "compile_modular", "stages_from_plan"]
+__all__ = ["BlockGraph", "BlockSegment", "ModuleBackend", "compile_modular",
+           "stages_from_plan"]
 
 
 def block_graph(model, specs, inputs, n: int, *, cost_model: str = "flops", repeats: int = 3,
@@ -131,9 +133,7 @@ def compile_modular(model, specs, inputs, request: PartitionRequest, *, strategy
                     cost_model: str = "flops", name: str = "model", config_hash: str = "",
                     repeats: int = 3, threads: int | None = 1,
                     contract: DenoiserContract | None = None, verify: bool = True,
-                    note: str = "", runner=None):
-    from partition.api import Compiled
-
+                    note: str = "", runner=None) -> Compiled:
     graph = block_graph(model, specs, inputs, request.n, cost_model=cost_model, repeats=repeats,
                         threads=threads, contract=contract)
     a = assign(graph, request, strategy)
@@ -186,3 +186,29 @@ def stages_from_plan(graph: BlockGraph, plan, runner=None) -> StagedModel:
         raise ValueError(f"plan graph_hash={plan.graph_hash} but this trace is "
                          f"{graph.graph_hash()}: the plan was made for another model or shape")
     return build_block_stages(graph, plan.assignment(), runner)
+
+
+class ModuleBackend:
+    """:class:`partition.backend.Backend` over the network's own blocks, run eagerly."""
+
+    def compile(self, model, specs, inputs, request: PartitionRequest, *, strategy: str,
+                cost_model: str, name: str, config_hash: str, repeats: int,
+                threads: int | None, captured=None, costs=None, device=None,
+                contract=None, verify: bool = True, runner=None,
+                note: str = "") -> Compiled:
+        return compile_modular(model, specs, inputs, request, strategy=strategy,
+                               cost_model=cost_model, name=name, config_hash=config_hash,
+                               repeats=repeats, threads=threads, contract=contract,
+                               verify=verify, note=note, runner=runner)
+
+    def rebuild(self, model, specs, inputs, plan, *, captured=None, contract=None,
+                threads: int | None = 1, runner=None) -> tuple[BlockGraph, StagedModel]:
+        graph = graph_for_plan(model, specs, inputs, plan, contract, threads)
+        return graph, stages_from_plan(graph, plan, runner)
+
+    def stages(self, graph: BlockGraph, plan, runner=None) -> StagedModel:
+        return stages_from_plan(graph, plan, runner)
+
+    def verify(self, graph: BlockGraph, staged: StagedModel, inputs, threads: int | None,
+               name: str) -> str:
+        return verify_blocks(graph, staged, inputs, threads, name)[0]

@@ -2,12 +2,12 @@
 with ``backend="module"`` and the costs particular to it in its notes."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from partition.modular.blocks import BlockGraph
 from partition.modular.segment import OUTPUT
-from partition.plan import Measured, Plan, SegmentPlan, StagePlan, ValuePlan, _versions
+from partition.plan import (Measured, Plan, SegmentPlan, StagePlan, ValuePlan, _versions,
+                            totals)
 from partition.stages import StagedModel
 from partition.strategies.base import Assignment
 
@@ -50,8 +50,6 @@ def make_module_plan(graph: BlockGraph, a: Assignment, staged: StagedModel, *, m
             outputs=tuple(v.name for v in values if v.producer == s),
             conditioning=0, nodes=stop - start, cond_flops=int(graph.glue_flops),
             cond_cost=float(graph.glue_cost)))
-    cost = np.array([st.cost for st in stages])
-    fl = np.array([st.flops for st in stages], dtype=np.float64)
     root = next(c for c in graph.calls if c.parent is None)
     eps = graph.output
     measured = None
@@ -75,10 +73,7 @@ def make_module_plan(graph: BlockGraph, a: Assignment, staged: StagedModel, *, m
         n=n, strategy=a.strategy, cost_model=graph.cost_model, depth=depth,
         stages=tuple(stages), values=tuple(values), output=OUTPUT,
         output_bytes=eps.numel() * eps.element_size(),
-        imbalance=round(float(cost.max() / cost.mean()), 6) if cost.mean() > 0 else 1.0,
-        flops_imbalance=round(float(fl.max() / fl.mean()), 6) if fl.mean() > 0 else 1.0,
-        bytes_per_step=int(sum(v.bytes * len(v.consumers) for v in values)
-                           + eps.numel() * eps.element_size() * (n - 1)),
+        **totals(stages, values, eps.numel() * eps.element_size()),
         total_flops=int(graph.total_flops), total_params=sum(p.numel() for p in
                                                              graph.model.parameters()),
         notes=tuple(notes), versions=_versions(), measured=measured, backend="module",

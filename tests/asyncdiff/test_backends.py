@@ -45,7 +45,7 @@ def cond_and_noise():
     return {"context": inputs["context"]}, x
 
 
-def emulate(c, par: ParallelSpec, x, cond):
+def emulate(c, par: Schedule, x, cond):
     return emulate_steps(c, par, x, cond, STEPS)
 
 
