@@ -265,10 +265,15 @@ def cache_key(sampler: Sampler, d: dict) -> dict:
             "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
+def cache_tag(sampler: Sampler, d: dict) -> str:
+    """The name point ``d``'s samples are cached under: ``<cache>/<model>/<tag>-<chunk>.pt``."""
+    key = json.dumps(cache_key(sampler, d), sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def cached_samples(sampler: Sampler, d: dict, chunks: int, cache: Path) -> torch.Tensor:
     """All chunks of point ``d``: from the cache, or sampled and then cached."""
-    key = json.dumps(cache_key(sampler, d), sort_keys=True, default=str)
-    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+    tag = cache_tag(sampler, d)
     out = []
     for c in range(chunks):
         path = cache / f"{tag}-{c}.pt"
@@ -447,6 +452,7 @@ def hydra_main(cfg: DictConfig) -> None:
             images = ref if d == ref_d else cached_samples(sampler, d, chunks, cache)
             row = evaluate_point(images, ref, labels, real_feats,
                                  reference.features(images).numpy(), ref_feats, d, sampler, cfg)
+            row["cache_tag"] = cache_tag(sampler, d)  # its samples: <cache>/<tag>-<chunk>.pt
             rows.append(row)
             log.info("%s: PSNR %s dB, FD %.2f (vs sequential %s), accuracy %s", row["point"],
                      Q.fmt_ci(row["psnr_db"], 1), row["fd"], Q.fmt_ci(row["fd_delta"], 2),

@@ -15,7 +15,6 @@ from asyncdiff.guidance import GuidanceSplit
 from asyncdiff.timeline import build_timeline
 from schedulers import sample
 
-pytest.importorskip("transformers", reason="the diffusers pipelines need transformers")
 
 import test_parallelize as tp  # noqa: E402
 

@@ -26,7 +26,6 @@ import torch
 import asyncdiff
 from asyncdiff.dropin.steps import FedTimesteps, StepClock
 
-pytest.importorskip("transformers", reason="the diffusers pipelines need transformers")
 
 import pipelines as P  # noqa: E402 (tests/pipelines.py, on the path by tests/conftest.py)
 

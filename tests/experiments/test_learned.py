@@ -11,7 +11,7 @@ from experiments import learned
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     d = tmp_path_factory.mktemp("clip")
@@ -65,6 +65,19 @@ def test_learned_metrics_with_and_without_their_networks(tiny_clip, tmp_path):
     assert isinstance(got["clip_score"], float)
     assert got["fid"] == ("skipped: FID Inception weights not found at "
                           f"{weights / 'inception' / learned.INCEPTION_FILE}")
-    assert isinstance(got["lpips"], float) or got["lpips"].startswith("skipped: ")
+    assert got["lpips"] == _lpips_expected(x, x.flip(0))
+    if isinstance(got["lpips"], float):  # the same images are at distance 0, others not
+        assert learned.lpips(x, x) == 0 and got["lpips"] > 0
     none = learned.learned_metrics(x, x, tmp_path / "nowhere", prompts=["a", "b"])
     assert none["clip_score"] == f"skipped: no CLIP model at {tmp_path / 'nowhere' / 'clip'}"
+
+
+def _lpips_expected(x, y):
+    """What ``learned.lpips`` must give: the value, computed here the same way, where the
+    network can be built (torchvision and its weights), else the reason it cannot."""
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+        metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    except Exception as err:  # noqa: BLE001 - the same failure learned.lpips must report
+        return "skipped: " + f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    return float(metric(((x + 1) / 2).clamp(0, 1), ((y + 1) / 2).clamp(0, 1)))

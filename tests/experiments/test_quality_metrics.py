@@ -96,5 +96,16 @@ def test_learned_metrics_say_why_they_are_skipped(tmp_path):
     assert got["clip_score"] == f"skipped: no CLIP model at {tmp_path / 'nowhere' / 'clip'}"
     assert got["fid"] == ("skipped: FID Inception weights not found at "
                           f"{tmp_path / 'nowhere' / 'inception' / learned.INCEPTION_FILE}")
-    # LPIPS needs torchvision and its backbone: a number where they are, else the reason
-    assert isinstance(got["lpips"], float) or got["lpips"].startswith("skipped: ")
+    # LPIPS needs torchvision and its backbone: their value where they are, else the reason
+    assert got["lpips"] == _lpips_expected(x, x.flip(0))
+
+
+def _lpips_expected(x, y):
+    """What ``learned.lpips`` must give: the value, computed here the same way, where the
+    network can be built (torchvision and its weights), else the reason it cannot."""
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+        metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    except Exception as err:  # noqa: BLE001 - the same failure learned.lpips must report
+        return "skipped: " + f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    return float(metric(((x + 1) / 2).clamp(0, 1), ((y + 1) / 2).clamp(0, 1)))

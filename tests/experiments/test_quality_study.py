@@ -100,7 +100,15 @@ def test_study_on_digits_writes_its_table(tmp_path, monkeypatch, device):
     rows = {r["point"]: r for r in res["rows"]}
     assert list(rows) == ["sequential, 4 steps", "N=2 S=1 W=4, 4 steps", "N=2 S=1 W=1, 4 steps",
                           "N=3 S=2 W=1, 4 steps"]
-    # warm-up over every step is the sequential sampler: bit-identical samples
+    # warm-up over every step is the sequential sampler: bit-identical samples (the cached
+    # tensors themselves); a stale schedule's are not
+    cache = tmp_path / "cache" / "digits"
+
+    def samples(name):
+        return torch.cat([torch.load(cache / f"{rows[name]['cache_tag']}-{c}.pt")
+                          for c in (0, 1)])
+    assert torch.equal(samples("N=2 S=1 W=4, 4 steps"), samples("sequential, 4 steps"))
+    assert not torch.equal(samples("N=2 S=1 W=1, 4 steps"), samples("sequential, 4 steps"))
     for name in ("sequential, 4 steps", "N=2 S=1 W=4, 4 steps"):
         assert rows[name]["psnr_db"] == [Q.PSNR_CAP] * 3 and rows[name]["psnr_capped_fraction"] == 1
     assert rows["N=2 S=1 W=1, 4 steps"]["psnr_db"][0] < Q.PSNR_CAP
