@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.timing import median_ms  # noqa: E402
 from experiments import zoo  # noqa: E402
+from partition import splits as paper_splits
 from partition import PartitionRequest, compile_graph  # noqa: E402
 from partition.capture import capture  # noqa: E402
 from partition.cost import profile, tensor_bytes  # noqa: E402
@@ -134,11 +134,11 @@ def main() -> None:
           f"peak RSS {peak_rss_gib():.2f} GiB")
     rows = []
     for n in (2, 3, 4):
-        paper = yaml.safe_load((ROOT / f"conf/partition/paper_sd15_n{n}.yaml").read_text())
+        paper = paper_splits.named(f"paper_sd15_n{n}").options
         splits = {
             "ours (balanced, time)": ("balanced", {}),
             "equal blocks": ("equal_blocks", {}),
-            "paper (hand)": ("manual", {"boundaries": paper["partition"]["boundaries"]}),
+            "paper (hand)": ("manual", dict(paper)),
         }
         for label, (strategy, options) in splits.items():
             t0 = time.perf_counter()

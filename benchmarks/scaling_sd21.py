@@ -21,7 +21,7 @@ that cross each cut. The model:
   split parallelises (text encoder, VAE decode, scheduler): t_full = (5.51 − serial) / T and
   both latencies gain the serial time (Amdahl).
 
-Printed for our balanced split and the paper's hand split (conf/partition/paper_sd21_n*.yaml).
+Printed for our balanced split and the paper's hand split (partition/paper_splits/paper_sd21_n*.yaml).
 
 With ``--time-on cuda`` the UNet is captured on the GPU in ``--dtype`` (fp16, as the paper
 runs it) and each stage's segments are timed there with CUDA events (median of
@@ -42,12 +42,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.timing import median_ms  # noqa: E402
 from experiments import zoo  # noqa: E402
+from partition import splits as paper_splits
 from partition import PartitionRequest, compile_graph  # noqa: E402
 from partition.capture import capture  # noqa: E402
 from partition.cost import profile  # noqa: E402
@@ -105,10 +105,8 @@ def main() -> None:
     plans = {}
     for (n, s), _ in PAPER.items():
         splits = {"ours": ("balanced", {})}
-        paper_cfg = ROOT / f"conf/partition/paper_sd21_n{n}.yaml"
-        if paper_cfg.is_file():
-            b = yaml.safe_load(paper_cfg.read_text())["partition"]["boundaries"]
-            splits["paper"] = ("manual", {"boundaries": b})
+        if f"paper_sd21_n{n}" in paper_splits.names():
+            splits["paper"] = ("manual", dict(paper_splits.named(f"paper_sd21_n{n}").options))
         for name, (strategy, options) in splits.items():
             if (n, name) not in plans:
                 plans[n, name] = compile_graph(

@@ -15,6 +15,9 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from asyncdiff.timeline import STRIDE_NOISE
+from partition import CHOICES, splits
+
 
 class Variant(Enum):
     tiny = "tiny"              # random weights, built from the config (tests, a CPU)
@@ -22,34 +25,31 @@ class Variant(Enum):
     pretrained = "pretrained"  # the released weights, from the local cache (never downloaded)
 
 
-class Strategy(Enum):
-    balanced = "balanced"          # min–max balanced cuts at module boundaries
-    equal_blocks = "equal_blocks"  # the same number of blocks per stage (a baseline)
-    manual = "manual"              # boundaries or stages written by hand (the paper's splits)
-    shell_core = "shell_core"      # last stage = a prefix + a suffix (the paper's SDXL split)
+def _choices(name: str, values) -> type[Enum]:
+    """An enum of the library's own list (Hydra checks a key against it): one list each."""
+    return Enum(name, {v: v for v in values})
 
 
-class CostModel(Enum):
-    time = "time"      # the eager model's module times (noisy: measure once, share the plan)
-    flops = "flops"    # torch's FLOP counter on fake tensors (deterministic)
-    fvcore = "fvcore"  # fvcore's per-module counts
-
-
-class CaptureBackend(Enum):
-    auto = "auto"      # torch.export; the module backend where it cannot capture
-    graph = "graph"    # torch.export only
-    module = "module"  # the network's own blocks, run eagerly
+# partition/strategies/registry.py: balanced (min–max balanced cuts at module boundaries),
+# equal_blocks (the same number of blocks per stage, a baseline), manual (boundaries or stages
+# written by hand: the paper's splits), shell_core (last stage = a prefix + a suffix: the
+# paper's SDXL split)
+Strategy = _choices("Strategy", CHOICES["strategy"])
+# partition/cost.py: time (the eager model's module times; noisy: measure once, share the
+# plan), flops (torch's FLOP counter on fake tensors: deterministic), fvcore (its counts)
+CostModel = _choices("CostModel", CHOICES["cost_model"])
+# partition/backend.py: auto (torch.export; the module backend where it cannot capture),
+# graph (torch.export only), module (the network's own blocks, run eagerly)
+CaptureBackend = _choices("CaptureBackend", CHOICES["backend"])
+# asyncdiff/timeline.py, [Note: staleness]: fresh (each step of a batch its own ε, N−1+S
+# devices), reuse (the public code at S = 2: one ε for the batch, N devices), official (reuse,
+# batches at odd k >= W as the public code aligns them)
+StrideNoise = _choices("StrideNoise", STRIDE_NOISE)
 
 
 class Device(Enum):
     cpu = "cpu"
     cuda = "cuda"
-
-
-class StrideNoise(Enum):
-    fresh = "fresh"  # the paper's text: each step of a batch gets its own ε (N−1+S devices)
-    reuse = "reuse"  # the public code at S = 2: one ε for the whole batch (N devices)
-    official = "official"  # reuse, batches at odd k >= W as the public code aligns them
 
 
 class CommBackend(Enum):
@@ -244,8 +244,19 @@ class Config:
 
 
 def register() -> None:
-    """Store the schema as ``base_config`` (``conf/config.yaml`` starts from it)."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+    """Store the schema as ``base_config`` (``conf/config.yaml`` starts from it), and each of
+    the paper's splits as an option of the ``partition`` group (``partition=paper_sd15_n3``:
+    the compiler's data, ``partition/splits.py``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for name in splits.names():
+        s = splits.named(name)
+        cs.store(group="partition", name=name, package="_global_", node={
+            "parallel": {"n": s.n},
+            "partition": {"strategy": s.strategy, "cost_model": s.cost_model,
+                          "depth": s.depth, "slack": s.slack, "memory_cap_mb": None,
+                          "repeats": 0, "threads": 1, "verify": True, "backend": "auto",
+                          **s.options}})
 
 
 register()

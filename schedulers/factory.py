@@ -1,21 +1,22 @@
 """Named, deterministic noise schedulers with Stable Diffusion's training schedule."""
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
-
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 # SD 1.x/2.x training schedule (their scheduler_config.json), shared by every name.
 _SD_SCHEDULE: dict[str, Any] = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                     beta_schedule="scaled_linear", prediction_type="epsilon",
                                     steps_offset=1)
 
-_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+# diffusers' class by name: imported when a scheduler is made (diffusers takes seconds to
+# import, and the runtime's pure parts import this package for its protocol)
+_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     # The paper's sampler: 50 DDIM steps (AsyncDiff §4.1); η = 0 is DDIMScheduler.step's default.
-    "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False)),
-    "dpmsolver++": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++")),
-    "euler": (EulerDiscreteScheduler, {}),
+    "ddim": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++")),
+    "euler": ("EulerDiscreteScheduler", {}),
 }
 SCHEDULERS: tuple[str, ...] = tuple(_SCHEDULERS)
 
@@ -26,7 +27,8 @@ def make_scheduler(name: str, **kw: Any):
     and stochastic variants (``sde-*`` algorithms) raise ValueError."""
     if name not in _SCHEDULERS:
         raise ValueError(f"scheduler={name!r}; allowed: {', '.join(SCHEDULERS)}")
-    cls, extra = _SCHEDULERS[name]
+    cls_name, extra = _SCHEDULERS[name]
+    cls = getattr(importlib.import_module("diffusers"), cls_name)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(kw) - accepted)
     if unknown:

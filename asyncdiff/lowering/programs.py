@@ -51,8 +51,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from asyncdiff.lowering.actions import Comm, Compute, Group, Item, Payload
+from typing import TYPE_CHECKING
+
 from asyncdiff.timeline import Round, Timeline
-from partition.plan import Plan
+
+if TYPE_CHECKING:  # a type only: the lowering is pure data, it imports no torch
+    from partition.plan import Plan
 
 
 @dataclass(frozen=True)

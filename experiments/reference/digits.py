@@ -3,7 +3,7 @@
 [Note: digits reference model]
 The denoiser is diffusers' ``UNet2DConditionModel`` in Stable Diffusion 1.5's block layout
 (CrossAttnDown x3 + DownBlock2D, mid block, UpBlock2D + CrossAttnUp x3, two resnets per down
-block), so the paper's SD 1.5 splits (``conf/partition/paper_sd15_n*.yaml``) apply to it
+block), so the paper's SD 1.5 splits (``partition/paper_splits/paper_sd15_n*.yaml``) apply to it
 unchanged. Its config and input shapes live in ``conf/model/digits.yaml``; the ``tiny``
 variant there *is* the trained model (its builder, :func:`model.build_unet`, loads
 ``experiments/reference/weights/digits/unet.safetensors``), ``full`` is the same.

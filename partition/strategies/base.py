@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from partition.graph import TrunkGraph
+if TYPE_CHECKING:  # a type only: requests and assignments are plain data
+    from partition.graph import TrunkGraph
 
 
 class RequestError(ValueError):

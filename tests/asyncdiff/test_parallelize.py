@@ -292,7 +292,7 @@ def test_dropin_equals_sequential_and_emulator_and_detaches(name, n, stride, tim
 ])
 @pytest.mark.slow
 def test_paper_split_and_official_schedule_equal_the_emulator(n, stride, warmup, time_shift):
-    """The paper's SD 1.5 split (conf/partition/paper_sd15_n<N>.yaml) through the drop-in, on
+    """The paper's SD 1.5 split (partition/paper_splits/paper_sd15_n<N>.yaml) through the drop-in, on
     the unmodified pipeline with DDIM and CFG, run on the public code's schedule
     (stride_noise='official': with an even W a load-only step), equals schedulers.sample +
     Emulator on the same timeline."""

@@ -1,30 +1,22 @@
-"""The paper's own splits (conf/partition/paper_*.yaml) as manual plans on the tiny models:
+"""The paper's own splits (partition/paper_splits/*.yaml) as manual plans on the tiny models:
 they validate, chain exactly, and reproduce the paper's assignment of cross-stage values
 (docs/design.md §2 invariant 4)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 
 import experiments.plan
-from partition import PartitionRequest, Plan
+from partition import PartitionRequest, Plan, splits
 
-PAPER_DIR = Path(__file__).resolve().parents[2] / "conf" / "partition"
-PAPER = sorted(p.stem for p in PAPER_DIR.glob("paper_*.yaml"))
+PAPER = splits.names()
 
 
 def load_split(stem: str) -> tuple[str, PartitionRequest]:
     """paper_sd21_n2 -> ("sd21", PartitionRequest(n=2, options={"boundaries": [...]}))."""
-    cfg = yaml.safe_load((PAPER_DIR / f"{stem}.yaml").read_text())
-    part = cfg["partition"]
-    assert part["strategy"] == "manual"
-    options = {k: part[k] for k in ("boundaries", "stages") if k in part}
-    assert len(options) == 1
-    return stem.split("_")[1], PartitionRequest(n=cfg["parallel"]["n"], depth=part["depth"],
-                                                options=options)
+    s = splits.named(stem)
+    assert s.strategy == "manual" and len(s.options) == 1
+    return s.model, s.request()
 
 
 def test_every_paper_split_is_here():

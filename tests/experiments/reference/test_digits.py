@@ -4,18 +4,15 @@ recognised by the shipped classifier. Nothing is trained here."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from diffusers import DDPMScheduler
 
 from experiments import zoo
 from experiments.reference import digits
 from experiments.reference import model as R
-
-PARTITION_DIR = Path(zoo.MODEL_DIR).parent / "partition"
+from partition import splits
 
 
 @functools.cache
@@ -39,10 +36,9 @@ def test_shipped_weights_load_through_the_model_yaml():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("path", sorted(PARTITION_DIR.glob("paper_sd15_n*.yaml")),
-                         ids=lambda p: p.stem)
-def test_paper_sd15_splits_name_modules_of_the_digits_unet(path):
-    boundaries = yaml.safe_load(path.read_text())["partition"]["boundaries"]
+@pytest.mark.parametrize("name", [n for n in splits.names() if n.startswith("paper_sd15_")])
+def test_paper_sd15_splits_name_modules_of_the_digits_unet(name):
+    boundaries = splits.named(name).options["boundaries"]
     modules = dict(ref().unet.named_modules())
     assert [b for b in boundaries if b not in modules] == []
 
