@@ -149,8 +149,7 @@ def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
     # the loop's step limit: configured, else derived from the plan the drop-in makes
     startup = data["parallel"].get("startup_timeout_s") or STARTUP_S
     init_group(rank, world, check_backend(data["parallel"]["backend"], world, os.environ),
-               None, startup)
-    liveness.start(startup)
+               None, startup)  # and this rank's liveness
     payload, extra = rank_task(rank, world, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = [json.loads(g) for g in liveness.exchange(

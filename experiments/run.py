@@ -140,8 +140,7 @@ def run_torchrun(cfg: DictConfig, out: Path) -> None:
     # names one that stopped answering (asyncdiff/distributed/liveness.py); the loop's waits
     # are bounded by the step limit, known once the plan is
     startup = plain(cfg.parallel).get("startup_timeout_s") or limits.STARTUP_S
-    init_group(rank, world, par.backend, None, startup)
-    liveness.start(startup)
+    init_group(rank, world, par.backend, None, startup)  # and this rank's liveness
     fault = fault_from_env()
     inject(fault, rank, "build")
     bundle = zoo.build(model_config(cfg), seed=cfg.seed)

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 from asyncdiff.distributed import liveness
 from asyncdiff.distributed.limits import STARTUP_S, Limits
 from asyncdiff.distributed.sharing import rank_stage
-from asyncdiff.distributed.worker import SamplingJob, WorkerJob, inject, run_job
+from asyncdiff.distributed.worker import SamplingJob, WorkerJob, init_group, inject, run_job
 from asyncdiff.schedule import Schedule
 from asyncdiff.timeline import stage_of_device
 from partition.plan import Plan
@@ -102,9 +102,7 @@ def _entry(rank: int, world: int, port: int, task: Task, results) -> None:
         # start-up goes through the store (liveness.py): the group's own bound is a backstop
         timeout = datetime.timedelta(seconds=task.startup_s)
         store = dist.TCPStore(HOST, port, world, is_master=False, timeout=timeout)
-        dist.init_process_group(task.backend, store=store, rank=rank, world_size=world,
-                                timeout=timeout)
-        liveness.start(task.startup_s, store)
+        init_group(rank, world, task.backend, None, task.startup_s, store=store)
         liveness.arrive("the start")
         t0 = time.perf_counter()
         payload, extra = task.fn(rank, world, task.arg)
@@ -117,7 +115,10 @@ def _entry(rank: int, world: int, port: int, task: Task, results) -> None:
     except BaseException as err:  # noqa: BLE001 - reported to the parent, then exit non-zero
         cause = f"{type(err).__name__}: {err}".strip().splitlines()[0]
         results.put(("error", rank, cause, traceback.format_exc(), None))
-        raise SystemExit(1)
+        results.close()
+        results.join_thread()         # the report is out before
+        liveness.put_down_pending()   # a rank this one put down dies (the forkserver's
+        raise SystemExit(1)           # children end with os._exit: no atexit)
 
 
 def run_ranks(task: Task, world: int, timeout_s: float) -> dict[int, RankResult]:

@@ -24,6 +24,8 @@ on the silent one. The reason is recorded, for the launcher to report.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import json
 import os
@@ -156,10 +158,40 @@ class Liveness:
         return [self.store.get(self._key("val", point, n, r)).decode()
                 for r in range(self.world)]
 
+    def silent_ranks(self, window_s: float = SILENT_S) -> list[int]:
+        """The other ranks whose heartbeat stays still for ``window_s``, watched together."""
+        others = [r for r in range(self.world) if r != self.rank]
+        first = {r: self.beat_of(r) for r in others}
+        time.sleep(window_s)
+        return [r for r in others if self.beat_of(r) == first[r]]
+
+    @contextlib.contextmanager
+    def connecting(self, what: str):
+        """Around a step where the ranks connect through the store (making a process group):
+        if it fails (a peer stopped while the others connect, and the store's wait ran out),
+        the silent ranks are named and put down instead of a store key."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - re-raised, or raised as a StartupError
+            silent = self.silent_ranks()
+            if not silent:
+                raise
+            for r in silent:
+                self.put_down(r, f"no heartbeat while connecting ({what})")
+            what_ranks = "rank" if len(silent) == 1 else "ranks"
+            raise StartupError(
+                f"{what_ranks} {', '.join(map(str, silent))} stopped answering while the ranks "
+                f"made {what} (no heartbeat for {SILENT_S:.0f} s: stopped or dead): "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+            ) from err
+
     # ------------------------------------------------------------------ putting down
     def put_down(self, rank: int, why: str) -> bool:
-        """SIGKILL ``rank`` if it is silent and runs on this host as the process it
-        registered (module docstring); record why. True if it was sent."""
+        """End ``rank`` (SIGKILL) if it is silent and runs on this host as the process it
+        registered (module docstring); record why. True if it will be. By default the signal
+        goes as this process exits, after it has reported the error that named ``rank``: a
+        launcher watching the ranks (torchrun) stops them all at the first death it sees, and
+        that must not be the silent rank's, before the message naming it is out."""
         if rank == self.rank or not self.store.check([self._key("who", rank)]):
             return False
         who = json.loads(self.store.get(self._key("who", rank)).decode())
@@ -169,11 +201,8 @@ class Liveness:
         if any(who[k] != here[k] for k in ("host", "boot", "pidns", "start")) or \
                 not who["start"] or not self.silent(rank):
             return False
-        try:
-            os.kill(who["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return False
         self.store.set(self._key("down", rank), f"put down by rank {self.rank}: {why}")
+        _pending.append(who)
         return True
 
     def downed(self, rank: int) -> str | None:
@@ -198,19 +227,47 @@ def records(store, world: int) -> dict[int, str]:
     return out
 
 
+def _kill(who: dict) -> None:
+    """SIGKILL the process ``who`` registered, if it is still that process."""
+    if identity(who["pid"]).get("start") != who["start"]:
+        return
+    try:
+        os.kill(who["pid"], signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_pending: list[dict] = []
+
+
+@atexit.register
+def put_down_pending() -> None:
+    """Send the signals :meth:`Liveness.put_down` deferred (at exit; a process ending with
+    ``os._exit`` calls this itself)."""
+    while _pending:
+        _kill(_pending.pop())
+
+
 _current: Liveness | None = None
 
 
-def start(limit_s: float, store=None) -> Liveness:
+def start(limit_s: float, store=None, rank: int | None = None,
+          world: int | None = None) -> Liveness:
     """Install this process's heartbeat and meetings, in ``store`` (default: the default
-    process group's store)."""
+    process group's store, rank and size). Started before the process group is made, so
+    that making it names a rank that stopped meanwhile (:meth:`Liveness.connecting`)."""
     global _current
     if _current is not None:
         _current.close()
     if store is None:
         store = dist.distributed_c10d._get_default_store()
-    _current = Liveness(store, dist.get_rank(), dist.get_world_size(), limit_s)
+    _current = Liveness(store, dist.get_rank() if rank is None else rank,
+                        dist.get_world_size() if world is None else world, limit_s)
     return _current
+
+
+def connecting(what: str):
+    return current().connecting(what)
 
 
 def current() -> Liveness:
@@ -258,7 +315,8 @@ def loop_group(step_s: float, device=None):
         arrive("the loop group")
         nccl = dist.get_backend() == "nccl"
         timeout = step_s + max(60.0, step_s) if nccl else step_s
-        group = dist.new_group(timeout=datetime.timedelta(seconds=timeout))
+        with connecting("the loop group"):
+            group = dist.new_group(timeout=datetime.timedelta(seconds=timeout))
         if nccl:
             dist.barrier(group=group, device_ids=[device.index] if device is not None else None)
         _groups[key] = group

@@ -53,7 +53,7 @@ class Watch:
         peers = sorted({c.peer for c in g.ops})
         live = liveness._current
         silent = [p for p in peers if live is not None and live.silent(p)]
-        for p in silent:
+        for p in silent:  # the signal goes as this process ends (liveness.put_down)
             liveness.put_down(p, f"no answer in round {g.round} {g.phase} within "
                                  f"{self.step_s:.0f} s")
         who = silent or peers
@@ -68,4 +68,5 @@ class Watch:
 
 def _end_process(message: str) -> None:
     liveness.report(message)
+    liveness.put_down_pending()  # os._exit skips atexit
     os._exit(1)

@@ -66,9 +66,19 @@ class WorkerJob:
 
 
 def init_group(rank: int, world: int, backend: str, init_method: str | None,
-               timeout_s: float) -> None:
-    dist.init_process_group(backend=backend, init_method=init_method or "env://", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+               timeout_s: float, store=None) -> None:
+    """The default process group, with this rank's liveness started first in its store (a
+    rank that stops while the others still connect is named: ``liveness.py``). ``store``:
+    the rendezvous store when the caller made it, else rendezvous at ``init_method``."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store, rank, world = next(dist.rendezvous(init_method or "env://", rank, world,
+                                                  timeout=timeout))
+        store.set_timeout(timeout)
+    liveness.start(timeout_s, store, rank, world)
+    with liveness.connecting("the process group"):
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
 
 
 def rank_device(backend: str, rank: int) -> torch.device:

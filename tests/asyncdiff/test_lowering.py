@@ -325,38 +325,3 @@ def test_the_dataflow_check_catches_a_value_sent_a_round_late():
     bad = type(good)(good.timeline, good.devices, good.groups, good.replicas, tuple(progs))
     with pytest.raises(AssertionError):
         _dataflow(tl, plan, bad)
-
-
-@pytest.mark.slow
-def test_the_nccl_watch_names_a_silent_peer_and_spares_a_live_one():
-    """Under NCCL a group's wait does not block the host: the watch polls each group's
-    completion and, past the step limit, names the peers whose heartbeat is still."""
-    import datetime
-    import time
-
-    import torch.distributed as dist
-
-    from asyncdiff.distributed import liveness
-    from asyncdiff.distributed.watch import Watch
-
-    store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=30))
-    ranks = [liveness.Liveness(store, r, 3, 30.0) for r in range(3)]
-    ranks[2].close()  # rank 2 stops beating: stopped; rank 1 beats on
-    time.sleep(liveness.SILENT_S + 1)
-    liveness._current = ranks[0]
-    try:
-        said: list[str] = []
-        watch = Watch(0, 0.5, on_expire=said.append, poll_s=0.05)
-        group = Group(4, "publish", (Comm("recv", 1, _payload(8)), Comm("recv", 2, _payload(8))))
-        watch.add(lambda: True, Group(3, "publish", ()))   # done: never reported
-        watch.add(lambda: False, group)                    # never done
-        deadline = time.monotonic() + 20
-        while not said and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert said == ["rank 0: round 4 publish: no answer from rank 2 within 0.5 s "
-                        "(parallel.step_timeout_s)"]
-    finally:
-        liveness._current = None
-        for r in ranks:
-            r.close()
