@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from experiments import atomic
+from experiments.common import plain
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -120,5 +121,7 @@ class SweepSummary(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        settings = OmegaConf.to_container(config.wandb, resolve=True) if "wandb" in config else None
+        # plain data, as every run's logger gets it: wandb.init takes the mode's name, not
+        # the schema's enum
+        settings = plain(config.wandb) if "wandb" in config else None
         summarize(Path(config.hydra.sweep.dir), settings)
