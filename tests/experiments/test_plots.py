@@ -12,7 +12,8 @@ import pytest
 from experiments import frontier
 from experiments import plots
 
-ROWS = Path(__file__).resolve().parents[2] / "docs" / "results" / "digits" / "frontier" / "results.json"
+ROWS = (Path(__file__).resolve().parents[2] / "docs" / "results" / "digits" / "frontier"
+        / "results.json")
 
 
 def _rows() -> list[dict]:
