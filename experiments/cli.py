@@ -18,6 +18,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -106,17 +107,41 @@ def job_configs(overrides: list[str], multirun: bool, config_name: str = "config
     schema.register()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         if not multirun:
-            return [compose(config_name, overrides=overrides, return_hydra_config=True)]
+            return [_compose(config_name, overrides, config_dir)]
         parsed = OverridesParser.create().parse_overrides(overrides)
         # the sweeper's own params are in the config: compose one point to read them
         first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
                  if o.is_sweep_override() else o.input_line for o in parsed]
-        head = compose(config_name, overrides=first, return_hydra_config=True)
+        head = _compose(config_name, first, config_dir)
         sweeper = head.hydra.sweeper
         if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return [head]  # another sweeper chooses its points itself
-        return [compose(config_name, overrides=p, return_hydra_config=True)
+        return [_compose(config_name, p, config_dir)
                 for p in sweep_points(overrides, sweeper.get("params"))]
+
+
+def _compose(config_name: str, overrides: list[str], config_dir: str) -> DictConfig:
+    check_chosen_groups(config_name, overrides, config_dir)
+    return compose(config_name, overrides=overrides, return_hydra_config=True)
+
+
+def check_chosen_groups(config_name: str, overrides: list[str], config_dir: str) -> None:
+    """A key under a config group left at null (``pipeline.path=…`` without ``pipeline=NAME``)
+    is one ConfigError naming the key and the group's options (Hydra's merge would fail on it
+    with an assertion: ``Unexpected type for root: NoneType``). Inside Hydra's config dir."""
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml"))
+              for p in Path(config_dir).iterdir() if p.is_dir() and p.name != "hydra"}
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    keys = [o for o in parsed if "." in o.key_or_group and o.key_or_group.split(".")[0] in groups]
+    if not keys:
+        return
+    base = compose(config_name, overrides=[o.input_line for o in parsed
+                                           if "." not in o.key_or_group])
+    for o in keys:
+        group = o.key_or_group.split(".")[0]
+        if group in base and base[group] is None:
+            raise ConfigError(f"{o.input_line}: no {group} chosen; allowed: {group}=NAME before "
+                              f"it (NAME: {', '.join(groups[group])})")
 
 
 def _check_launcher(cfg: DictConfig) -> None:

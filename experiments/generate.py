@@ -85,6 +85,17 @@ def checkpoint_class(path: str | Path) -> str:
     return json.loads(index.read_text())["_class_name"]
 
 
+def checkpoint_scheduler(path: str | Path):
+    """The scheduler a saved checkpoint samples with (its ``scheduler/`` folder, the class
+    ``model_index.json`` names), or None where it has none."""
+    root = Path(path).expanduser()
+    entry = json.loads((root / "model_index.json").read_text()).get("scheduler")
+    if not entry or entry[1] is None or not (root / "scheduler").is_dir():
+        return None
+    import diffusers
+    return getattr(diffusers, entry[1]).from_pretrained(root, subfolder="scheduler")
+
+
 def check_request(req: Request) -> None:
     """Bad input as one :class:`ConfigError` (before any output is written)."""
     found = checkpoint_class(req.path)

@@ -163,6 +163,16 @@ def test_sweep_summary_table_and_plots(tmp_path, capsys):
     assert summarize(tmp_path / "empty") == {}
 
 
+def test_sweep_summary_leaves_out_a_job_that_failed(tmp_path):
+    from experiments.common import FAILED
+    from experiments.sweep import collect
+
+    for job, (n, sp) in enumerate([(2, 1.1), (3, 1.8)]):
+        _fake_job(tmp_path, job, n, 1, 1, sp)
+    (tmp_path / "1" / FAILED).write_text("RuntimeError: the W&B run could not be written\n")
+    assert [r["job"] for r in collect(tmp_path)] == ["0"]
+
+
 def _read_offline(run_dir: Path, kinds_wanted: set[str]) -> list:
     """The records of an offline W&B run; W&B's writer is a separate service process that
     may still be flushing when finish() returns, so read until ``kinds_wanted`` are there."""
