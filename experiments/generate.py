@@ -124,9 +124,9 @@ def load(req: Request, lazy: bool = False):
     from asyncdiff import load_pipeline
 
     dlog.disable_progress_bar()
-    pipe = load_pipeline(req.path, torch_dtype=DTYPES[req.dtype]) if lazy else \
+    pipe = load_pipeline(req.path, dtype=DTYPES[req.dtype]) if lazy else \
         DiffusionPipeline.from_pretrained(req.path, local_files_only=True,
-                                          torch_dtype=DTYPES[req.dtype])
+                                          dtype=DTYPES[req.dtype])
     if type(pipe).__name__ != req.cls:  # a model_index.json edited after the check
         raise ConfigError(f"pipeline.cls={req.cls!r}; the checkpoint loaded as "
                           f"{type(pipe).__name__}; allowed: {type(pipe).__name__}")

@@ -142,6 +142,23 @@ def test_bad_pipeline_input_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_loading_passes_the_libraries_current_arguments(sd15, caplog, recwarn):
+    """Whole and lazily loaded, the checkpoint loads without a deprecation said by diffusers
+    or transformers (as a warning or in their logs): ``dtype``, not ``torch_dtype``."""
+    import logging
+
+    from experiments.generate import load, request
+    from experiments.schema import register
+
+    register()
+    req = request(resolved(compose_cfg(*_args(sd15, "pipeline.dtype=float32")), "run"))
+    with caplog.at_level(logging.WARNING):
+        whole, lazy = load(req), load(req, lazy=True)
+    said = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "deprecat" in m.lower()], said
+    assert whole.unet.dtype == torch.float32 and type(lazy) is type(whole)
+
+
 def test_time_limits_come_from_the_timed_plain_step(sd15):
     """Self-spawned, each wait for a peer may take 10× a step of the plain pipeline timed
     first (at least 30 s); a configured limit wins. (Under torchrun no step is timed before
