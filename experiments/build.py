@@ -24,7 +24,8 @@ from asyncdiff.distributed import limits
 from asyncdiff.distributed.limits import Limits
 from asyncdiff.distributed.worker import SamplingJob
 from asyncdiff.schedule import Schedule
-from experiments.checks import check_backend, guidance_scale
+from experiments.checks import (check_backend, guidance_scale, local_ranks,
+                                oversubscription, usable_cores)
 from experiments.common import partition_request, plain, requested
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
                                          scheduler_kwargs)
@@ -64,7 +65,17 @@ def workers(par: dict, schedule: Schedule, plan: Plan | None = None, steps: int 
                             startup_s=par.get("startup_timeout_s"))
         if not quiet:
             log.info("%s", lim.describe())
+            warn_oversubscribed(backend, local_ranks(schedule.world_size(), os.environ),
+                                par["threads"])
     return Workers(par["threads"], backend, lim)
+
+
+def warn_oversubscribed(backend: str, ranks: int, threads: int) -> None:
+    """The one-line warning of :func:`experiments.checks.oversubscription` for CPU ranks
+    (gloo; under nccl each rank computes on its own GPU)."""
+    said = oversubscription(ranks, threads, usable_cores()) if backend == "gloo" else None
+    if said:
+        log.warning("%s", said)
 
 
 def _halves(example: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:

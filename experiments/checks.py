@@ -22,6 +22,25 @@ def local_ranks(world: int, env: Mapping) -> int:
     return int(env.get("LOCAL_WORLD_SIZE", world))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this system: every core
+        return os.cpu_count() or 1
+
+
+def oversubscription(ranks: int, threads: int, cores: int) -> str | None:
+    """One line when ``ranks`` CPU workers of ``threads`` intra-op threads each need more
+    cores than there are (accepted: a pipeline can be tried on a small machine)."""
+    if ranks * threads <= cores:
+        return None
+    return (f"{ranks} ranks × {threads} thread{'s' * (threads > 1)} = {ranks * threads} threads "
+            f"on {cores} core{'s' * (cores > 1)}: the ranks share the cores, so the run is "
+            "slower than it would be with a core per thread and its latencies are not the "
+            "pipeline's")
+
+
 def check_backend(backend: str, world: int, env: Mapping) -> str:
     """``nccl`` needs one GPU per local rank; ``auto`` takes it only then (else gloo)."""
     gpus = _cuda_count()

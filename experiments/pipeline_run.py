@@ -42,6 +42,7 @@ from asyncdiff.distributed import limits, liveness
 from asyncdiff.distributed.launch import Task, from_bytes, run_ranks, to_bytes
 from asyncdiff.distributed.limits import STARTUP_S
 from asyncdiff.distributed.worker import init_group
+from experiments.build import warn_oversubscribed
 from experiments.common import ConfigError, plain, schedule_of
 from experiments.generate import Request, check_request, generate, load, request
 from experiments.pipeline_record import finish_pipeline
@@ -130,6 +131,7 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     backend = check_backend(par["backend"], world, os.environ)
     log.info("asyncdiff: %s from %s on %d ranks", data["pipeline"]["cls"],
              data["pipeline"]["path"], world)
+    warn_oversubscribed(backend, world, par["threads"])
     data = {**data, "parallel": {**par, "step_timeout_s": step_s}}  # the loop's, measured
     done = run_ranks(Task(rank_task, data, backend, par.get("startup_timeout_s") or STARTUP_S),
                      world, run_s)
@@ -141,15 +143,18 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
 def run_pipeline_torchrun(cfg: DictConfig, out: Path) -> None:
     """Every rank (torchrun) runs :func:`rank_task`; rank 0 then runs the baseline and
     records."""
-    from experiments.checks import check_backend
+    from experiments.checks import check_backend, local_ranks
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     data = plain(cfg)
     check_request(request(data))
     # the loop's step limit: configured, else derived from the plan the drop-in makes
     startup = data["parallel"].get("startup_timeout_s") or STARTUP_S
-    init_group(rank, world, check_backend(data["parallel"]["backend"], world, os.environ),
-               None, startup)
+    backend = check_backend(data["parallel"]["backend"], world, os.environ)
+    if rank == 0:
+        warn_oversubscribed(backend, local_ranks(world, os.environ),
+                            data["parallel"]["threads"])
+    init_group(rank, world, backend, None, startup)
     liveness.start(startup)
     payload, extra = rank_task(rank, world, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -7,7 +7,7 @@ Planning every model from its composed config is tests/partition/test_plan.py
 from __future__ import annotations
 
 import json
-
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from exp_helpers import FAST, RUN_MAIN, compose_cfg, popen
 import schedulers
 from experiments import cli
 from experiments.common import CONF_DIR, ConfigError, plain
+from asyncdiff.distributed.limits import Limits
 from experiments.checks import check_backend, check_config
 from experiments import zoo
 
@@ -248,6 +249,30 @@ def test_world_size_must_be_replicas_times_devices():
     with pytest.raises(ConfigError, match=r"cfg_parallel=true with asyncdiff-bench; allowed: "
                                           r"false \(CFG-parallel runs in asyncdiff-run"):
         check_config(cfg, env={}, entry="bench")
+
+
+def test_workers_that_oversubscribe_the_cores_are_named_in_one_warning(caplog, monkeypatch):
+    """More ranks × threads than the cores this process may use: accepted (a pipeline can be
+    tried on a small machine), with one line saying so when the run's workers are set."""
+    import logging
+
+    from asyncdiff.schedule import Schedule
+    from experiments.build import workers
+    from experiments.checks import usable_cores
+
+    cores = usable_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    # the plan only sizes the time limits here
+    monkeypatch.setattr("experiments.build.limits.derive", lambda *a, **k: Limits())
+    par, plan = {"backend": "gloo", "threads": 1}, object()
+    with caplog.at_level(logging.WARNING, logger="experiments.build"):
+        workers(par, Schedule(n=cores + 1), plan, steps=4)
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(said) == 1 and said[0].startswith(
+            f"{cores + 1} ranks × 1 thread = {cores + 1} threads on {cores} core"), said
+        caplog.clear()
+        workers({**par, "threads": cores}, Schedule(n=1), plan, steps=4)
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 @pytest.mark.slow
