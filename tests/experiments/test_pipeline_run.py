@@ -1,7 +1,7 @@
 """asyncdiff-run pipeline=…: a saved tiny pipeline, prompts to decoded images, both runs.
 
 The checkpoint is a complete tiny ``StableDiffusionPipeline`` (text encoder, tokenizer, UNet,
-VAE; random weights) written with ``save_pretrained`` (``tests/checkpoints.py``); the run
+VAE; random weights) written with ``save_pretrained`` (``experiments/checkpoints.py``); the run
 loads it with ``local_files_only=True``, self-spawns (or torchrun starts) the ranks of the
 distributed drop-in and compares with the plain pipeline from the same seeds. Every class of
 ``conf/pipeline`` through the ranks' path: test_pipeline_classes.py.
@@ -14,8 +14,9 @@ import re
 import pytest
 import torch
 
-import checkpoints  # tests/checkpoints.py (tests/ is on the path: tests/conftest.py)
 from exp_helpers import compose_cfg
+
+from experiments import checkpoints
 from experiments.checks import resolved
 from experiments.cli import check_command_line
 from experiments.common import ConfigError
@@ -27,7 +28,7 @@ def sd15(tmp_path_factory):
 
 
 def _args(path, *extra):
-    px = checkpoints.pixels()
+    px = checkpoints.PIXELS
     return ["pipeline=sd15", f"pipeline.path={path}", f"pipeline.height={px}",
             f"pipeline.width={px}", "pipeline.warm_call=false", "wandb.mode=disabled",
             *extra]
@@ -62,7 +63,7 @@ def test_a_warmup_sweep_ends_with_sequential_images_at_w_equal_t(sd15, tmp_path)
         assert metrics["lpips"].startswith("skipped") or isinstance(metrics["lpips"], float)
         saved = torch.load(out / "images.pt")
         assert torch.equal(saved["sequential"], saved["asyncdiff"]) == (warmup == 3)
-        assert saved["sequential"].shape == (2, 3, checkpoints.pixels(), checkpoints.pixels())
+        assert saved["sequential"].shape == (2, 3, checkpoints.PIXELS, checkpoints.PIXELS)
         assert "loaded lazily" in json.loads((out / "plan.json").read_text())["verification"]
         for name in ("grid.png", "sequential/000.png", "asyncdiff/001.png"):
             assert (out / "images" / name).is_file()
@@ -84,8 +85,8 @@ def test_torchrun_pipeline_run_equals_the_emulator(tmp_path):
     from partition.threads import intra_op_threads
 
     path = checkpoints.save("flux", tmp_path / "ckpt")
-    args = ["pipeline=flux", f"pipeline.path={path}", f"pipeline.height={checkpoints.pixels()}",
-            f"pipeline.width={checkpoints.pixels()}", "pipeline.warm_call=false",
+    args = ["pipeline=flux", f"pipeline.path={path}", f"pipeline.height={checkpoints.PIXELS}",
+            f"pipeline.width={checkpoints.PIXELS}", "pipeline.warm_call=false",
             "scheduler.steps=3", "parallel.n=2", "parallel.warmup=1", "parallel.threads=1"]
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
