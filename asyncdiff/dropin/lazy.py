@@ -165,7 +165,7 @@ def skeleton(path: str | os.PathLike, name: str, index: dict, dtype: torch.dtype
     config = cls.load_config(str(path), subfolder=name, local_files_only=True)
     with torch.device("meta"):
         model = cls.from_config(config)
-    if dtype is not None:
+    if dtype is not None and dtype != model.dtype:  # (diffusers warns at every cast)
         model = model.to(dtype)
     made = {n: t.detach().clone() for n, t in _tensors(model) if not t.is_meta}
     model.to("meta").eval()  # one device: hollow() gives all of it storage at the first call
