@@ -26,9 +26,11 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException, ValidationError
 
-from experiments import schema
+from experiments import schema, usage
 from experiments.checks import check_config
 from experiments.common import CONF_DIR, ConfigError
+
+usage.register()  # the resolvers of --help (conf/hydra/help/asyncdiff.yaml)
 
 # flags that print something instead of running a job (Hydra's own command line)
 _NO_RUN = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
@@ -208,17 +210,26 @@ def _exit(msg: str) -> None:
     sys.exit(2)
 
 
+def answer_version(argv: list[str]) -> None:
+    """``--version``: asyncdiff's (Hydra's own flag would print Hydra's), and exit."""
+    if "--version" in argv:
+        print(usage.version())
+        sys.exit(0)
+
+
 def checked(hydra_main: Callable[[], None], entry: str = "run") -> Callable[[], None]:
     """Wrap a ``@hydra.main`` function: check the command line first, then run it
     (``python -m experiments.<entry>``)."""
     @functools.wraps(hydra_main)
     def main() -> None:
+        answer_version(sys.argv[1:])
         check_or_exit(sys.argv[1:], entry)
         hydra_main()
     return main
 
 
 def _console(module: str, entry: str) -> None:
+    answer_version(sys.argv[1:])
     check_or_exit(sys.argv[1:], entry)
     # imported after the check: the runtime pulls in diffusers (seconds), a typo should not wait
     importlib.import_module(module).hydra_main()
