@@ -196,6 +196,10 @@ def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads
 def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
     """Build, capture, cost (cached), plan and verify the model ``cfg`` describes."""
     model_cfg, part, par = model_config(cfg), plain(cfg.partition), plain(cfg.parallel)
+    log.info("planning %s/%s into N=%d stages: build, capture, %s costs, %s split%s",
+             model_cfg["name"], model_cfg.get("variant", "tiny"), par["n"],
+             part["cost_model"], part["strategy"],
+             ", verify against the whole model" if part.get("verify", True) else "")
     t0 = time.perf_counter()
     hit = _captured.cache_info().hits
     backend = part.get("backend", "auto")

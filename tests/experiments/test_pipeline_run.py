@@ -8,8 +8,10 @@ distributed drop-in and compares with the plain pipeline from the same seeds. Ev
 """
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -168,6 +170,57 @@ def test_loading_passes_the_libraries_current_arguments(sd15, caplog, recwarn):
     said = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "deprecat" in m.lower() or "torch_dtype" in m], said
     assert whole.unet.dtype == torch.float32 and type(lazy) is type(whole)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_each_generation_is_named_on_a_terminal_and_silent_in_a_log(sd15, monkeypatch):
+    """diffusers' own bars, named by the generation, where stderr is a terminal; loading's
+    bars and the sampling's write nothing into a log file."""
+    from experiments.generate import generate, load, request
+    from experiments.schema import register
+
+    from partition.threads import intra_op_threads
+
+    register()
+    req = request(resolved(compose_cfg(*_args(sd15, "scheduler.steps=2")), "run"))
+    with intra_op_threads(1):
+        monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
+        generate(load(req), req, "2/4 plain pipeline, timed call")
+        assert sys.stderr.getvalue() == ""
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        generate(load(req), req, "2/4 plain pipeline, timed call")
+        drawn = sys.stderr.getvalue()
+    assert "Loading pipeline components" in drawn
+    assert "2/4 plain pipeline, timed call, item 1/1" in drawn and "/2 [" in drawn
+
+
+@pytest.mark.parametrize("warm, torchrun, names", [
+    (True, False, ["plain pipeline, warm-up call", "plain pipeline, timed call",
+                   "asyncdiff, warm-up call", "asyncdiff, timed call"]),
+    (False, False, ["plain pipeline, timed call", "asyncdiff, timed call"]),
+    (True, True, ["asyncdiff, warm-up call", "asyncdiff, timed call",
+                  "plain pipeline, warm-up call", "plain pipeline, timed call"]),
+])
+def test_the_log_says_which_generations_a_run_makes(sd15, caplog, warm, torchrun, names):
+    import logging
+
+    from experiments.pipeline_run import announce, generations
+    from experiments.schema import register
+
+    register()
+    cfg = resolved(compose_cfg(*_args(sd15, f"pipeline.warm_call={str(warm).lower()}",
+                                      "pipeline.seeds=[0,1]")), "run")
+    assert generations(cfg, torchrun) == names
+    with caplog.at_level(logging.INFO, logger="experiments.pipeline_run"):
+        announce(cfg, torchrun)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"pipeline run: {len(names)} generations")
+    assert all(f"{i}. {n}" in line for i, n in enumerate(names, 1)) and "2 item(s)" in line
+    assert ("pipeline.warm_call=false skips" in line) == warm
 
 
 def test_time_limits_come_from_the_timed_plain_step(sd15):
