@@ -123,22 +123,24 @@ def job_configs(overrides: list[str], multirun: bool, config_name: str = "config
 
 
 def _compose(config_name: str, overrides: list[str], config_dir: str) -> DictConfig:
-    check_chosen_groups(config_name, overrides, config_dir)
-    return compose(config_name, overrides=overrides, return_hydra_config=True)
+    try:
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (AssertionError, HydraException, OmegaConfBaseException):
+        check_chosen_groups(config_name, overrides, config_dir)  # the cause, as one line
+        raise
 
 
 def check_chosen_groups(config_name: str, overrides: list[str], config_dir: str) -> None:
     """A key under a config group left at null (``pipeline.path=…`` without ``pipeline=NAME``)
-    is one ConfigError naming the key and the group's options (Hydra's merge would fail on it
-    with an assertion: ``Unexpected type for root: NoneType``). Inside Hydra's config dir."""
+    is one ConfigError naming the key and the group's options (Hydra's merge fails on it with
+    an assertion: ``Unexpected type for root: NoneType``). Inside Hydra's config dir."""
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml"))
               for p in Path(config_dir).iterdir() if p.is_dir() and p.name != "hydra"}
     parsed = OverridesParser.create().parse_overrides(overrides)
     keys = [o for o in parsed if "." in o.key_or_group and o.key_or_group.split(".")[0] in groups]
     if not keys:
         return
-    base = compose(config_name, overrides=[o.input_line for o in parsed
-                                           if "." not in o.key_or_group])
+    base = compose(config_name, overrides=[o.input_line for o in parsed if o not in keys])
     for o in keys:
         group = o.key_or_group.split(".")[0]
         if group in base and base[group] is None:
