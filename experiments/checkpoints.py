@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())):
         p.exit(2, f"error: DIR={str(args.dir)!r}: not empty; allowed: a new or empty "
                   "directory\n")
+    from experiments.generate import library_bars
+
+    library_bars()  # transformers' "Writing model shards": on a terminal only
     torch.set_num_threads(1)
     write(args.name, args.dir)
     cls = json.loads((args.dir / "model_index.json").read_text())["_class_name"]

@@ -105,18 +105,19 @@ def announce(cfg: dict, torchrun: bool) -> None:
 def _timed(pipe, req: Request, warm: bool, who: str, torchrun: bool, cfg: dict,
            report: bool = True) -> tuple[torch.Tensor, list[float], float | None]:
     """The warm-up call (if ``warm``) and the timed call of the pipeline ``who`` is; where
-    ``report``, each is named in the log and on its progress bar (on a terminal)."""
+    ``report``, each is named in the log and (``progress``) on its bar, on a terminal."""
     names = generations(cfg, torchrun)
     label = {n: f"{i}/{len(names)} {n}" for i, n in enumerate(names, 1)}
     say = log.info if report else (lambda *a: None)
+    bar = report and bool(cfg.get("progress", True))
     first = None
     if warm:
         one = Request(**{**vars(req), "prompts": req.prompts[:1], "seeds": req.seeds[:1]})
         say("generation %s: 1 item × %d steps", label[f"{who}, warm-up call"], req.steps)
-        first = sum(generate(pipe, one, label[f"{who}, warm-up call"], report)[1])
+        first = sum(generate(pipe, one, label[f"{who}, warm-up call"], bar)[1])
     say("generation %s: %d item(s) × %d steps", label[f"{who}, timed call"], len(req.items),
         req.steps)
-    images, seconds = generate(pipe, req, label[f"{who}, timed call"], report)
+    images, seconds = generate(pipe, req, label[f"{who}, timed call"], bar)
     return images, seconds, first
 
 
