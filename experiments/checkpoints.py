@@ -51,48 +51,73 @@ def vae(latent_channels: int = 4):
     return zoo.reinit_(v, 1).eval()
 
 
+def scheduler(name: str):
+    """The scheduler of the tiny pipeline ``name``: its class's released settings."""
+    import diffusers
+
+    from schedulers import make_scheduler
+
+    if name == "sd21":  # SD 2.1's released settings, with zero terminal SNR (v-prediction)
+        return diffusers.DDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+            clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+            prediction_type="v_prediction", rescale_betas_zero_snr=True,
+            timestep_spacing="trailing")
+    if name == "svd":  # the released SVD scheduler: continuous timesteps (0.25 log σ), Karras σ
+        return diffusers.EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+            interpolation_type="linear", prediction_type="v_prediction",
+            timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+            sigma_min=0.002, sigma_max=700.0, steps_offset=1)
+    if name == "animatediff":
+        return diffusers.DDIMScheduler(beta_schedule="linear", steps_offset=1,
+                                       clip_sample=False)
+    if name == "sd3":
+        return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    if name == "flux":
+        return diffusers.FlowMatchEulerDiscreteScheduler()
+    return make_scheduler({"sd15": "ddim", "sdxl": "euler", "pixart": "dpmsolver++"}[name])
+
+
 # ------------------------------------------------------------ without text encoders
 
 
-def sd15(scheduler: str = "ddim"):
+def sd15(sampler: str | None = None):
+    """``sampler``: a name of ``schedulers.SCHEDULERS`` instead of the checkpoint's DDIM."""
     from diffusers import StableDiffusionPipeline
 
     from schedulers import make_scheduler
 
     return StableDiffusionPipeline(vae=vae(), text_encoder=None, tokenizer=None,
-                                   unet=denoiser("sd15"), scheduler=make_scheduler(scheduler),
+                                   unet=denoiser("sd15"),
+                                   scheduler=make_scheduler(sampler) if sampler
+                                   else scheduler("sd15"),
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 
 def sd21():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
         vae=vae(), text_encoder=None, tokenizer=None, unet=denoiser("sd21"),
-        # SD 2.1's released scheduler settings, with zero terminal SNR (v-prediction)
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
-                                steps_offset=1, prediction_type="v_prediction",
-                                rescale_betas_zero_snr=True, timestep_spacing="trailing"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler=scheduler("sd21"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
 
 
 def sdxl():
     from diffusers import StableDiffusionXLPipeline
 
-    from schedulers import make_scheduler
-
     return StableDiffusionXLPipeline(vae=vae(), text_encoder=None, text_encoder_2=None,
                                      tokenizer=None, tokenizer_2=None, unet=denoiser("sdxl"),
-                                     scheduler=make_scheduler("euler"))
+                                     scheduler=scheduler("sdxl"))
 
 
 def sd3():
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(transformer=denoiser("sd3"), vae=vae(16),
-                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    scheduler=scheduler("sd3"),
                                     text_encoder=None, tokenizer=None, text_encoder_2=None,
                                     tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
 
@@ -100,34 +125,30 @@ def sd3():
 def pixart():
     from diffusers import PixArtAlphaPipeline
 
-    from schedulers import make_scheduler
-
     return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae(),
                                transformer=denoiser("pixart", sample_size=128),
-                               scheduler=make_scheduler("dpmsolver++"))
+                               scheduler=scheduler("pixart"))
 
 
 def flux():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxPipeline
 
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(4),
+    return FluxPipeline(scheduler=scheduler("flux"), vae=vae(4),
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         transformer=denoiser("flux"))
 
 
 def animatediff():
-    from diffusers import AnimateDiffPipeline, DDIMScheduler
+    from diffusers import AnimateDiffPipeline
 
     return AnimateDiffPipeline(vae=vae(), text_encoder=None, tokenizer=None,
                                unet=denoiser("animatediff"), motion_adapter=None,
-                               scheduler=DDIMScheduler(beta_schedule="linear", steps_offset=1,
-                                                       clip_sample=False))
+                               scheduler=scheduler("animatediff"))
 
 
 def svd():
     """Image-to-video: complete as it is (its encoder reads the conditioning image)."""
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler,
-                           StableVideoDiffusionPipeline)
+    from diffusers import AutoencoderKLTemporalDecoder, StableVideoDiffusionPipeline
     from transformers import (CLIPImageProcessor, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
@@ -138,14 +159,8 @@ def svd():
     temporal_vae = zoo.reinit_(AutoencoderKLTemporalDecoder(
         block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
         latent_channels=4, layers_per_block=1, sample_size=PIXELS), 1).eval()
-    # the released SVD scheduler's settings: continuous timesteps (0.25 log σ), Karras σ
-    scheduler = EulerDiscreteScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        interpolation_type="linear", prediction_type="v_prediction", timestep_spacing="leading",
-        timestep_type="continuous", use_karras_sigmas=True, sigma_min=0.002, sigma_max=700.0,
-        steps_offset=1)
     return StableVideoDiffusionPipeline(
-        vae=temporal_vae, image_encoder=encoder, unet=denoiser("svd"), scheduler=scheduler,
+        vae=temporal_vae, image_encoder=encoder, unet=denoiser("svd"), scheduler=scheduler("svd"),
         feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}))
 
 

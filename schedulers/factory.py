@@ -50,8 +50,6 @@ def steps_problem(scheduler, steps: int) -> str | None:
     (a flow-matching shift's ``mu``) is the pipeline's to set up: not judged here."""
     import torch
 
-    from schedulers.sampling import sample
-
     train = scheduler.config.num_train_timesteps
     if steps > train:
         return f"{steps} is more than its {train} training timesteps"
@@ -60,11 +58,17 @@ def steps_problem(scheduler, steps: int) -> str | None:
         fresh.set_timesteps(steps)
     except ValueError:
         return None
-    try:
-        x = sample(lambda x, t, k, cond: torch.zeros_like(x), fresh, torch.ones(1, 1, 1, 1),
-                   {}, steps=steps)
-    except IndexError:
-        return f"at {steps} steps its step indexes past its {train} training timesteps"
+    x = torch.ones(1, 1, 1, 1)
+    # the loop of schedulers.sample and of diffusers' pipelines; a stochastic step draws
+    # from the global generator, which the run's own draws must not see moved
+    with torch.random.fork_rng(devices=[]):
+        try:
+            for t in fresh.timesteps:
+                x_in = fresh.scale_model_input(x, t) if hasattr(fresh, "scale_model_input") \
+                    else x
+                x = fresh.step(torch.zeros_like(x), t, x_in).prev_sample
+        except IndexError:
+            return f"at {steps} steps its step indexes past its {train} training timesteps"
     if not torch.isfinite(x).all():
         return f"at {steps} steps its timesteps repeat (a zero step: not finite)"
     return None

@@ -49,3 +49,14 @@ def test_a_directory_with_files_is_refused(tmp_path, capsys):
         checkpoints.main(["sd15", str(tmp_path)])
     assert exc.value.code == 2 and "not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("name", checkpoints.CHECKPOINTS)
+def test_the_step_limit_is_found_for_every_checkpoints_scheduler(name):
+    """The check of scheduler.steps (schedulers.factory.steps_problem) runs on any diffusers
+    scheduler a checkpoint may bring: flow matching, continuous timesteps, v-prediction."""
+    from schedulers.factory import steps_problem
+
+    s = checkpoints.scheduler(name)
+    assert steps_problem(s, 10) is None
+    assert "training timesteps" in steps_problem(s, s.config.num_train_timesteps + 1)
