@@ -96,6 +96,9 @@ def announce(cfg: dict, torchrun: bool) -> None:
                                        "verifies the denoiser",
             "plain pipeline, timed call": f"{len(req.items)} item(s)",
             "asyncdiff, timed call": f"{len(req.items)} item(s)"}
+    if len(names) == 2:  # no warm-up: the planning is timed with the first item
+        what["asyncdiff, timed call"] += "; the first captures, plans and verifies the " \
+                                         "denoiser, inside the timing"
     steps = [f"{i}. {n} ({what[n]})" for i, n in enumerate(names, 1)]
     log.info("pipeline run: %d generations of %s at %s, %d steps each: %s%s", len(names),
              req.cls, size, req.steps, "; ".join(steps),
@@ -184,11 +187,11 @@ def run_pipeline_spawn(cfg: DictConfig, out: Path) -> dict:
     step_s, run_s = _limits(data, sum(base[1]) / steps if steps else 0.0)
     backend = check_backend(par["backend"], world, os.environ)
     names = generations(data, torchrun=False)
-    log.info("asyncdiff: %s from %s on %d ranks, each loading its own stage: generation%s "
-             "%s (rank 0 draws the bars, on a terminal)", data["pipeline"]["cls"],
-             data["pipeline"]["path"], world, "s" * (len(names) > 2),
-             " and ".join(f"{i}/{len(names)}" for i in range(len(names) // 2 + 1,
-                                                             len(names) + 1)))
+    ours = [f"{i}/{len(names)}" for i, n in enumerate(names, 1) if n.startswith("asyncdiff")]
+    log.info("asyncdiff: %s from %s on %d ranks (each loads %s): generation %s; rank 0 names "
+             "them", data["pipeline"]["cls"], data["pipeline"]["path"], world,
+             "its own stage" if data["pipeline"].get("load", "lazy") == "lazy" else "it whole",
+             " and ".join(ours))
     warn_oversubscribed(backend, world, par["threads"])
     data = {**data, "parallel": {**par, "step_timeout_s": step_s}}  # the loop's, measured
     done = run_ranks(Task(rank_task, data, backend, par.get("startup_timeout_s") or STARTUP_S),
