@@ -25,7 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.append(str(ROOT / "tests"))  # the local byte-level tokenizer and tiny components
 
 MB = 2 ** 20
 
@@ -35,14 +34,13 @@ def save_checkpoint(path: Path, channels: int, px: int) -> float:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    import checkpoints
-    import pipelines
+    from experiments import checkpoints
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=px // 2, block_out_channels=tuple(
         channels * m for m in (1, 2, 4, 4)), cross_attention_dim=768).eval()
     pipe = StableDiffusionPipeline(
-        vae=pipelines.vae(), text_encoder=checkpoints.clip_text(768),
+        vae=checkpoints.vae(), text_encoder=checkpoints.clip_text(768),
         tokenizer=checkpoints.tokenizer(), unet=unet,
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False,
                                 set_alpha_to_one=False, steps_offset=1),

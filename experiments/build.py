@@ -24,7 +24,8 @@ from asyncdiff.distributed import limits
 from asyncdiff.distributed.limits import Limits
 from asyncdiff.distributed.worker import SamplingJob
 from asyncdiff.schedule import Schedule
-from experiments.checks import check_backend, guidance_scale
+from experiments.checks import (check_backend, guidance_scale, local_ranks,
+                                oversubscription, usable_cores)
 from experiments.common import partition_request, plain, requested
 from experiments.reference.model import (conditioning, is_reference, reference_tokens,
                                          scheduler_kwargs)
@@ -64,7 +65,17 @@ def workers(par: dict, schedule: Schedule, plan: Plan | None = None, steps: int 
                             startup_s=par.get("startup_timeout_s"))
         if not quiet:
             log.info("%s", lim.describe())
+            warn_oversubscribed(backend, local_ranks(schedule.world_size(), os.environ),
+                                par["threads"])
     return Workers(par["threads"], backend, lim)
+
+
+def warn_oversubscribed(backend: str, ranks: int, threads: int) -> None:
+    """The one-line warning of :func:`experiments.checks.oversubscription` for CPU ranks
+    (gloo; under nccl each rank computes on its own GPU)."""
+    said = oversubscription(ranks, threads, usable_cores()) if backend == "gloo" else None
+    if said:
+        log.warning("%s", said)
 
 
 def _halves(example: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:
@@ -185,6 +196,10 @@ def _captured(model_json: str, seed: int, cost_model: str, repeats: int, threads
 def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
     """Build, capture, cost (cached), plan and verify the model ``cfg`` describes."""
     model_cfg, part, par = model_config(cfg), plain(cfg.partition), plain(cfg.parallel)
+    log.info("planning %s/%s into N=%d stages: build, capture, %s costs, %s split%s",
+             model_cfg["name"], model_cfg.get("variant", "tiny"), par["n"],
+             part["cost_model"], part["strategy"],
+             ", verify against the whole model" if part.get("verify", True) else "")
     t0 = time.perf_counter()
     hit = _captured.cache_info().hits
     backend = part.get("backend", "auto")

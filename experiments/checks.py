@@ -1,7 +1,8 @@
 """What the schema's types cannot say: ranges, and one key against another.
 
 Types, allowed values and unknown keys are Hydra's job (``experiments/schema.py``). This is the
-rest: N >= 1, W <= T, guidance that can split the example batch, labels a reference model has,
+rest: N >= 1, W <= T, T against the scheduler's own limit (the model's, or a pipeline
+checkpoint's), guidance that can split the example batch, labels a reference model has,
 the world size against the devices a split needs, a GPU that is there. Each problem is one
 :class:`ConfigError` naming the key and what is allowed. Takes the plain resolved dict (no
 Hydra), so it can check every job of a sweep before anything runs.
@@ -19,6 +20,25 @@ from partition.spec import InputSpec, latent_name
 def local_ranks(world: int, env: Mapping) -> int:
     """Ranks on this machine: torchrun's LOCAL_WORLD_SIZE, else every rank (self-spawned)."""
     return int(env.get("LOCAL_WORLD_SIZE", world))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this system: every core
+        return os.cpu_count() or 1
+
+
+def oversubscription(ranks: int, threads: int, cores: int) -> str | None:
+    """One line when ``ranks`` CPU workers of ``threads`` intra-op threads each need more
+    cores than there are (accepted: a pipeline can be tried on a small machine)."""
+    if ranks * threads <= cores:
+        return None
+    return (f"{ranks} ranks × {threads} thread{'s' * (threads > 1)} = {ranks * threads} threads "
+            f"on {cores} core{'s' * (cores > 1)}: the ranks share the cores, so the run is "
+            "slower than it would be with a core per thread and its latencies are not the "
+            "pipeline's")
 
 
 def check_backend(backend: str, world: int, env: Mapping) -> str:
@@ -63,6 +83,32 @@ def guidance_scale(cfg: Mapping) -> float | None:
     if g is None:
         g = (cfg["model"].get("reference") or {}).get("guidance")
     return None if g is None else float(g)
+
+
+def check_steps(scheduler, steps: int, key: str = "scheduler.steps") -> None:
+    """T against the scheduler's own limit (its training timesteps, and how it indexes them:
+    ``schedulers.factory.steps_problem``), found by building it and running its loop."""
+    from schedulers.factory import max_steps, steps_problem
+
+    why = steps_problem(scheduler, steps)
+    if why is None:
+        return
+    limit = max_steps(scheduler)
+    if limit is not None and limit + 1 < steps and limit < scheduler.config.num_train_timesteps:
+        why += f"; {steps_problem(scheduler, limit + 1)}"  # why the limit is below T_train
+    allowed = f"an integer in [1, {limit}]" if limit else "fewer steps"
+    raise ConfigError(f"{key}={steps}; allowed: {allowed} ({type(scheduler).__name__}: {why})")
+
+
+def check_model_steps(cfg: Mapping) -> None:
+    """``scheduler.steps`` against the scheduler the run builds (a trained reference model:
+    with its training betas)."""
+    from experiments.reference.model import scheduler_kwargs
+    from schedulers import make_scheduler
+
+    name = cfg["scheduler"]["name"]
+    check_steps(make_scheduler(name, **scheduler_kwargs(cfg["model"], name)),
+                cfg["scheduler"]["steps"])
 
 
 def check_modes(cfg: Mapping, entry: str) -> None:
@@ -128,7 +174,7 @@ def check_guidance(model: Mapping, variant: str, guidance) -> None:
 
 def check_pipeline(cfg: Mapping, entry: str) -> None:
     """``pipeline=…``: asyncdiff-run only; the checkpoint, prompts and image are there."""
-    from experiments.generate import check_request, request
+    from experiments.generate import check_request, checkpoint_scheduler, request
 
     pipe = cfg["pipeline"]
     if entry != "run":
@@ -152,6 +198,9 @@ def check_pipeline(cfg: Mapping, entry: str) -> None:
                           "flops (no rank holds the whole denoiser to time or trace it), or "
                           "pipeline.load=whole")
     check_request(request(cfg))
+    scheduler = checkpoint_scheduler(pipe["path"])
+    if scheduler is not None:
+        check_steps(scheduler, cfg["scheduler"]["steps"])
 
 
 def check_labels(model: Mapping, labels) -> None:
@@ -219,6 +268,8 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
     if cfg["batch"] is not None:
         _int("batch", cfg["batch"], 1)
     check_labels(model, cfg["labels"])
+    if cfg.get("pipeline") is None:  # a pipeline's scheduler is its checkpoint's: check_pipeline
+        check_model_steps(cfg)
     if entry == "plan":
         return
     _int("bench.repeats", cfg["bench"]["repeats"], 1)

@@ -18,6 +18,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -25,9 +26,11 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException, ValidationError
 
-from experiments import schema
+from experiments import schema, usage
 from experiments.checks import check_config
 from experiments.common import CONF_DIR, ConfigError
+
+usage.register()  # the resolvers of --help (conf/hydra/help/asyncdiff.yaml)
 
 # flags that print something instead of running a job (Hydra's own command line)
 _NO_RUN = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")
@@ -106,17 +109,43 @@ def job_configs(overrides: list[str], multirun: bool, config_name: str = "config
     schema.register()
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         if not multirun:
-            return [compose(config_name, overrides=overrides, return_hydra_config=True)]
+            return [_compose(config_name, overrides, config_dir)]
         parsed = OverridesParser.create().parse_overrides(overrides)
         # the sweeper's own params are in the config: compose one point to read them
         first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
                  if o.is_sweep_override() else o.input_line for o in parsed]
-        head = compose(config_name, overrides=first, return_hydra_config=True)
+        head = _compose(config_name, first, config_dir)
         sweeper = head.hydra.sweeper
         if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return [head]  # another sweeper chooses its points itself
-        return [compose(config_name, overrides=p, return_hydra_config=True)
+        return [_compose(config_name, p, config_dir)
                 for p in sweep_points(overrides, sweeper.get("params"))]
+
+
+def _compose(config_name: str, overrides: list[str], config_dir: str) -> DictConfig:
+    try:
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (AssertionError, HydraException, OmegaConfBaseException):
+        check_chosen_groups(config_name, overrides, config_dir)  # the cause, as one line
+        raise
+
+
+def check_chosen_groups(config_name: str, overrides: list[str], config_dir: str) -> None:
+    """A key under a config group left at null (``pipeline.path=…`` without ``pipeline=NAME``)
+    is one ConfigError naming the key and the group's options (Hydra's merge fails on it with
+    an assertion: ``Unexpected type for root: NoneType``). Inside Hydra's config dir."""
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml"))
+              for p in Path(config_dir).iterdir() if p.is_dir() and p.name != "hydra"}
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    keys = [o for o in parsed if "." in o.key_or_group and o.key_or_group.split(".")[0] in groups]
+    if not keys:
+        return
+    base = compose(config_name, overrides=[o.input_line for o in parsed if o not in keys])
+    for o in keys:
+        group = o.key_or_group.split(".")[0]
+        if group in base and base[group] is None:
+            raise ConfigError(f"{o.input_line}: no {group} chosen; allowed: {group}=NAME before "
+                              f"it (NAME: {', '.join(groups[group])})")
 
 
 def _check_launcher(cfg: DictConfig) -> None:
@@ -183,17 +212,26 @@ def _exit(msg: str) -> None:
     sys.exit(2)
 
 
+def answer_version(argv: list[str]) -> None:
+    """``--version``: asyncdiff's (Hydra's own flag would print Hydra's), and exit."""
+    if "--version" in argv:
+        print(usage.version())
+        sys.exit(0)
+
+
 def checked(hydra_main: Callable[[], None], entry: str = "run") -> Callable[[], None]:
     """Wrap a ``@hydra.main`` function: check the command line first, then run it
     (``python -m experiments.<entry>``)."""
     @functools.wraps(hydra_main)
     def main() -> None:
+        answer_version(sys.argv[1:])
         check_or_exit(sys.argv[1:], entry)
         hydra_main()
     return main
 
 
 def _console(module: str, entry: str) -> None:
+    answer_version(sys.argv[1:])
     check_or_exit(sys.argv[1:], entry)
     # imported after the check: the runtime pulls in diffusers (seconds), a typo should not wait
     importlib.import_module(module).hydra_main()

@@ -81,14 +81,42 @@ def requested(what: str = "partition"):
         raise ConfigError(f"{what}: {err}") from None
 
 
+FAILED = "FAILED"  # in a run directory whose task ended in an error: what, and where
+
+
 def exit_on_bad_input(fn: Callable) -> Callable:
     """Turn a :class:`ConfigError` into one line on stderr and exit code 2. Every other
-    failure keeps its traceback and Hydra's non-zero exit code."""
+    failure keeps its traceback and Hydra's non-zero exit code. Either way the run directory
+    Hydra made for the task gets a :data:`FAILED` file (the error's first line, then its
+    traceback): a run that failed half-way never looks complete."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ConfigError as err:
+            mark_failed(err)
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except BaseException as err:
+            if not (isinstance(err, SystemExit) and err.code in (0, None)):
+                mark_failed(err)
+            raise
     return wrapped
+
+
+def mark_failed(err: BaseException) -> None:
+    """Write :data:`FAILED` into the Hydra task's run directory (none outside a task)."""
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from experiments import atomic
+
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if not out.is_dir():
+        return
+    first = (f"{type(err).__name__}: {err}".strip().splitlines() or [type(err).__name__])[0]
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    atomic.write_text(out / FAILED, f"{first}\n\n{tb}")

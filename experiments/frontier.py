@@ -90,11 +90,20 @@ def markdown(rows: list[dict], result: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], result: list[dict], path: Path, title: str) -> None:
-    """PSNR and ΔFD against predicted speedup, one column per device count, fronts joined."""
+def exact(row: dict, key: str) -> bool:
+    """Whether a point is exact on ``key``: every sample's PSNR at the cap (identical to the
+    sequential sampler's: CFG-parallel, the sequential sampler itself)."""
+    return key == "psnr_db" and row["psnr_capped_fraction"] == 1.0
+
+
+def figure(rows: list[dict], result: list[dict], title: str):
+    """PSNR and ΔFD against predicted speedup, one column per device count, fronts joined;
+    exact points at the top of the PSNR axis, marked "exact" (``plots.exact_at_top``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from experiments.plots import exact_at_top
 
     fams = sorted({family(r) for r in rows})
     colours = {f: plt.get_cmap("tab10")(k) for k, f in enumerate(fams)}
@@ -106,14 +115,16 @@ def plot(rows: list[dict], result: list[dict], path: Path, title: str) -> None:
             ax = axes[r_ax][c]
             for i in fr["candidates"]:
                 r = rows[i]
+                if exact(r, key):
+                    continue  # drawn at the top of the axis, below
                 m, lo, hi = r[key]
-                if key == "psnr_db" and r["psnr_capped_fraction"] == 1.0:
-                    continue  # the sequential sampler itself: PSNR is capped
                 ax.errorbar(r[SPEED], m, yerr=[[m - lo], [hi - m]], fmt="o", ms=4,
                             color=colours[family(r)], capsize=2,
                             mfc="none" if i not in front else colours[family(r)])
-            line = [(rows[i][SPEED], rows[i][key][0]) for i in front
-                    if not (key == "psnr_db" and rows[i]["psnr_capped_fraction"] == 1.0)]
+            top = exact_at_top(ax, [(rows[i][SPEED], colours[family(rows[i])], i in front,
+                                     "exact") for i in fr["candidates"] if exact(rows[i], key)])
+            line = [(rows[i][SPEED], top if exact(rows[i], key) else rows[i][key][0])
+                    for i in front]
             if line:
                 ax.plot(*zip(*line), color="black", lw=0.8, ls="--")
             ax.set_title(f"{fr['devices']} device(s)", fontsize=8)
@@ -123,8 +134,17 @@ def plot(rows: list[dict], result: list[dict], path: Path, title: str) -> None:
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours[f], label=f) for f in fams]
     fig.legend(handles=handles, loc="lower center", ncol=len(fams), fontsize=7)
-    fig.suptitle(f"{title}: filled = on the front (dashed)", fontsize=9)
+    fig.suptitle(f"{title}: filled = on the front (dashed); ▲ exact (PSNR capped at "
+                 f"{Q.PSNR_CAP:g} dB), at the top of the axis", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def plot(rows: list[dict], result: list[dict], path: Path, title: str) -> None:
+    """:func:`figure`, saved to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, result, title)
     atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
 

@@ -11,6 +11,7 @@ seed), decode through the pipeline's own VAE. Only the library's public API is u
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -85,6 +86,17 @@ def checkpoint_class(path: str | Path) -> str:
     return json.loads(index.read_text())["_class_name"]
 
 
+def checkpoint_scheduler(path: str | Path):
+    """The scheduler a saved checkpoint samples with (its ``scheduler/`` folder, the class
+    ``model_index.json`` names), or None where it has none."""
+    root = Path(path).expanduser()
+    entry = json.loads((root / "model_index.json").read_text()).get("scheduler")
+    if not entry or entry[1] is None or not (root / "scheduler").is_dir():
+        return None
+    import diffusers
+    return getattr(diffusers, entry[1]).from_pretrained(root, subfolder="scheduler")
+
+
 def check_request(req: Request) -> None:
     """Bad input as one :class:`ConfigError` (before any output is written)."""
     found = checkpoint_class(req.path)
@@ -103,23 +115,32 @@ def check_request(req: Request) -> None:
                               "and takes no prompt; allowed: []")
 
 
+def library_bars() -> None:
+    """diffusers' and transformers' loading bars on a terminal only (their own switch; they
+    do not ask the stream, as tqdm's ``disable=None`` does): a log file gets none."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    terminal = sys.stderr.isatty()
+    for lib in (dlog, tlog):
+        (lib.enable_progress_bar if terminal else lib.disable_progress_bar)()
+
+
 def load(req: Request, lazy: bool = False):
     """The pipeline, from the local directory only, in the request's dtype, in eval mode;
     ``lazy``: its denoiser on the meta device, for the distributed drop-in to load stage by
     stage (``asyncdiff/dropin/lazy.py``)."""
     from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as dlog
 
     from asyncdiff import load_pipeline
 
-    dlog.disable_progress_bar()
-    pipe = load_pipeline(req.path, torch_dtype=DTYPES[req.dtype]) if lazy else \
+    library_bars()
+    pipe = load_pipeline(req.path, dtype=DTYPES[req.dtype]) if lazy else \
         DiffusionPipeline.from_pretrained(req.path, local_files_only=True,
-                                          torch_dtype=DTYPES[req.dtype])
+                                          dtype=DTYPES[req.dtype])
     if type(pipe).__name__ != req.cls:  # a model_index.json edited after the check
         raise ConfigError(f"pipeline.cls={req.cls!r}; the checkpoint loaded as "
                           f"{type(pipe).__name__}; allowed: {type(pipe).__name__}")
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -144,11 +165,17 @@ def _kwargs(req: Request, prompt: str | None, seed: int) -> dict:
     return {**kw, **req.call}
 
 
-def generate(pipe, req: Request) -> tuple[torch.Tensor, list[float]]:
+def generate(pipe, req: Request, label: str | None = None,
+             bar: bool = True) -> tuple[torch.Tensor, list[float]]:
     """Every item's decoded output, stacked (``[items, 3, H, W]`` for images, ``[items, F, 3,
-    H, W]`` for video; values in [0, 1], float32 on the CPU), and each call's seconds."""
+    H, W]`` for video; values in [0, 1], float32 on the CPU), and each call's seconds.
+    ``label`` names the generation on the pipeline's own progress bar over the steps, drawn
+    (``bar``) on a terminal only (tqdm's ``disable=None``)."""
     outs, seconds = [], []
-    for prompt, seed in req.items:
+    for i, (prompt, seed) in enumerate(req.items):
+        pipe.set_progress_bar_config(
+            disable=None if bar else True, leave=False, unit="step",
+            desc=f"{label}, item {i + 1}/{len(req.items)}" if label else None)
         t0 = time.perf_counter()
         result = pipe(**_kwargs(req, prompt, seed))
         seconds.append(time.perf_counter() - t0)

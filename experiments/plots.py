@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import atomic
+from experiments.quality import PSNR_CAP
 
 
 def _plt():
@@ -28,6 +29,26 @@ def _save(fig, path: Path) -> Path:
     fig.clf()
     _plt().close(fig)
     return path
+
+
+def exact_at_top(ax, points: Sequence[tuple[float, object, bool, str]],
+                 cap: float = PSNR_CAP) -> float:
+    """Draw methods that are exact against the sequential sampler (every sample identical:
+    PSNR capped at ``cap``) at the top of ``ax``'s PSNR axis, each a triangle with its label
+    ("exact …") above it; return that height. ``points``: (x, colour, filled, label).
+
+    At the cap itself (100 dB) they would squash every other method into the bottom of the
+    axis; left out, the exact method would be invisible. Call it after the other points."""
+    lo, hi = ax.get_ylim() if ax.has_data() else (cap - 10.0, cap)
+    if not points:
+        return hi
+    ax.set_ylim(lo, hi)  # fixed from here on: the markers sit on the axis' top edge
+    for x, colour, filled, label in points:
+        ax.plot([x], [hi], marker="^", ms=6, ls="", color=colour, clip_on=False, zorder=3,
+                mfc=colour if filled else "none")
+        ax.annotate(label, (x, hi), xytext=(0, 5), textcoords="offset points", ha="center",
+                    fontsize=6, color=colour, annotation_clip=False)
+    return hi
 
 
 def _label(r: dict) -> str:
@@ -94,28 +115,30 @@ def device_timeline(rows: Sequence[dict], path: Path, title: str = "",
     return _save(fig, path)
 
 
-def study_quality(rows, floor, path: Path, title: str) -> None:
-    """The quality study (experiments/study.py): PSNR and FD against predicted speedup."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def study_quality_figure(rows, floor, title: str):
+    """The quality study's figure (experiments/study.py): PSNR and FD against predicted
+    speedup; an exact method at the top of the PSNR axis (:func:`exact_at_top`)."""
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, name in ((axes[0], "psnr_db", "PSNR vs sequential (dB)"),
                           (axes[1], "fd", "Fréchet distance to real (bars: paired ΔFD CI)")):
+        exact = []
         for r in rows:
+            marker = "s" if r["n"] == 1 else "o"
             if key == "psnr_db" and r["psnr_capped_fraction"] == 1.0:
+                exact.append((r["predicted_speedup"], "tab:blue", True, f"exact: {r['point']}"))
                 continue
             if key == "fd":  # the interval of the paired difference, around the estimate
                 d, lo, hi = r["fd_delta"]
                 m, lo, hi = r["fd"], r["fd"] - (d - lo), r["fd"] + (hi - d)
             else:
                 m, lo, hi = r[key]
-            marker = "s" if r["n"] == 1 else "o"
             ax.errorbar(r["predicted_speedup"], m, yerr=[[m - lo], [hi - m]], fmt=marker,
                         capsize=3)
             ax.annotate(r["point"], (r["predicted_speedup"], m), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
+        if key == "psnr_db":
+            exact_at_top(ax, exact)
         if key == "fd":
             ax.axhline(floor, color="grey", ls="--", label="real-vs-real floor (same n)")
             ax.legend(fontsize=7)
@@ -124,8 +147,14 @@ def study_quality(rows, floor, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def study_quality(rows, floor, path: Path, title: str) -> None:
+    """:func:`study_quality_figure`, saved to ``path``."""
+    fig = study_quality_figure(rows, floor, title)
     atomic.save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
 
 
 def stage_similarity(sim: dict, path: Path, title: str) -> None:

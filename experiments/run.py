@@ -119,11 +119,13 @@ def run_spawn(cfg: DictConfig, out: Path) -> dict:
     run = workers(plain(cfg.parallel), sch, compiled.plan, cfg.scheduler.steps)
     save_plan(cfg, out, compiled.plan)
     jobs = sampling_jobs(bundle, cfg, sch.replicas)
-    log.info("asyncdiff: %d pipeline(s) × %d workers × %d thread(s), %d %s steps",
-             sch.replicas * sch.groups, sch.devices, run.threads, cfg.scheduler.steps,
-             cfg.scheduler.name)
+    log.info("sampling 1/2: asyncdiff, %d pipeline(s) × %d workers × %d thread(s), %d %s "
+             "steps", sch.replicas * sch.groups, sch.devices, run.threads,
+             cfg.scheduler.steps, cfg.scheduler.name)
     result = launch(compiled.staged, compiled.plan, sch, jobs, threads=run.threads,
                     backend=run.backend, limits=run.limits, progress=bool(cfg.progress))
+    log.info("sampling 2/2: the sequential sampler (the baseline), same seed, %d thread(s)",
+             run.threads)
     ref, t_seq = sequential_sample(compiled.staged, jobs[0], run.threads, cfg.progress,
                                    sch.cfg_parallel)
     rows = timeline_rows(result.stats, sch.devices, sch.groups)

@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from experiments import atomic
+from experiments.common import FAILED, plain
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,14 @@ TABLE_COLUMNS = ["job", "model", "scheduler", "steps", "guidance", "strategy", "
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job directory holding a ``metrics.json``."""
+    """One row per job directory holding a ``metrics.json``, but for a job marked failed
+    (``FAILED``: it may have failed after writing its metrics)."""
     rows = []
     for path in sorted(sweep_dir.glob("*/metrics.json")):
+        if (path.parent / FAILED).exists():
+            log.warning("sweep: job %s failed (%s); left out of the table", path.parent.name,
+                        path.parent / FAILED)
+            continue
         row = json.loads(path.read_text())
         row["job"] = path.parent.name
         over = path.parent / ".hydra" / "overrides.yaml"
@@ -120,5 +126,7 @@ class SweepSummary(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        settings = OmegaConf.to_container(config.wandb, resolve=True) if "wandb" in config else None
+        # plain data, as every run's logger gets it: wandb.init takes the mode's name, not
+        # the schema's enum
+        settings = plain(config.wandb) if "wandb" in config else None
         summarize(Path(config.hydra.sweep.dir), settings)

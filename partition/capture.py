@@ -22,6 +22,7 @@ import os
 import sys
 import traceback
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,12 @@ def capture(model: nn.Module, specs: tuple[InputSpec, ...] | list[InputSpec],
     _refuse_state_mutation(ep)
     functionalized = False
     if mutating_nodes(ep.graph):
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.13's run_decompositions deep-copies its own module call graph, and
+            # copying a pytree leaf spec raises the FutureWarning meant for callers testing
+            # isinstance(spec, LeafSpec); nothing here does, so only that one is silenced
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` "
+                                    "is deprecated", category=FutureWarning)
             ep = ep.run_decompositions({})
         functionalized = True
         left = mutating_nodes(ep.graph)

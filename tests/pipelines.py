@@ -17,27 +17,21 @@ from typing import Any, Callable
 import torch
 
 from experiments import zoo
-
-PIXELS = 32   # the 2-level tiny VAE: 16 x 16 latents
+from experiments.checkpoints import PIXELS, denoiser, vae
+# the eight classes of conf/pipeline/, as the saved checkpoints are but without their text
+# encoders (experiments/checkpoints.py)
+from experiments.checkpoints import animatediff as _animatediff
+from experiments.checkpoints import flux as _flux
+from experiments.checkpoints import pixart as _pixart
+from experiments.checkpoints import sd3 as _sd3
+from experiments.checkpoints import sd15 as _sd15
+from experiments.checkpoints import sd21 as _sd21
+from experiments.checkpoints import sdxl as _sdxl
+from experiments.checkpoints import svd as _svd
 
 
 def _seed() -> torch.Generator:
     return torch.Generator().manual_seed(0)
-
-
-def denoiser(name: str, **overrides) -> torch.nn.Module:
-    cfg = zoo.load_yaml(name)
-    return zoo.diffusers_from_config(cfg["builder"]["cls"],
-                                     {**cfg["tiny"]["config"], **overrides}, seed=0)
-
-
-def vae(latent_channels: int = 4):
-    from diffusers import AutoencoderKL
-
-    v = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                      latent_channels=latent_channels, norm_num_groups=4, sample_size=PIXELS)
-    return zoo.reinit_(v, 1).eval()
 
 
 def embeds(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -57,34 +51,10 @@ class Case:
 # ------------------------------------------------------------------------------ image, UNet
 
 
-def _sd15(scheduler: str = "ddim"):
-    from diffusers import StableDiffusionPipeline
-
-    from schedulers import make_scheduler
-
-    return StableDiffusionPipeline(vae=vae(), text_encoder=None, tokenizer=None,
-                                   unet=denoiser("sd15"), scheduler=make_scheduler(scheduler),
-                                   safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def _sd_call(pipe, steps, **extra):
     return pipe(prompt_embeds=embeds(1, 8, 32), negative_prompt_embeds=embeds(1, 8, 32, seed=2),
                 num_inference_steps=steps, guidance_scale=5.0, height=PIXELS, width=PIXELS,
                 generator=_seed(), output_type="latent", **extra).images
-
-
-def _sd21():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae(), text_encoder=None, tokenizer=None, unet=denoiser("sd21"),
-        # SD 2.1's released scheduler settings, with zero terminal SNR (v-prediction)
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
-                                steps_offset=1, prediction_type="v_prediction",
-                                rescale_betas_zero_snr=True, timestep_spacing="trailing"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _ip_adapter():
@@ -149,16 +119,6 @@ def _sdxl_embeds() -> dict:
                 negative_pooled_prompt_embeds=embeds(1, 32, seed=4))
 
 
-def _sdxl():
-    from diffusers import StableDiffusionXLPipeline
-
-    from schedulers import make_scheduler
-
-    return StableDiffusionXLPipeline(vae=vae(), text_encoder=None, text_encoder_2=None,
-                                     tokenizer=None, tokenizer_2=None, unet=denoiser("sdxl"),
-                                     scheduler=make_scheduler("euler"))
-
-
 def _sdxl_call(pipe, steps):
     return pipe(**_sdxl_embeds(), num_inference_steps=steps, guidance_scale=5.0, height=PIXELS,
                 width=PIXELS, generator=_seed(), output_type="latent").images
@@ -205,27 +165,8 @@ def _controlnet_sdxl_call(pipe, steps):
 # ------------------------------------------------------------------------------ image, DiT
 
 
-def _sd3():
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    return StableDiffusion3Pipeline(transformer=denoiser("sd3"), vae=vae(16),
-                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-
-
 def _sd3_call(pipe, steps):
     return _sdxl_call(pipe, steps)
-
-
-def _pixart():
-    from diffusers import PixArtAlphaPipeline
-
-    from schedulers import make_scheduler
-
-    return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae(),
-                               transformer=denoiser("pixart", sample_size=128),
-                               scheduler=make_scheduler("dpmsolver++"))
 
 
 def _masked_call(pipe, steps):
@@ -236,14 +177,6 @@ def _masked_call(pipe, steps):
                 negative_prompt=None, use_resolution_binning=False, num_inference_steps=steps,
                 guidance_scale=4.5, height=PIXELS, width=PIXELS, generator=_seed(),
                 output_type="latent").images
-
-
-def _flux():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae(4),
-                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                        transformer=denoiser("flux"))
 
 
 def _flux_call(pipe, steps):
@@ -350,43 +283,10 @@ def _ltx_call(pipe, steps):
                 num_frames=9, generator=_seed(), output_type="latent").frames
 
 
-def _animatediff():
-    from diffusers import AnimateDiffPipeline, DDIMScheduler
-
-    return AnimateDiffPipeline(vae=vae(), text_encoder=None, tokenizer=None,
-                               unet=denoiser("animatediff"), motion_adapter=None,
-                               scheduler=DDIMScheduler(beta_schedule="linear", steps_offset=1,
-                                                       clip_sample=False))
-
-
 def _animatediff_call(pipe, steps):
     return pipe(prompt_embeds=embeds(1, 8, 32), negative_prompt_embeds=embeds(1, 8, 32, seed=2),
                 num_frames=2, num_inference_steps=steps, guidance_scale=7.5, height=PIXELS,
                 width=PIXELS, generator=_seed(), output_type="latent").frames
-
-
-def _svd():
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler,
-                           StableVideoDiffusionPipeline)
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
-
-    torch.manual_seed(0)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, projection_dim=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=37, image_size=224, patch_size=32)).eval()
-    temporal_vae = zoo.reinit_(AutoencoderKLTemporalDecoder(
-        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        latent_channels=4, layers_per_block=1, sample_size=PIXELS), 1).eval()
-    # the released SVD scheduler's settings: continuous timesteps (0.25 log σ), Karras σ
-    scheduler = EulerDiscreteScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        interpolation_type="linear", prediction_type="v_prediction", timestep_spacing="leading",
-        timestep_type="continuous", use_karras_sigmas=True, sigma_min=0.002, sigma_max=700.0,
-        steps_offset=1)
-    return StableVideoDiffusionPipeline(
-        vae=temporal_vae, image_encoder=encoder, unet=denoiser("svd"), scheduler=scheduler,
-        feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}))
 
 
 def _svd_call(pipe, steps):

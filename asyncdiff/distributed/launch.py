@@ -37,6 +37,7 @@ from partition.plan import Plan
 from partition.stages import StagedModel
 
 HOST = "127.0.0.1"
+EXIT_S = 30.0  # after the last result, how long the ranks have to leave the group and exit
 
 
 class WorkerError(RuntimeError):
@@ -99,6 +100,7 @@ class RankResult:
 def _entry(rank: int, world: int, port: int, task: Task, results) -> None:
     """One worker (``start_processes`` passes its index as ``rank``)."""
     try:
+        _bars_without_semaphore()
         # start-up goes through the store (liveness.py): the group's own bound is a backstop
         timeout = datetime.timedelta(seconds=task.startup_s)
         store = dist.TCPStore(HOST, port, world, is_master=False, timeout=timeout)
@@ -121,6 +123,16 @@ def _entry(rank: int, world: int, port: int, task: Task, results) -> None:
         raise SystemExit(1)           # children end with os._exit: no atexit)
 
 
+def _bars_without_semaphore() -> None:
+    """tqdm's default lock is also a multiprocessing semaphore, which a rank stopped by the
+    parent (because another failed) would leave behind for the resource tracker to report.
+    One process draws its own bar (only rank 0 of a run draws one): a thread lock will do."""
+    import threading
+
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
+
+
 def run_ranks(task: Task, world: int, timeout_s: float) -> dict[int, RankResult]:
     """Spawn ``world`` ranks of ``task`` on this machine and return each rank's result.
 
@@ -140,7 +152,17 @@ def run_ranks(task: Task, world: int, timeout_s: float) -> dict[int, RankResult]
         raise
     finally:
         _stop(ctx)  # also on Ctrl-C
+        _release(ctx, results)
         del store   # the rendezvous lives exactly as long as the run
+
+
+def _release(ctx, results) -> None:
+    """The result queue (its pipe and feeder thread) and the stopped processes' handles."""
+    results.close()
+    results.join_thread()
+    for p in ctx.processes:
+        if p.exitcode is not None:
+            p.close()
 
 
 @dataclass(frozen=True)
@@ -280,7 +302,11 @@ def _collect(ctx, results, timeout_s: float, store=None) -> dict[int, RankResult
             raise WorkerError(f"rank {rank} failed: {payload}; stopped every other worker\n"
                               f"{extra}")
         done[rank] = RankResult(payload, extra[0], extra[1], wall)
-    ctx.join(timeout=10)
+    # every rank has reported and now leaves the group and exits on its own: one stopped
+    # while it tears down would leave what it holds behind (_stop ends any still there)
+    deadline = time.monotonic() + EXIT_S
+    for p in ctx.processes:
+        p.join(timeout=max(deadline - time.monotonic(), 0.0))
     return done
 
 

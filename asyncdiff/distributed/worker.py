@@ -168,7 +168,9 @@ def rank_loop(job: WorkerJob, rank: int, transport: Transport, where: torch.devi
 
 def _progress(steps: int, rank: int):
     from tqdm import tqdm
-    return tqdm(total=steps, desc=f"asyncdiff (rank {rank})", unit="step", leave=False)
+    # on a terminal only: a log file gets no carriage-return updates (tqdm: disable=None)
+    return tqdm(total=steps, desc=f"asyncdiff (rank {rank})", unit="step", leave=False,
+                disable=None)
 
 
 def _to_device(task: SamplingJob, where: torch.device) -> SamplingJob:

@@ -135,9 +135,9 @@ def _assign(gm: nn.Module, name: str, value: torch.Tensor, meta: torch.Tensor) -
 
 
 def load_pipeline(path: str | os.PathLike, *, denoisers: Iterable[str] | None = None,
-                  torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                  dtype: torch.dtype | None = None, variant: str | None = None,
                   **kwargs):
-    """``DiffusionPipeline.from_pretrained(path, local_files_only=True, …)`` with each
+    """``DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=…, …)`` with each
     denoiser component (``unet``, ``transformer``, … or those named) built on the meta device
     from its config, its checkpoint folder recorded for :func:`materialise`. Everything else
     (text encoders, VAE, scheduler) loads as usual."""
@@ -149,9 +149,9 @@ def load_pipeline(path: str | os.PathLike, *, denoisers: Iterable[str] | None = 
     if not names:
         raise ValueError(f"{path}: model_index.json names no denoiser among "
                          f"{', '.join(DENOISERS)}; pass denoisers=[…]")
-    skeletons = {n: skeleton(path, n, index, torch_dtype, variant) for n in names}
+    skeletons = {n: skeleton(path, n, index, dtype, variant) for n in names}
     return DiffusionPipeline.from_pretrained(str(path), local_files_only=True,
-                                             torch_dtype=torch_dtype, variant=variant,
+                                             dtype=dtype, variant=variant,
                                              **skeletons, **kwargs)
 
 
@@ -165,7 +165,7 @@ def skeleton(path: str | os.PathLike, name: str, index: dict, dtype: torch.dtype
     config = cls.load_config(str(path), subfolder=name, local_files_only=True)
     with torch.device("meta"):
         model = cls.from_config(config)
-    if dtype is not None:
+    if dtype is not None and dtype != model.dtype:  # (diffusers warns at every cast)
         model = model.to(dtype)
     made = {n: t.detach().clone() for n, t in _tensors(model) if not t.is_meta}
     model.to("meta").eval()  # one device: hollow() gives all of it storage at the first call

@@ -7,7 +7,7 @@ Planning every model from its composed config is tests/partition/test_plan.py
 from __future__ import annotations
 
 import json
-
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from exp_helpers import FAST, RUN_MAIN, compose_cfg, popen
 import schedulers
 from experiments import cli
 from experiments.common import CONF_DIR, ConfigError, plain
+from asyncdiff.distributed.limits import Limits
 from experiments.checks import check_backend, check_config
 from experiments import zoo
 
@@ -165,7 +166,26 @@ BAD = [
     (["model=digits", "labels=[3,12]"],
      "labels=[3, 12]; allowed: null or a list of class labels in [0, 9]"),
     (["+experiment=nope"], f"experiment=nope: unknown; allowed: {', '.join(EXPERIMENTS)}\n"),
+    # the scheduler's own limit (schedulers.factory.steps_problem): DDIM and DPM-Solver++ with
+    # steps_offset=1 stop one short of their 1000 training timesteps, Euler does not
+    (["scheduler.steps=4000"], "scheduler.steps=4000; allowed: an integer in [1, 999] "
+                               "(DDIMScheduler: 4000 is more than its 1000 training timesteps;"),
+    (["scheduler.steps=1000"], "scheduler.steps=1000; allowed: an integer in [1, 999] "
+                               "(DDIMScheduler: at 1000 steps its step indexes past"),
+    (["scheduler=dpmsolver++", "scheduler.steps=1000"],
+     "scheduler.steps=1000; allowed: an integer in [1, 999] (DPMSolverMultistepScheduler: at "
+     "1000 steps its timesteps repeat"),
+    (["scheduler=euler", "scheduler.steps=1001"],
+     "scheduler.steps=1001; allowed: an integer in [1, 1000] (EulerDiscreteScheduler: 1001 is "
+     "more than its 1000 training timesteps)"),
+    (["model=digits", "scheduler.steps=1000"], "scheduler.steps=1000; allowed: an integer in "
+                                               "[1, 999]"),
+    # a key of a group left at null: Hydra's merge would fail with an assertion
+    (["pipeline.path=/tmp/ckpt"], "pipeline.path=/tmp/ckpt: no pipeline chosen; allowed: "
+                                  "pipeline=NAME before it (NAME: animatediff, flux, pixart, "
+                                  "sd15, sd21, sd3, sdxl, svd)"),
     (["-m", "parallel.n=2", "parallel.warmup=1,7"], "parallel.warmup=7; allowed"),
+    (["-m", "pipeline.path=/tmp/a,/tmp/b"], "pipeline.path=/tmp/a: no pipeline chosen"),
     (["-m", "hydra/launcher=submitit_slurm", "parallel.n=2,3"],
      "hydra/launcher=submitit_slurm: needs hydra_plugins.hydra_submitit_launcher"),
 ]
@@ -231,6 +251,30 @@ def test_world_size_must_be_replicas_times_devices():
         check_config(cfg, env={}, entry="bench")
 
 
+def test_workers_that_oversubscribe_the_cores_are_named_in_one_warning(caplog, monkeypatch):
+    """More ranks × threads than the cores this process may use: accepted (a pipeline can be
+    tried on a small machine), with one line saying so when the run's workers are set."""
+    import logging
+
+    from asyncdiff.schedule import Schedule
+    from experiments.build import workers
+    from experiments.checks import usable_cores
+
+    cores = usable_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    # the plan only sizes the time limits here
+    monkeypatch.setattr("experiments.build.limits.derive", lambda *a, **k: Limits())
+    par, plan = {"backend": "gloo", "threads": 1}, object()
+    with caplog.at_level(logging.WARNING, logger="experiments.build"):
+        workers(par, Schedule(n=cores + 1), plan, steps=4)
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(said) == 1 and said[0].startswith(
+            f"{cores + 1} ranks × 1 thread = {cores + 1} threads on {cores} core"), said
+        caplog.clear()
+        workers({**par, "threads": cores}, Schedule(n=1), plan, steps=4)
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 @pytest.mark.slow
 def test_bad_input_subprocesses(tmp_path):
     """The real command lines, as separate processes (run together: each mostly imports)."""
@@ -254,3 +298,56 @@ def test_bad_input_subprocesses(tmp_path):
             (key, err)
     for sub in "abc":
         assert not (tmp_path / sub).exists(), f"{sub}: nothing may be written"
+
+
+# --------------------------------------------------------------------------- found late
+
+
+@pytest.fixture
+def hydra_run_dir(tmp_path):
+    """A Hydra task's state, as ``@hydra.main`` leaves it: its run directory made."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = tmp_path / "run"
+    out.mkdir()
+    HydraConfig.instance().set_config(compose_cfg(f"hydra.runtime.output_dir={out}",
+                                                  hydra_node=True))
+    yield out
+    HydraConfig.instance().cfg = None
+
+
+def test_a_task_that_fails_marks_its_run_directory_failed(hydra_run_dir, capsys):
+    from experiments.common import FAILED, exit_on_bad_input
+
+    @exit_on_bad_input
+    def task(error: BaseException) -> None:
+        (hydra_run_dir / "plan.json").write_text("{}")  # what a run writes before it fails
+        raise error
+
+    with pytest.raises(RuntimeError, match="boom"):
+        task(RuntimeError("boom\nsecond line"))
+    text = (hydra_run_dir / FAILED).read_text()
+    assert text.startswith("RuntimeError: boom\n") and "Traceback" in text
+    with pytest.raises(SystemExit) as exc:  # bad input found late: one line, exit code 2
+        task(ConfigError("partition: boundaries: no traced module 'nope'"))
+    assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    assert (hydra_run_dir / FAILED).read_text().startswith(
+        "ConfigError: partition: boundaries: no traced module 'nope'")
+
+
+@pytest.mark.slow
+def test_bad_input_found_after_planning_leaves_a_failed_run_directory(tmp_path):
+    """The real command line: a manual boundary the traced model does not have is known only
+    after the capture, when Hydra has made the run directory."""
+    from experiments.common import FAILED
+
+    out = tmp_path / "run"
+    proc = popen([sys.executable, "-m", "experiments.run", "model=sd3", *FAST,
+                  "partition.strategy=manual", "partition.boundaries=[nope]", "parallel.n=2",
+                  f"hydra.run.dir={out}"])
+    _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines[-1].startswith("error: partition: boundaries: no "
+                                                         "traced module 'nope'"), err
+    assert "no traced module 'nope'" in (out / FAILED).read_text()
+    assert not (out / "metrics.json").exists()

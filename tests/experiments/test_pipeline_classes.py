@@ -1,5 +1,5 @@
 """Every pipeline class of ``conf/pipeline`` through the asynchronous path of
-``asyncdiff-run pipeline=…``: a tiny complete checkpoint of each (``tests/checkpoints.py``)
+``asyncdiff-run pipeline=…``: a tiny complete checkpoint of each (``experiments/checkpoints.py``)
 is run by the function every rank of the run executes (:func:`rank_task`: the checkpoint
 loaded lazily, each rank reading only its own stage, the distributed drop-in with W < T);
 its decoded images equal, bit for bit, those of the same pipeline loaded whole in this
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints  # tests/checkpoints.py (tests/ is on the path: tests/conftest.py)
 from exp_helpers import compose_cfg
+
+from experiments import checkpoints
 
 VIDEO = {"svd", "animatediff"}
 
@@ -43,7 +44,7 @@ class _Configs(dict):
         from experiments.schema import register
 
         register()
-        px = checkpoints.pixels()
+        px = checkpoints.PIXELS
         image = self.root / "cond.png"
         if not image.exists():
             from PIL import Image
@@ -124,5 +125,5 @@ def test_a_lazily_loaded_denoiser_refuses_what_would_read_its_weights(cfgs, opti
     opts = {"mode": "emulate", "n": 2, **options}
     parallelize(pipe, **opts)  # emulate needs no process group; the options are checked here
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        pipe(prompt="x", num_inference_steps=2, height=checkpoints.pixels(),
-             width=checkpoints.pixels(), output_type="pt")
+        pipe(prompt="x", num_inference_steps=2, height=checkpoints.PIXELS,
+             width=checkpoints.PIXELS, output_type="pt")

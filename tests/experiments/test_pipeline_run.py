@@ -1,20 +1,24 @@
 """asyncdiff-run pipeline=…: a saved tiny pipeline, prompts to decoded images, both runs.
 
 The checkpoint is a complete tiny ``StableDiffusionPipeline`` (text encoder, tokenizer, UNet,
-VAE; random weights) written with ``save_pretrained`` (``tests/checkpoints.py``); the run
+VAE; random weights) written with ``save_pretrained`` (``experiments/checkpoints.py``); the run
 loads it with ``local_files_only=True``, self-spawns (or torchrun starts) the ranks of the
 distributed drop-in and compares with the plain pipeline from the same seeds. Every class of
 ``conf/pipeline`` through the ranks' path: test_pipeline_classes.py.
 """
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
 
 import pytest
 import torch
 
-import checkpoints  # tests/checkpoints.py (tests/ is on the path: tests/conftest.py)
 from exp_helpers import compose_cfg
+
+from experiments import checkpoints
 from experiments.checks import resolved
 from experiments.cli import check_command_line
 from experiments.common import ConfigError
@@ -26,7 +30,7 @@ def sd15(tmp_path_factory):
 
 
 def _args(path, *extra):
-    px = checkpoints.pixels()
+    px = checkpoints.PIXELS
     return ["pipeline=sd15", f"pipeline.path={path}", f"pipeline.height={px}",
             f"pipeline.width={px}", "pipeline.warm_call=false", "wandb.mode=disabled",
             *extra]
@@ -61,7 +65,7 @@ def test_a_warmup_sweep_ends_with_sequential_images_at_w_equal_t(sd15, tmp_path)
         assert metrics["lpips"].startswith("skipped") or isinstance(metrics["lpips"], float)
         saved = torch.load(out / "images.pt")
         assert torch.equal(saved["sequential"], saved["asyncdiff"]) == (warmup == 3)
-        assert saved["sequential"].shape == (2, 3, checkpoints.pixels(), checkpoints.pixels())
+        assert saved["sequential"].shape == (2, 3, checkpoints.PIXELS, checkpoints.PIXELS)
         assert "loaded lazily" in json.loads((out / "plan.json").read_text())["verification"]
         for name in ("grid.png", "sequential/000.png", "asyncdiff/001.png"):
             assert (out / "images" / name).is_file()
@@ -83,8 +87,8 @@ def test_torchrun_pipeline_run_equals_the_emulator(tmp_path):
     from partition.threads import intra_op_threads
 
     path = checkpoints.save("flux", tmp_path / "ckpt")
-    args = ["pipeline=flux", f"pipeline.path={path}", f"pipeline.height={checkpoints.pixels()}",
-            f"pipeline.width={checkpoints.pixels()}", "pipeline.warm_call=false",
+    args = ["pipeline=flux", f"pipeline.path={path}", f"pipeline.height={checkpoints.PIXELS}",
+            f"pipeline.width={checkpoints.PIXELS}", "pipeline.warm_call=false",
             "scheduler.steps=3", "parallel.n=2", "parallel.warmup=1", "parallel.threads=1"]
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -115,12 +119,15 @@ def test_torchrun_pipeline_run_equals_the_emulator(tmp_path):
     (("parallel.replicas=2",), "parallel.replicas=2; allowed: 1"),
     (("partition.cost_model=time",), "partition.cost_model='time' with pipeline.load=lazy; "
      "allowed: flops"),
+    # the checkpoint's own scheduler: DDIM with steps_offset=1 (tests/pipelines.py)
+    (("scheduler.steps=1000",), "scheduler.steps=1000; allowed: an integer in [1, 999] "
+     "(DDIMScheduler: at 1000 steps its step indexes past"),
 ])
 def test_bad_pipeline_input_is_one_config_error(sd15, extra, message):
     args = _args(sd15)
     args = [a for a in args if not a.startswith("pipeline.path")] if "pipeline.path" in \
         extra[0] else args
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         check_command_line([*args, *extra])
 
 
@@ -136,6 +143,85 @@ def test_bad_pipeline_input_exits_2_and_writes_nothing(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "pipeline.path=" in done.stderr
     assert not out.exists()
+
+
+def test_loading_passes_the_libraries_current_arguments(sd15, caplog, recwarn):
+    """Whole and lazily loaded, the checkpoint loads without a deprecation said by diffusers
+    or transformers (as a warning or in their logs): ``dtype``, not ``torch_dtype``, and no
+    cast of the lazy denoiser to the dtype it has (diffusers warns at every cast)."""
+    import logging
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    from experiments.generate import load, request
+    from experiments.schema import register
+
+    register()
+    req = request(resolved(compose_cfg(*_args(sd15, "pipeline.dtype=float32")), "run"))
+    dlog.enable_propagation()  # their loggers write to stderr themselves: to caplog too
+    tlog.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            whole, lazy = load(req), load(req, lazy=True)
+    finally:
+        dlog.disable_propagation()
+        tlog.disable_propagation()
+    said = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "deprecat" in m.lower() or "torch_dtype" in m], said
+    assert whole.unet.dtype == torch.float32 and type(lazy) is type(whole)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_each_generation_is_named_on_a_terminal_and_silent_in_a_log(sd15, monkeypatch):
+    """diffusers' own bars, named by the generation, where stderr is a terminal; loading's
+    bars and the sampling's write nothing into a log file."""
+    from experiments.generate import generate, load, request
+    from experiments.schema import register
+
+    from partition.threads import intra_op_threads
+
+    register()
+    req = request(resolved(compose_cfg(*_args(sd15, "scheduler.steps=2")), "run"))
+    with intra_op_threads(1):
+        monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
+        generate(load(req), req, "2/4 plain pipeline, timed call")
+        # no bar ("NN%|…|"); a library's log lines may still be there
+        assert "%|" not in sys.stderr.getvalue()
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        generate(load(req), req, "2/4 plain pipeline, timed call")
+        drawn = sys.stderr.getvalue()
+    assert "Loading pipeline components" in drawn and "%|" in drawn
+    assert "2/4 plain pipeline, timed call, item 1/1" in drawn and "/2 [" in drawn
+
+
+@pytest.mark.parametrize("warm, torchrun, names", [
+    (True, False, ["plain pipeline, warm-up call", "plain pipeline, timed call",
+                   "asyncdiff, warm-up call", "asyncdiff, timed call"]),
+    (False, False, ["plain pipeline, timed call", "asyncdiff, timed call"]),
+    (True, True, ["asyncdiff, warm-up call", "asyncdiff, timed call",
+                  "plain pipeline, warm-up call", "plain pipeline, timed call"]),
+])
+def test_the_log_says_which_generations_a_run_makes(sd15, caplog, warm, torchrun, names):
+    import logging
+
+    from experiments.pipeline_run import announce, generations
+    from experiments.schema import register
+
+    register()
+    cfg = resolved(compose_cfg(*_args(sd15, f"pipeline.warm_call={str(warm).lower()}",
+                                      "pipeline.seeds=[0,1]")), "run")
+    assert generations(cfg, torchrun) == names
+    with caplog.at_level(logging.INFO, logger="experiments.pipeline_run"):
+        announce(cfg, torchrun)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"pipeline run: {len(names)} generations")
+    assert all(f"{i}. {n}" in line for i, n in enumerate(names, 1)) and "2 item(s)" in line
+    assert ("pipeline.warm_call=false skips" in line) == warm
 
 
 def test_time_limits_come_from_the_timed_plain_step(sd15):

@@ -16,7 +16,7 @@ from experiments.bench import bench
 from experiments.build import compiled_model, sampling_jobs
 from experiments.images import latent_rgb
 from experiments.run import run_spawn
-from experiments.sweep import TABLE_COLUMNS, summarize
+from experiments.sweep import TABLE_COLUMNS, SweepSummary, summarize
 from experiments.wandb_log import PLAN_COLUMNS, offline_records
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -161,6 +161,59 @@ def test_sweep_summary_table_and_plots(tmp_path, capsys):
     assert len(json.loads((tmp_path / "results.json").read_text())) == 4
     assert "| job |" in capsys.readouterr().out.replace("   ", " ").replace("  ", " ")
     assert summarize(tmp_path / "empty") == {}
+
+
+def test_sweep_summary_leaves_out_a_job_that_failed(tmp_path):
+    from experiments.common import FAILED
+    from experiments.sweep import collect
+
+    for job, (n, sp) in enumerate([(2, 1.1), (3, 1.8)]):
+        _fake_job(tmp_path, job, n, 1, 1, sp)
+    (tmp_path / "1" / FAILED).write_text("RuntimeError: the W&B run could not be written\n")
+    assert [r["job"] for r in collect(tmp_path)] == ["0"]
+
+
+def _read_offline(run_dir: Path, kinds_wanted: set[str]) -> list:
+    """The records of an offline W&B run; W&B's writer is a separate service process that
+    may still be flushing when finish() returns, so read until ``kinds_wanted`` are there."""
+    deadline = time.monotonic() + 60
+    while True:
+        records = list(offline_records(run_dir))
+        if kinds_wanted <= {r.WhichOneof("record_type") for r in records} \
+                or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(120)
+def test_sweep_callback_logs_to_wandb_offline_and_not_when_disabled(tmp_path, monkeypatch):
+    """What Hydra hands the callback at the end of ``-m``: the composed config (its
+    ``wandb.mode`` an enum of the schema), and the sweep directory its jobs wrote."""
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # the sweep directory holds the W&B run
+    for mode in ("offline", "disabled"):
+        sweep = tmp_path / mode
+        for job, (n, s, sp) in enumerate([(2, 1, 1.1), (3, 2, 1.8)]):
+            _fake_job(sweep, job, n, s, 1, sp)
+        cfg = compose_cfg(f"wandb.mode={mode}", f"hydra.sweep.dir={sweep}", hydra_node=True)
+        SweepSummary().on_multirun_end(cfg)
+        assert (sweep / "results.csv").is_file()
+        runs = list((sweep / "wandb").glob("offline-run-*"))
+        if mode == "disabled":
+            assert not (sweep / "wandb").exists()
+            continue
+        assert len(runs) == 1
+        records = _read_offline(runs[0], {"run", "history", "files"})
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.job_type == "sweep" and run.run_group == sweep.name
+        assert {u.key: json.loads(u.value_json) for u in run.config.update}["sweep_dir"] \
+            == str(sweep)
+        logged = {i.nested_key[0] if i.nested_key else i.key for r in records   # media:
+                  if r.WhichOneof("record_type") == "history" for i in r.history.item}  # key/…
+        assert {"results", "speedup_vs_psnr", "latency_vs_n", "timeline"} <= logged
+        table = json.loads(next((runs[0] / "files" / "media" / "table")
+                                .glob("results_*.table.json")).read_text())
+        speedups = [row[table["columns"].index("speedup")] for row in table["data"]]
+        assert sorted(speedups) == [1.1, 1.8]
 
 
 @pytest.mark.parametrize("shape,want", [
