@@ -8,6 +8,9 @@ the same plan. One spawn of two ranks runs all eight classes.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +132,48 @@ def test_a_lazily_loaded_denoiser_refuses_what_would_read_its_weights(cfgs, opti
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         pipe(prompt="x", num_inference_steps=2, height=checkpoints.PIXELS,
              width=checkpoints.PIXELS, output_type="pt")
+
+
+def test_a_lazily_loaded_denoisers_plan_is_the_whole_ones(cfgs):
+    """The fast tier's case of lazy plan == whole plan, in this process: the plan each rank of
+    a lazily loaded run makes (``session.distributed_lazy``: hollow storage, the capture, FLOPs
+    over fake tensors only) is the plan of the same denoiser loaded whole, for the call the
+    pipeline really makes; the whole one is verified, the lazy one says why it is not."""
+    from asyncdiff import load_pipeline
+    from asyncdiff.dropin.arguments import Partitioning
+    from asyncdiff.dropin.call import bind_call
+    from asyncdiff.dropin.lazy import CHECKPOINT_ATTR, hollow
+    from asyncdiff.dropin.session import compile_call
+    from experiments.generate import load, request
+    from partition.capture import capture
+    from partition.cost import profile
+    from partition.threads import intra_op_threads
+
+    path = cfgs["sd15"]["pipeline"]["path"]
+    whole = load(request(cfgs["sd15"]))
+    seen = []
+    hook = whole.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args, kwargs)) if not seen else None,
+        with_kwargs=True)
+    with intra_op_threads(1):
+        whole(prompt="x", num_inference_steps=1, height=checkpoints.PIXELS,
+              width=checkpoints.PIXELS, output_type="pt")
+    hook.remove()
+    args, kwargs = seen[0]
+    part = Partitioning(n=2)
+    with intra_op_threads(1), torch.no_grad():
+        call = bind_call(inspect.signature(whole.unet.forward), args, kwargs)
+        plan = compile_call(whole.unet, call, capture(whole.unet, call.specs(), call.tensors),
+                            part).plan
+        lazy = load_pipeline(path).unet
+        assert all(p.is_meta for p in lazy.parameters())
+        hollow(lazy, "cpu", getattr(lazy, CHECKPOINT_ATTR))
+        captured = capture(lazy, call.specs(), call.tensors)
+        costs = profile(captured, call.tensors, repeats=0, fake_only=True)
+        lazy_plan = compile_call(lazy, call, captured, dataclasses.replace(part, verify=False),
+                                 costs=costs).plan
+    assert plan.verification.startswith("exact"), plan.verification
+    assert lazy_plan.verification.startswith("off: not verified"), lazy_plan.verification
+    da, db = lazy_plan.to_dict(measured=False), plan.to_dict(measured=False)
+    assert lazy_plan.plan_hash == plan.plan_hash, \
+        f"plans differ in {sorted(k for k in da if da[k] != db.get(k))}"
