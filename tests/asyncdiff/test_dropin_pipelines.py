@@ -166,11 +166,66 @@ def test_stateful_cache_hooks_are_refused_in_one_line():
     pipe.transformer.enable_cache(FasterCacheConfig(spatial_attention_block_skip_range=2,
                                                     current_timestep_callback=lambda: 10))
     hooked = pipe.transformer.__dict__["forward"]  # diffusers' hooks replace forward
-    with pytest.raises(ValueError, match=r"^CogVideoXPipeline.transformer has stateful "
-                                         r"diffusers hooks \(faster_cache.*disable_cache\(\)"):
+    with pytest.raises(ValueError, match=r"^CogVideoXPipeline.transformer has diffusers' "
+                                         r"FasterCache on \(enable_cache\(FasterCacheConfig"
+                                         r"\(…\)\)\): it keeps values between calls.*"
+                                         r"pipe.transformer.disable_cache\(\)"):
         asyncdiff.parallelize(pipe, n=2)
     assert pipe.transformer.__dict__["forward"] is hooked  # nothing left half-attached
     assert "step" not in pipe.scheduler.__dict__
+
+
+def _cache_configs():
+    """Every stateful cache of the installed diffusers that its CacheMixin enables, with the
+    arguments a tiny transformer takes: (feature, the case that has it, its config)."""
+    import diffusers
+
+    made = {"FasterCache": lambda c: c(spatial_attention_block_skip_range=2,
+                                       current_timestep_callback=lambda: 10),
+            "PyramidAttentionBroadcast": lambda c: c(spatial_attention_block_skip_range=2,
+                                                     current_timestep_callback=lambda: 10),
+            "FirstBlockCache": lambda c: c(threshold=0.2),
+            "MagCache": lambda c: c(mag_ratios=[1.0] * 5, num_inference_steps=5),
+            "TaylorSeerCache": lambda c: c()}
+    return [pytest.param(name, "flux_true_cfg" if name == "TaylorSeerCache" else "cogvideox",
+                         make, id=name)
+            for name, make in made.items() if hasattr(diffusers, f"{name}Config")]
+
+
+@pytest.mark.parametrize("feature,case,make", _cache_configs())
+def test_a_cache_is_named_as_the_user_enabled_it(feature, case, make):
+    """The refusal names the feature and the call that turned it on, not the name diffusers
+    registers its hook under (``fbc_leader_block_hook``)."""
+    import diffusers
+
+    pipe = _built(case)
+    pipe.transformer.enable_cache(make(getattr(diffusers, f"{feature}Config")))
+    hooks = {name for m in pipe.transformer.modules()
+             for name, h in getattr(m.__dict__.get("_diffusers_hook"), "hooks", {}).items()
+             if h._is_stateful}
+    assert hooks, f"{feature} registered no stateful hook on {case}"
+    with pytest.raises(ValueError) as err:
+        asyncdiff.parallelize(pipe, n=2)
+    said = str(err.value)
+    assert f"has diffusers' {feature} on (enable_cache({feature}Config(…)))" in said, said
+    assert not any(h in said for h in hooks), said
+    assert "\n" not in said
+
+
+def test_an_unknown_stateful_hook_is_named_by_its_registry_name():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Remember(ModelHook):
+        _is_stateful = True
+
+    pipe = _built("cogvideox")
+    block = pipe.transformer.transformer_blocks[0]
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(Remember(), "remember")
+    with pytest.raises(ValueError, match=r"^CogVideoXPipeline.transformer has the stateful "
+                                         r"diffusers hook 'remember' \(on transformer_blocks.0\)"
+                                         r": it keeps values between calls.*"
+                                         r"HookRegistry.remove_hook\('remember'\)"):
+        asyncdiff.parallelize(pipe, n=2)
 
 
 def test_a_missing_first_denoiser_is_skipped():
