@@ -46,10 +46,11 @@ from asyncdiff.dropin import session as sessions
 from asyncdiff.dropin.arguments import Partitioning
 from asyncdiff.dropin.denoisers import find_denoisers
 from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
-from asyncdiff.dropin.call import Call, answer, bind_call, half_call, output_form, with_static
+from asyncdiff.dropin.call import (Call, answer, bind_call, half_call, output_form,
+                                   structure_change, with_static)
 from asyncdiff.dropin.session import Session
 from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
-from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
+from asyncdiff.dropin.steps import FedTimesteps, StepClock
 from asyncdiff.dropin.weights import Parked
 from asyncdiff.schedule import Schedule
 from partition import capture_or_fallback
@@ -182,9 +183,13 @@ class Handle:
             stream = self.streams[key] = _Stream(self, d, key, self.clock.run, step,
                                                  taus[step:], call)
         elif call.key != stream.call_key:
-            raise RuntimeError(f"{type(self.pipe).__name__}: call {stream.k} of stream "
-                               f"{key} changed its inputs to {call.describe()} (or its "
-                               f"non-tensor arguments); one stream of a run has one shape")
+            change = structure_change(stream.call_key, stream.call_static, call, stream.k)
+            raise RuntimeError(
+                f"{stream.fed.owner}: {change}: the "
+                f"pipeline changed which branch it calls at this position within a step (call "
+                f"{key[1]} of pipe.{d.attr}) or the branch's input shapes; allowed: one "
+                "structure per stream of a run (the same inputs, shapes, dtypes and non-tensor "
+                "arguments on every step; their values may change from step to step)")
         elif step != stream.first + stream.k:
             raise RuntimeError(
                 f"{type(self.pipe).__name__}: stream {key} (call {key[1]} of pipe.{d.attr} within "
@@ -347,7 +352,8 @@ class _Stream:
     def __init__(self, handle: Handle, d: _Denoiser, key: tuple, run: int,
                  first: int, taus: list[float], call: Call):
         sch = handle.schedule
-        self.run, self.first, self.k, self.call_key = run, first, 0, call.key
+        self.run, self.first, self.k = run, first, 0
+        self.call_key, self.call_static = call.key, call.static  # its structure: no values
         self.session = d.session(call)
         self.fed = FedTimesteps(taus, f"{type(handle.pipe).__name__}, stream {key}")
         # the run fits the schedule: a run of fewer steps than W + C (or K) keeps the warm-up
@@ -357,37 +363,12 @@ class _Stream:
                                               call.tensors[call.latent].device,
                                               groups=sch.groups)
         self.denoiser = PipelineDenoiser(self.executor)
-        self.first_cond: dict[str, torch.Tensor] | None = None
-        self.static: dict[str, torch.Tensor] = {}
-
-    def _check_role(self, cond: dict[str, torch.Tensor]) -> None:
-        """A stream is a call position within a step; if a pipeline changed which branch
-        comes at that position (a branch skipped on some steps), one branch would run on the
-        other's stale values. Inputs equal on the stream's first two calls (its prompt
-        embeddings, masks, size conditions) must stay equal: else an error, never a wrong
-        image."""
-        if self.k == 0:
-            self.first_cond = {n: v.detach().clone() for n, v in cond.items()}
-            return
-        if self.k == 1:
-            self.static = {n: v for n, v in (self.first_cond or {}).items()
-                           if n in cond and same_tensor(v, cond[n])}
-            self.first_cond = None
-            return
-        for name, value in self.static.items():
-            if not same_tensor(value, cond[name]):
-                raise RuntimeError(
-                    f"{self.fed.owner}: input {name!r} was the same on the stream's first two "
-                    f"calls and differs on call {self.k}: the pipeline changed which branch "
-                    "it calls at this position within a step (a guidance branch skipped on "
-                    "some steps?), which the drop-in cannot map to streams")
 
     def denoise(self, call: Call) -> torch.Tensor:
         t = call.tensors[call.timestep]
         if self.k >= len(self.fed):
             raise RuntimeError(f"{self.fed.owner}: more calls than the run has steps "
                                f"({len(self.fed)})")
-        self._check_role(call.cond)
         self.fed.record(self.k, t)
         eps = self.denoiser(call.tensors[call.latent], t, self.k, call.cond)
         self.k += 1

@@ -18,7 +18,11 @@ log σ / 4, a per-frame vector): it watches the scheduler.
   perturbed-attention or skip-layer guidance) are two streams; a second denoiser
   (Wan 2.2's ``transformer_2``) is its own. Each stream has its own asynchronous state, so
   staleness never crosses from one branch or one denoiser to another. A stream's steps are
-  the run's steps on which it is called, counted from its first call.
+  the run's steps on which it is called, counted from its first call. A stream is known by
+  its call order and its first call's structure (inputs, shapes, dtypes, non-tensor
+  arguments): a call of another structure at its position is a changed branch, refused;
+  values are never compared, so conditioning that varies across steps (a ControlNet window,
+  a guidance schedule) is each step's own conditioning.
 * the network is always fed exactly what the pipeline passed. Where the schedule needs the
   value of a step not called yet (a stride copy of the last stage, S >= 2 with
   ``stride_noise=fresh``), it is predicted from the scheduler's timestep by the transform
