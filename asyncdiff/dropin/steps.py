@@ -6,6 +6,9 @@ A pipeline's loop is ``for t in timesteps: ε = denoiser(x, fed(t), …); x = sc
 The drop-in never guesses a step from the timestep's *value* (a pipeline may feed t / 1000,
 log σ / 4, a per-frame vector): it watches the scheduler.
 
+* only the scheduler the pipeline holds is consulted (its own methods, by its class): the
+  drop-in never lists or makes another of diffusers' schedulers, so one whose backend is not
+  installed (``DPMSolverSDEScheduler`` without ``torchsde``) is never imported.
 * ``scheduler.set_timesteps`` begins a *run*; ``scheduler.set_begin_index(i)`` (img2img with
   ``strength`` or ``denoising_start``) says the run starts at entry ``i`` of
   ``scheduler.timesteps``; without it the run starts at entry 0, or, when the first call is
