@@ -6,11 +6,12 @@
 
 The denoiser (``pipe.unet`` or ``pipe.transformer``) stays the same module object (the
 pipeline reads its ``config``, ``dtype``, ``device``); only its *instance* ``forward`` is
-replaced by a proxy. On the first call of a given shape the proxy captures the call with the
-original forward, compiles it into N stages and answers every call with the ε of the
-asynchronous pipeline (AsyncDiff, Chen et al. 2024; the rules are [Note: staleness] in
-``asyncdiff/timeline.py``), in the form the model answers (a tuple for ``return_dict=False``,
-else its output dataclass). The pipeline's own loop, guidance and scheduler run unchanged:
+replaced by a proxy (a ``forward`` the user set on the module before is refused, one set
+after wraps the proxy and sees every call). On the first call of a given shape the proxy
+captures the call with the original forward, compiles it into N stages and answers every
+call with the ε of the asynchronous pipeline (AsyncDiff, Chen et al. 2024; the rules are
+[Note: staleness] in ``asyncdiff/timeline.py``), in the form the model answers (a tuple for
+``return_dict=False``, else its output dataclass). The pipeline's own loop, guidance and scheduler run unchanged:
 the async runtime enters only as the denoiser (STYLE 1).
 
 *Steps.* Calls are placed on steps by the pipeline's scheduler, never by the timestep's
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -49,7 +51,8 @@ from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
 from asyncdiff.dropin.call import (Call, answer, bind_call, half_call, output_form,
                                    structure_change, with_static)
 from asyncdiff.dropin.session import Session
-from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
+from asyncdiff.dropin.module_state import (refuse_stateful_hooks, refuse_wrapped_forward,
+                                           state_key)
 from asyncdiff.dropin.steps import FedTimesteps, StepClock
 from asyncdiff.dropin.weights import Parked
 from asyncdiff.schedule import Schedule
@@ -243,14 +246,20 @@ class Handle:
         self.detach()
 
 
+# every module a live handle parallelizes (a wrapper the user set over its proxy hides it)
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, _Denoiser]" = weakref.WeakKeyDictionary()
+
+
 class _Denoiser:
     """One parallelized module: its proxy forward, its compiled sessions, its parked weights."""
 
     def __init__(self, handle: Handle, attr: str):
         module = getattr(handle.pipe, attr)
-        if isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _Denoiser):
+        if module in _LIVE or \
+                isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _Denoiser):
             raise RuntimeError(f"pipe.{attr} is already parallelized; detach() that handle first")
         refuse_stateful_hooks(handle.pipe, attr, module)
+        refuse_wrapped_forward(attr, module)
         h = handle
         self.handle, self.attr, self.module = handle, attr, module
         self.sessions: dict[tuple, Session] = {}
@@ -259,9 +268,13 @@ class _Denoiser:
         self._had_instance_forward = "forward" in module.__dict__
         self._instance_forward = module.__dict__.get("forward")
         self.parked = Parked(module, h.offload) if h.mode == "distributed" else None
+        self.attached = True
         module.__dict__["forward"] = self.forward
+        _LIVE[module] = self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.attached:  # detached below a wrapper the user set over it: pass through
+            return self.original(*args, **kwargs)
         return self.handle._call(self, args, kwargs)
 
     def session(self, call: Call) -> Session:
@@ -329,17 +342,24 @@ class _Denoiser:
 
     @contextlib.contextmanager
     def _unpatched(self, forward):
+        held = self.module.__dict__.get("forward")  # the proxy, or a wrapper set over it since
         self.module.__dict__["forward"] = forward
         try:
             yield
         finally:
-            self.module.__dict__["forward"] = self.forward
+            self.module.__dict__["forward"] = held
 
     def detach(self) -> None:
-        if self._had_instance_forward:
-            self.module.__dict__["forward"] = self._instance_forward
-        else:
-            self.module.__dict__.pop("forward", None)
+        """Restore the module's forward; a wrapper the user set over the proxy since stays
+        (it is theirs), and the proxy below it passes every call to the original forward."""
+        self.attached = False
+        if _LIVE.get(self.module) is self:
+            del _LIVE[self.module]
+        if self.module.__dict__.get("forward") == self.forward:  # else a wrapper over it
+            if self._had_instance_forward:
+                self.module.__dict__["forward"] = self._instance_forward
+            else:
+                self.module.__dict__.pop("forward", None)
         self.sessions.clear()
         if self.parked is not None:
             self.parked.restore()

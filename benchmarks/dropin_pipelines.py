@@ -104,6 +104,10 @@ LIMITS = """
   steps, a guidance schedule) is each step's conditioning. More than 8 calls of one
   denoiser between two `scheduler.step` calls (a loop stepping a sampler of its own) are
   refused.
+- **A forward wrapped by the user** (`pipe.unet.forward = spy`, an instance attribute) is
+  refused in one line when set before `parallelize` (the drop-in would take its place);
+  set after, it wraps the drop-in's forward, sees every call, and stays after `detach()`.
+  diffusers' and accelerate's own hooks are part of the module.
 - **Changed modules are captured again.** The module's plain attributes (an IP-Adapter's
   scale, `train()`/`eval()`, layers added by a LoRA) are part of the capture's key: a
   change between runs means a new capture, never a stale one.

@@ -97,3 +97,36 @@ def refuse_stateful_hooks(pipe: Any, attr: str, module: nn.Module) -> None:
         f"{type(pipe).__name__}.{attr} has {' and '.join(features)}: it keeps values between "
         "calls, which a pipeline split into stages cannot share; allowed: no stateful hook; "
         f"turn it off first ({', '.join(fixes)}) and parallelize again")
+
+
+# the instance forwards that libraries set on a module they hook (diffusers' HookRegistry,
+# accelerate's add_hook_to_module): a partial of a function of these modules. They are the
+# module's own: captured with it (a stateful one is refused above).
+_LIBRARY_HOOKS = ("diffusers.hooks.", "accelerate.hooks")
+
+
+def refuse_wrapped_forward(attr: str, module: nn.Module) -> None:
+    """A ``forward`` the user set on the denoiser (a spy that records what it is fed and calls
+    the original) cannot stay below the drop-in: it calls the network itself, and the proxy
+    put in its place would leave it uncalled. One line naming it and how to take it off; set
+    after ``parallelize`` it wraps the drop-in's forward and sees every call."""
+    forward = module.__dict__.get("forward")
+    if forward is None or _library_hook(forward) or _own_method(forward, module):
+        return
+    name = getattr(forward, "__qualname__", None) or type(forward).__name__
+    raise ValueError(
+        f"pipe.{attr}.forward is a wrapper set on the module ({name}): the drop-in replaces "
+        "the forward, so the pipeline's calls would no longer reach it; allowed: no wrapper "
+        f"when parallelize is called (del pipe.{attr}.forward, then parallelize); set it "
+        "after parallelize and it wraps the drop-in's forward and sees every call")
+
+
+def _library_hook(forward: Any) -> bool:
+    func = getattr(forward, "func", None)  # functools.partial(new_forward, module)
+    return str(getattr(func, "__module__", "")).startswith(_LIBRARY_HOOKS)
+
+
+def _own_method(forward: Any, module: nn.Module) -> bool:
+    """``module.forward = module.forward``: the class's own forward, bound to the module."""
+    return getattr(forward, "__self__", None) is module and \
+        getattr(forward, "__func__", None) is getattr(type(module), "forward", None)
