@@ -68,7 +68,8 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
                 cache_interval: int = 0, time_shift: bool = False,
                 stride_noise: str = "fresh",
                 strategy: str | None = None, cost_model: str = "flops",
-                depth: int | None = 4, boundaries: list[str] | None = None,
+                depth: int | None = 4, refine: int = 3, deepen: int = 0,
+                target: float = 1.02, boundaries: list[str] | None = None,
                 stages: list[list[str]] | None = None, split: str | None = None,
                 plan: Any = None,
                 mode: Literal["emulate", "distributed"] = "emulate",
@@ -88,8 +89,11 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     process). ``cache_interval=K``: the step cache instead of the pipeline (one device,
     emulate mode, ``strategy="shell_core"``: ``asyncdiff/step_cache.py``).
 
-    ``strategy`` (default ``balanced``), ``cost_model``, ``depth``: the partition
-    (``partition.compile_model``). The split can also be given as the command line takes it:
+    ``strategy`` (default ``balanced``), ``cost_model``, ``depth``, ``refine``, ``deepen``,
+    ``target``: the partition (``partition.compile_model``, ``partition.PartitionRequest``;
+    with ``cost_model="time"`` the split is refined on its stages' measured times, at most
+    ``refine`` re-cuts, until the slowest stage is within ``target`` of the mean:
+    ``partition/refine.py``). The split can also be given as the command line takes it:
     ``boundaries=[module, …]`` or ``stages=[[module, …], …]`` (``strategy="manual"``),
     ``split="paper_sd15_n3"`` (one of the paper's splits, with its N) or ``plan=`` a saved
     ``plan.json`` (its N and stages, rebuilt and verified, its ``plan_hash`` kept); a split or
@@ -108,7 +112,8 @@ def parallelize(pipe: Any, *, n: int | None = None, stride: int = 1, warmup: int
     ``transformer_2``, … the pipeline holds; a name or a tuple of names).
     """
     part = arguments.partitioning(n, strategy, cost_model, depth, boundaries, stages, split,
-                                  plan, verify, backend)
+                                  plan, verify, backend, target=target, deepen=deepen,
+                                  refine=refine)
     schedule = Schedule(n=part.n, stride=stride, warmup=warmup, cooldown=cooldown, sync=sync,
                         time_shift=time_shift, stride_noise=stride_noise,
                         cache_interval=cache_interval, cfg_parallel=cfg_parallel)

@@ -205,7 +205,7 @@ def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
     backend = part.get("backend", "auto")
     bundle, inputs, captured, costs, why = _captured(
         json.dumps(model_cfg, sort_keys=True), int(cfg.seed), part["cost_model"],
-        int(part.get("repeats", 3)), part.get("threads"), part.get("device"), backend)
+        int(part.get("repeats", 1)), part.get("threads"), part.get("device"), backend)
     cached = _captured.cache_info().hits > hit
     request = partition_request(part, par["n"])
     name = f"{bundle.name}/{bundle.variant}"
@@ -215,7 +215,7 @@ def compiled_model(cfg: DictConfig) -> tuple[ModelBundle, Compiled]:
             compiled = compile_model(bundle.module, bundle.specs, inputs, request,
                                      strategy=part["strategy"], cost_model=part["cost_model"],
                                      name=name, config_hash=bundle.architecture,
-                                     repeats=int(part.get("repeats", 3)),
+                                     repeats=int(part.get("repeats", 1)),
                                      threads=part.get("threads"), contract=bundle.contract,
                                      verify=verify, backend="module", note=why)
         else:

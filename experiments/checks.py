@@ -247,6 +247,11 @@ def check_config(cfg: Mapping, env: Mapping[str, str] | None = None, entry: str 
     variant = check_model(model)
     part, par, sch = cfg["partition"], cfg["parallel"], cfg["scheduler"]
     _int("partition.repeats", part["repeats"], 0)
+    _int("partition.deepen", part["deepen"], 0)
+    _int("partition.refine", part["refine"], 0)
+    if not part["target"] >= 1:
+        raise ConfigError(f"partition.target={part['target']}; allowed: a number >= 1 (the "
+                          "slowest stage over the mean)")
     if part["depth"] is not None:
         _int("partition.depth", part["depth"], 0)
     if part["threads"] is not None:

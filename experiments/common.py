@@ -68,7 +68,8 @@ def partition_request(part: dict, n: int) -> PartitionRequest:
     cap = part.get("memory_cap_mb")
     return PartitionRequest(n=int(n), depth=part.get("depth"), slack=float(part.get("slack", 0.01)),
                             memory_cap=int(cap * 2**20) if cap is not None else None,
-                            options=options)
+                            options=options, target=float(part.get("target", 1.02)),
+                            deepen=int(part.get("deepen", 0)), refine=int(part.get("refine", 0)))
 
 
 @contextlib.contextmanager

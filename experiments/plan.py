@@ -38,7 +38,7 @@ def plan_from_config(cfg: DictConfig, out_dir: Path | None):
         compiled = compile_model(
             bundle.module, bundle.specs, inputs, request, strategy=part["strategy"],
             cost_model=part["cost_model"], name=f"{bundle.name}/{bundle.variant}",
-            config_hash=bundle.architecture, repeats=int(part.get("repeats", 3)),
+            config_hash=bundle.architecture, repeats=int(part.get("repeats", 1)),
             threads=part.get("threads"), device=part.get("device"), contract=bundle.contract,
             verify=bool(part.get("verify", True)), backend=part.get("backend", "auto"))
     t_plan = time.perf_counter() - t0 - t_build

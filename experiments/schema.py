@@ -90,7 +90,14 @@ class PartitionConf:
     depth: Optional[int] = 4             # module-path depth of candidate cuts (null: any node)
     slack: float = 0.01                  # comm tie-break: splits within 1+slack of the best
     memory_cap_mb: Optional[float] = None  # most parameter MiB one stage may hold
-    repeats: int = 3                     # timed forwards of the eager model (cost_model=time)
+    repeats: int = 1                     # cost_model=time: each timing taken this many
+    #                                      times, the median kept (the eager model's modules,
+    #                                      then each stage)
+    target: float = 1.02                 # good enough: slowest stage over the mean
+    deepen: int = 4                      # balanced: module levels below depth a cut may go,
+    #                                      locally, where depth cannot reach the target
+    refine: int = 3                      # cost_model=time: re-cuts on the stages' measured
+    #                                      times at most (0: the first split stands)
     threads: Optional[int] = 1           # intra-op threads while timing and verifying
     verify: bool = True                  # check the stages against the eager model
     backend: CaptureBackend = CaptureBackend.auto
@@ -256,6 +263,7 @@ def register() -> None:
             "partition": {"strategy": s.strategy, "cost_model": s.cost_model,
                           "depth": s.depth, "slack": s.slack, "memory_cap_mb": None,
                           "repeats": 0, "threads": 1, "verify": True, "backend": "auto",
+                          "target": 1.02, "deepen": 0, "refine": 0,
                           **s.options}})
 
 

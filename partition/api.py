@@ -47,7 +47,7 @@ def check_choice(key: str, name: str) -> str:
 def compile_model(model: nn.Module, specs: tuple[InputSpec, ...], inputs: dict[str, torch.Tensor],
                   request: PartitionRequest, *, strategy: str = "balanced",
                   cost_model: str = "flops", name: str = "model", config_hash: str = "",
-                  repeats: int = 3, threads: int | None = 1, captured: Captured | None = None,
+                  repeats: int = 1, threads: int | None = 1, captured: Captured | None = None,
                   costs: NodeCosts | None = None, device: str | None = None,
                   contract: DenoiserContract | None = None, verify: bool = True,
                   backend: str = "auto", runner=None, note: str = "") -> Compiled:

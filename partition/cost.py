@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from partition.capture import Captured, PositionalDenoiser
 from partition.spec import call_denoiser
 from partition.threads import intra_op_threads
+from partition.timing import clock_name
 
 aten = torch.ops.aten
 COST_MODELS: tuple[str, ...] = ("time", "flops", "fvcore")
@@ -81,6 +82,7 @@ class NodeCosts:
     threads: int = 1
     repeats: int = 0
     device: str = "cpu"  # where ``ms`` was measured
+    clock: str = "wall"  # how (partition.timing.clock_name)
     counted_on: str = "fake"
     eager: torch.Tensor | None = field(default=None, repr=False, compare=False)
     captured: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -197,15 +199,17 @@ def _failed_node(gm: fx.GraphModule, prof: _Profiler) -> fx.Node:
 
 def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int = 3,
             threads: int | None = None, fvcore_model: torch.nn.Module | None = None,
-            warmup: bool = True, device: torch.device | str | None = None,
+            warmup: bool = False, device: torch.device | str | None = None,
             fake_only: bool = False) -> NodeCosts:
     """Count every compute node once for FLOPs and bytes; time the model ``repeats`` times.
 
     FLOPs and bytes come from one pass over fake tensors (free even for full-size models; on
     the real values where a shape depends on data). Time is each module's own time in the
-    eager model, median over the repeats (after one untimed warm-up pass unless
-    ``warmup=False``), spread over the nodes traced in it (``partition/timing.py``), taken
-    with ``threads`` intra-op threads (the thread count each worker will run with). ``device``
+    eager model, median over the repeats (after one untimed warm-up pass if ``warmup``: the
+    first pass's kernel set-up is a few ms of a forward of seconds, and the stages' own timing
+    corrects what it skews: ``partition/refine.py``), spread over the nodes traced in it
+    (``partition/timing.py``), taken with ``threads`` intra-op threads (the thread count each
+    worker will run with) on the clock of [Note: the CPU clock]. ``device``
     times a copy of the model moved there (the stages' target GPU: time shares on a GPU are
     not those of a CPU, nor FLOP shares); by default, where ``inputs`` are. Measure once and
     share the result: timings are noisy, so two measurements give two plans. ``fake_only``:
@@ -218,12 +222,14 @@ def profile(captured: Captured, inputs: dict[str, torch.Tensor], *, repeats: int
             ms, eager, where = {}, None, "cpu"
             if repeats:
                 ms, eager, where = _time_modules(captured, inputs, repeats, warmup, device)
+            clock = clock_name(used, torch.device(where).type == "cuda")
         fv = (fvcore_node_flops(captured, fvcore_model, inputs, prof.flops)
               if fvcore_model is not None else None)
     return NodeCosts(flops=prof.flops, ms=ms, out_bytes=prof.out_bytes,
                      uncounted=dict(sorted(prof.recorder.uncounted.items())), fvcore_flops=fv,
                      threads=used,
-                     repeats=repeats, device=where, counted_on=counted_on, eager=eager,
+                     repeats=repeats, device=where, clock=clock, counted_on=counted_on,
+                     eager=eager,
                      captured=captured_out)
 
 

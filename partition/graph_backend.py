@@ -2,6 +2,9 @@
 their own weights (``partition/stages.py``), verified against the eager model."""
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 
 from partition.backend import Compiled
@@ -9,10 +12,12 @@ from partition.capture import Captured, capture
 from partition.contract import DenoiserContract
 from partition.cost import NodeCosts, profile
 from partition.graph import TrunkGraph, build_graph
-from partition.plan import Plan, make_plan
+from partition.plan import Measured, Plan, make_plan
+from partition.refine import refine
 from partition.stages import Hoisted, StagedModel, build_stages
 from partition.strategies.base import Assignment, PartitionRequest, RequestError
 from partition.strategies.registry import get_strategy
+from partition.verify import Verified, times_here
 from partition.verify import verify as verify_stages
 
 
@@ -56,7 +61,7 @@ class GraphBackend:
 
     def verify(self, graph: TrunkGraph, staged: StagedModel, inputs, threads: int | None,
                name: str) -> str:
-        return _check(graph, staged, inputs, threads, True, name)[0]
+        return verify_stages(graph, staged, inputs, threads=threads, model=name).note
 
 
 def compile_graph(graph: TrunkGraph, request: PartitionRequest, *, strategy: str,
@@ -64,23 +69,53 @@ def compile_graph(graph: TrunkGraph, request: PartitionRequest, *, strategy: str
                   inputs: dict[str, torch.Tensor] | None = None, threads: int | None = None,
                   verify: bool = True) -> Compiled:
     """Cut an already captured and costed graph; verified against the eager model when
-    ``inputs`` are given (``verify=False`` or no inputs: the plan says it is unverified)."""
+    ``inputs`` are given (``verify=False`` or no inputs: the plan says it is unverified).
+    With measured times (``cost_model=time``) the verified stages are timed, and with
+    ``request.refine`` rounds the split is refined on those times ([Note: refinement])."""
     if request.n < 1:
         raise RequestError(f"n={request.n}; allowed: n >= 1")
-    assignment = (Assignment((0,) * graph.size, 1, strategy) if request.n == 1
-                  else get_strategy(strategy)(graph, request))
-    staged = build_stages(graph, assignment)
-    checked, stage_ms, step_ms = _check(graph, staged, inputs, threads, verify, name)
+    strategy_fn = get_strategy(strategy)
+
+    def cut(g: TrunkGraph) -> Assignment:
+        return Assignment((0,) * g.size, 1, strategy) if request.n == 1 else strategy_fn(g, request)
+
+    def check(staged: StagedModel) -> Verified:
+        return verify_stages(graph, staged, inputs, threads=threads, model=name,
+                             repeats=graph.costs.repeats)
+
+    timed = verify and inputs is not None and times_here(graph, inputs)
+    if timed and request.refine and request.n > 1:
+        def weighted(w: np.ndarray) -> TrunkGraph:
+            return dataclasses.replace(graph, weights=w)
+
+        refined = refine(graph.weights, cut=lambda w: cut(weighted(w)),
+                         predict=lambda a, w: weighted(w).stage_costs(a.stage_of, a.n),
+                         build=lambda a: build_stages(graph, a), measure=check,
+                         rounds=request.refine, target=request.target)
+        graph = weighted(refined.weights)
+        assignment, staged, checked = refined.assignment, refined.staged, refined.verified
+        extra = dict(predicted_ms=refined.predicted_ms, rounds=refined.rounds,
+                     outcome=refined.outcome)
+    else:
+        assignment = cut(graph)
+        staged = build_stages(graph, assignment)
+        if not verify:
+            checked = Verified("off: not verified (verify=False)", None)
+        elif inputs is None:
+            checked = Verified("off: not verified (no example inputs given to compile_graph)",
+                               None)
+        else:
+            checked = check(staged)
+        extra = dict(predicted_ms=tuple(round(float(x), 4) for x in
+                                        graph.stage_costs(assignment.stage_of, assignment.n)))
+    measured = None
+    if checked.stage_ms is not None:
+        costs = graph.costs
+        measured = Measured(stage_ms=checked.stage_ms, total_ms=checked.step_ms,
+                            threads=costs.threads, repeats=max(costs.repeats, 1),
+                            device=costs.device, source="stages", step_source="stages",
+                            clock=costs.clock, spread=checked.spread, **extra)
     plan = make_plan(graph, assignment, staged, model=name, config_hash=config_hash,
-                     cost_model=cost_model, depth=request.depth, verification=checked,
-                     stage_ms=stage_ms, step_ms=step_ms)
+                     cost_model=cost_model, depth=request.depth, verification=checked.note,
+                     measured=measured)
     return Compiled(plan=plan, staged=staged, graph=graph)
-
-
-def _check(graph, staged, inputs, threads, verify: bool, name: str):
-    if not verify:
-        return "off: not verified (verify=False)", None, None
-    if inputs is None:
-        return "off: not verified (no example inputs given to compile_graph)", None, None
-    result = verify_stages(graph, staged, inputs, threads=threads, model=name)
-    return result.note, result.stage_ms, result.step_ms

@@ -88,6 +88,30 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
+class Round:
+    """One round of the stage-level refinement (``partition/refine.py``): the split the cost
+    model chose, the stage times it predicted and the stage times measured."""
+
+    cuts: tuple[int, ...]
+    predicted_ms: tuple[float, ...]
+    measured_ms: tuple[float, ...]
+    spread: float | None = None  # largest relative difference between timings of one stage
+
+    @property
+    def imbalance(self) -> float:
+        return _imbalance(self.measured_ms)
+
+    @property
+    def predicted_imbalance(self) -> float:
+        return _imbalance(self.predicted_ms)
+
+
+def _imbalance(ms) -> float:
+    mean = sum(ms) / len(ms)
+    return max(ms) / mean if mean > 0 else 1.0
+
+
+@dataclass(frozen=True)
 class Measured:
     """Timing-dependent numbers: excluded from the hash (they differ run to run)."""
 
@@ -98,9 +122,14 @@ class Measured:
     device: str = "cpu"  # where the nodes were timed
     source: str = "modules"  # stage_ms: "stages" (the stages themselves, timed) or "modules"
     #   (the summed module times)
-    step_source: str = "modules"  # total_ms: "stages" (timed beside the stages after
-    #   verification, partition.verify.time_step) or "modules" (the summed module times; a
-    #   plan saved before step_source existed says "modules" whatever its source)
+    step_source: str = "modules"  # total_ms: "stages" (from the stages' own timing, less
+    #   the conditioning they replicate: partition.verify) or "modules" (the summed module
+    #   times; a plan saved before step_source existed says "modules" whatever its source)
+    clock: str = "wall"      # how the times were read (partition.timing.clock_name)
+    predicted_ms: tuple[float, ...] = ()  # the cost model's stage times for this split
+    spread: float | None = None  # largest relative difference between timings of one stage
+    rounds: tuple[Round, ...] = ()  # the stage-level refinement's rounds, in order
+    outcome: str = ""        # how the refinement ended (partition/refine.py)
 
 
 @dataclass(frozen=True)
@@ -150,10 +179,8 @@ class Plan:
 
     @property
     def time_imbalance(self) -> float | None:
-        if self.measured is None:
-            return None
-        ms = self.measured.stage_ms
-        return max(ms) / (sum(ms) / len(ms))
+        """Slowest over mean of the measured stage times (None: not timed)."""
+        return None if self.measured is None else _imbalance(self.measured.stage_ms)
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self, measured: bool = True) -> dict:
@@ -195,7 +222,13 @@ class Plan:
         d["uncounted_ops"] = tuple(tuple(x) for x in d.get("uncounted_ops", ()))
         d["versions"] = tuple(tuple(x) for x in d.get("versions", ()))
         m = d.get("measured")
-        d["measured"] = Measured(**{**m, "stage_ms": tuple(m["stage_ms"])}) if m else None
+        d["measured"] = Measured(**{
+            **m, "stage_ms": tuple(m["stage_ms"]),
+            "predicted_ms": tuple(m.get("predicted_ms", ())),
+            "rounds": tuple(Round(**{**r, "cuts": tuple(r["cuts"]),
+                                     "predicted_ms": tuple(r["predicted_ms"]),
+                                     "measured_ms": tuple(r["measured_ms"])})
+                            for r in m.get("rounds", ()))}) if m else None
         return cls(**d)
 
     @classmethod
@@ -216,13 +249,12 @@ def _versions() -> tuple[tuple[str, str], ...]:
 
 def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *, model: str,
               config_hash: str, cost_model: str, depth: int | None,
-              verification: str = "", stage_ms: tuple[float, ...] | None = None,
-              step_ms: float | None = None) -> Plan:
+              verification: str = "", measured: Measured | None = None) -> Plan:
     """Describe a materialised split: per-stage costs, parameters, crossing and hoisted values.
 
-    ``stage_ms``, ``step_ms``: each stage's and the sequential step's time, measured side by side
-    (``partition.verify.time_step``); without them, measured times are the summed module times
-    of the nodes."""
+    ``measured``: the stages' own times (``partition.verify``, ``partition.refine``); without
+    it, with measured module times (``cost_model=time``), the summed module times of the
+    nodes."""
     from partition.validate import validate_assignment
 
     validate_assignment(graph, assignment)
@@ -294,21 +326,14 @@ def make_plan(graph: TrunkGraph, assignment: Assignment, staged: StagedModel, *,
         raise ValueError(f"the prediction {out_name!r} has a shape that depends on the data and "
                          "no example value was computed to fix it")
     out_bytes = int(out_val.numel() * out_val.element_size())
-    measured = None
-    if costs.ms:
-        total = step_ms
-        if stage_ms is None or step_ms is None:
-            total = sum(costs.ms.values())
-            stage_ms = tuple(round(sum(costs.ms.get(graph.trunk[i], 0.0) for i in range(k)
-                                       if stage_of[i] == s)
-                                   + sum(costs.ms.get(c, 0.0) for sg in staged.stage_segments(s)
-                                         for c in sg.conditioning), 4) for s in range(n))
-            source = "modules"
-        else:
-            source = "stages"
-        measured = Measured(stage_ms=tuple(stage_ms), total_ms=round(total, 4),
+    if measured is None and costs.ms:
+        stage_ms = tuple(round(sum(costs.ms.get(graph.trunk[i], 0.0) for i in range(k)
+                                   if stage_of[i] == s)
+                               + sum(costs.ms.get(c, 0.0) for sg in staged.stage_segments(s)
+                                     for c in sg.conditioning), 4) for s in range(n))
+        measured = Measured(stage_ms=stage_ms, total_ms=round(sum(costs.ms.values()), 4),
                             threads=costs.threads, repeats=costs.repeats, device=costs.device,
-                            source=source, step_source=source)
+                            clock=costs.clock)
     return Plan(
         model=model, config_hash=config_hash, graph_hash=graph.captured.graph_hash(),
         inputs=graph.captured.specs, n=n, strategy=assignment.strategy, cost_model=cost_model,

@@ -5,10 +5,11 @@ prologue, then every segment: exactly what a warm-up step runs) must equal the e
 for bit. That one comparison covers the whole compiler (capture, functionalization, staging,
 conditioning replication and hoisting); it costs one run of the stages, and the eager output is
 the one the time cost model already produced while timing the modules (``partition/timing.py``),
-so with ``cost_model=time`` verification adds a single forward. With ``cost_model=time`` the
-stages and the sequential step (the graph as one stage) are then timed side by side
-(:func:`time_step`): the plan's measured stage times are the real stages', conditioning
-included, and its sequential step is timed the same way.
+so with ``cost_model=time`` verification adds a single forward. With ``cost_model=time`` that
+run is also the stages' timing: each segment is timed as it runs (on the clock of [Note: the
+CPU clock]), so the plan's stage times are the real stages', conditioning included, and the
+refinement (``partition/refine.py``) corrects the cost model from them. ``repeats`` > 1 times
+every stage again from the values that run computed, interleaved, and keeps the median.
 
 When they differ the compile is refused with :class:`VerificationError`, unless eager itself
 took another kernel path: ``nn.MultiheadAttention`` (and a few other modules) switch to a fused
@@ -22,7 +23,9 @@ stage, module and the largest absolute difference.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +35,7 @@ from partition.cost import node_module
 from partition.graph import TrunkGraph
 from partition.stages import StagedModel
 from partition.threads import intra_op_threads
+from partition.timing import host_clock
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +47,26 @@ class VerificationError(RuntimeError):
 @dataclass(frozen=True)
 class Verified:
     note: str                       # what the plan records (``Plan.verification``)
-    stage_ms: tuple[float, ...] | None  # each stage's time (time_step; None: not timed)
-    step_ms: float | None = None    # the sequential step, timed the same way
+    stage_ms: tuple[float, ...] | None  # each stage's time (None: not timed)
+    step_ms: float | None = None    # the sequential step: the stages' times less the
+    #                                 conditioning they replicate (:func:`sequential_ms`)
+    spread: float | None = None     # largest relative difference between timings of a stage
 
 
 def verify(graph: TrunkGraph, staged: StagedModel, inputs: dict[str, torch.Tensor], *,
-           threads: int | None, model: str = "model") -> Verified:
+           threads: int | None, model: str = "model", repeats: int = 1) -> Verified:
     """Check stages == eager on ``inputs``; raise :class:`VerificationError` if they differ.
-    With measured module times (``cost_model=time``) the stages and the sequential step are
-    then timed (:func:`time_step`), where the inputs are; if the modules were timed on another
-    device (``compile_model(device=…)``), the plan keeps the module times of that device."""
-    with intra_op_threads(threads), torch.no_grad():
+    With measured module times (``cost_model=time``) the run that is checked is timed stage
+    by stage (``repeats`` > 1: each stage timed that many times in all, the median kept),
+    where the inputs are; if the modules were timed on another device
+    (``compile_model(device=…)``), the plan keeps the module times of that device."""
+    here = next(iter(inputs.values())).device.type
+    timed = times_here(graph, inputs)
+    with intra_op_threads(threads) as used, torch.no_grad():
         eager = reference(graph, inputs, threads)
         env = graph.captured.env(inputs)
-        out = run_stages(staged, env)
+        clock = stage_clock(used, here == "cuda") if timed else None
+        out, stage_ms, full = run_timed(staged, env, clock)
         if same(out, eager):
             captured = graph.costs.captured
             note = "exact: stages == eager"
@@ -65,12 +75,17 @@ def verify(graph: TrunkGraph, staged: StagedModel, inputs: dict[str, torch.Tenso
             note += f" (bit for bit, {torch.get_num_threads()} thread(s))"
         else:  # raises, unless eager took a kernel path the capture does not have
             note = _explain(graph, staged, inputs, out, eager, model)
-        stage_ms = step_ms = None
-        here = next(iter(inputs.values())).device.type
-        if graph.costs.ms and torch.device(graph.costs.device).type == here:
-            one = None if staged.n == 1 else sequential_step(graph, env, out)
-            stage_ms, step_ms = time_step(staged, env, one, graph.costs.repeats)
-        return Verified(note, stage_ms, step_ms)
+        if not timed:
+            return Verified(note, None)
+        stage_ms, spread = retime(staged, full, stage_ms, repeats, clock)
+        return Verified(note, stage_ms, sequential_ms(graph, staged, stage_ms), spread)
+
+
+def times_here(graph: TrunkGraph, inputs: dict[str, torch.Tensor]) -> bool:
+    """Whether verifying on ``inputs`` also times the stages: the cost model measured times
+    (``cost_model=time``) on the device the inputs are on."""
+    here = next(iter(inputs.values())).device.type
+    return bool(graph.costs.ms) and torch.device(graph.costs.device).type == here
 
 
 def reference(graph: TrunkGraph, inputs: dict[str, torch.Tensor], threads: int | None) -> torch.Tensor:
@@ -88,77 +103,80 @@ def reference(graph: TrunkGraph, inputs: dict[str, torch.Tensor], threads: int |
 
 def run_stages(staged: StagedModel, env: dict[str, torch.Tensor]) -> torch.Tensor:
     """The stages chained in order: every prologue, then every segment (a warm-up step)."""
-    env = dict(env)
-    for seg in [*staged.prologues, *staged.segments]:
-        env.update(seg(env))
-    return env[staged.output]
+    return run_timed(staged, env)[0]
 
 
-def sequential_step(graph: TrunkGraph, env: dict[str, torch.Tensor], want: torch.Tensor):
-    """One step of the sequential sampler in the form the stages run: the graph as one stage,
-    every node once, its hoisted conditioning computed beforehand, once per run
-    (``asyncdiff.denoiser.SequentialDenoiser`` on an N = 1 split). Run once untimed, and
-    checked against ``want`` (the stages' output): what is timed is the same computation."""
-    from partition.stages import build_stages
-    from partition.strategies.base import Assignment
-
-    one = build_stages(graph, Assignment((0,) * graph.size, 1, "whole"))
-    base = dict(env)
-    for seg in one.prologues:
-        base.update(seg(base))
-
-    def step() -> torch.Tensor:
-        run = dict(base)
-        for seg in one.segments:
-            run.update(seg(run))
-        return run[one.output]
-    got = step()
-    if not same(got, want):
-        raise VerificationError(f"the graph as one stage differs from the plan's stages by "
-                                f"{max_diff(got, want):.3g} (max abs): one of the two "
-                                "stagings is wrong")
-    return step
-
-
-def time_step(staged: StagedModel, env: dict[str, torch.Tensor], sequential, repeats: int = 1
-              ) -> tuple[tuple[float, ...], float]:
-    """Each stage's per-step wall time and the ``sequential`` step's, in ms, timed the same
-    way (no hooks; CUDA synchronised), alternating, the minimum of ``repeats`` (at least 1)
-    runs each, after one untimed run of each. A prologue (conditioning hoisted to once per
-    sampling run) is not counted. ``sequential=None``: the stages are the whole model
-    (N = 1), and the sequential step is their sum, not a second noisy timing of the same work.
-
-    A predicted speedup divides the sequential step by the stage times, so both must come from
-    one harness: the cost pass's per-node times, summed, include every node's timing overhead
-    (on a model of a few ms the sum is about twice its forward), and a speedup predicted
-    against that sum came out above the ideal. (A run's measured baseline chains the N stages,
-    ``SequentialDenoiser(staged)``, and so also repeats the per-step conditioning each stage
-    replicates, ``StagePlan.cond_flops``; the prediction's sequential step does not.)"""
-    cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in env.values())
+def stage_clock(threads: int, cuda: bool) -> Callable[[], float]:
+    """Seconds, for timing a segment: on CUDA the wall clock after a synchronisation (the
+    segment's kernels are done), on the host :func:`partition.timing.host_clock`."""
+    if not cuda:
+        return host_clock(threads)
 
     def clock() -> float:
-        if cuda:
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
         return time.perf_counter()
+    return clock
 
-    stage = [float("inf")] * staged.n
-    step = float("inf")
-    for _ in range(max(int(repeats), 1)):
-        if sequential is not None:
-            t0 = clock()
-            sequential()
-            step = min(step, (clock() - t0) * 1e3)
-        run = dict(env)
+
+def run_timed(staged: StagedModel, env: dict[str, torch.Tensor], clock=None
+              ) -> tuple[torch.Tensor, tuple[float, ...], dict[str, torch.Tensor]]:
+    """The stages chained in order (every prologue, then every segment), each segment timed
+    with ``clock`` (None: not timed) and its time added to its stage's, in ms; the prologues
+    (conditioning hoisted to once per sampling run) are not counted. Returns the output, the
+    stage times and every value the run computed."""
+    env = dict(env)
+    ms = [0.0] * staged.n
+    for seg in staged.prologues:
+        env.update(seg(env))
+    for seg in staged.segments:
+        if clock is None:
+            env.update(seg(env))
+            continue
+        t0 = clock()
+        env.update(seg(env))
+        ms[seg.stage] += (clock() - t0) * 1e3
+    return env[staged.output], tuple(ms), env
+
+
+def retime(staged: StagedModel, full: dict[str, torch.Tensor], first: tuple[float, ...],
+           repeats: int, clock) -> tuple[tuple[float, ...], float | None]:
+    """Each stage's time as the median of ``first`` (the chained run's) and ``repeats - 1``
+    more runs of it on the values ``full`` holds, interleaved (every stage once per pass, the
+    order reversed every other pass: a slow moment hits different stages each time); and the
+    largest relative difference between two timings of one stage (None: timed once)."""
+    runs = [list(first)]
+    for r in range(max(int(repeats), 1) - 1):
         ms = [0.0] * staged.n
-        for seg in [*staged.prologues, *staged.segments]:
+        order = range(staged.n) if r % 2 else reversed(range(staged.n))
+        for s in order:
+            local = dict(full)
             t0 = clock()
-            run.update(seg(run))
-            if not seg.prologue:
-                ms[seg.stage] += (clock() - t0) * 1e3
-        stage = [min(a, b) for a, b in zip(stage, ms)]
-    if sequential is None:
-        step = sum(stage)
-    return tuple(round(t, 4) for t in stage), round(step, 4)
+            for seg in staged.stage_segments(s):
+                local.update(seg(local))
+            ms[s] = (clock() - t0) * 1e3
+        runs.append(ms)
+    median = tuple(round(statistics.median(r[s] for r in runs), 4) for s in range(staged.n))
+    if len(runs) == 1:
+        return median, None
+    spread = max((max(r[s] for r in runs) - min(r[s] for r in runs)) / median[s]
+                 for s in range(staged.n) if median[s] > 0)
+    return median, round(spread, 4)
+
+
+def sequential_ms(graph: TrunkGraph, staged: StagedModel, stage_ms) -> float:
+    """The sequential step from the stages' own times: their sum, less what the stages
+    recompute that one model computes once, the per-step conditioning several of them
+    replicate (each node's share of that, from the cost model's time of it). A predicted
+    speedup divides this by the stage times, so both come from one timing of one harness
+    (the summed module times are not that harness: on a model of a few ms their timing
+    overhead doubled the forward, and a predicted speedup came out above the ideal)."""
+    counts: dict[str, int] = {}
+    for seg in staged.segments:
+        for c in set(seg.conditioning):
+            counts[c] = counts.get(c, 0) + 1
+    ms = graph.costs.ms
+    extra = sum(ms.get(c, 0.0) * (k - 1) for c, k in counts.items() if k > 1)
+    return round(max(sum(stage_ms) - extra, 0.0), 4)
 
 
 def same(a, b) -> bool:

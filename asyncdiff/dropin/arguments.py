@@ -31,10 +31,14 @@ class Partitioning:
     plan: Plan | None = None
     verify: bool = True
     backend: str = "auto"
+    target: float = 1.02  # PartitionRequest.target, .deepen, .refine
+    deepen: int = 0
+    refine: int = 3
 
 
 def partitioning(n, strategy, cost_model, depth, boundaries, stages, split, plan, verify,
-                 backend) -> Partitioning:
+                 backend, target: float = 1.02, deepen: int = 0,
+                 refine: int = 3) -> Partitioning:
     """One split source: a strategy (with manual cut points), a named split, or a plan."""
     given = [k for k, v in (("boundaries", boundaries), ("stages", stages), ("split", split),
                             ("plan", plan)) if v is not None]
@@ -61,8 +65,17 @@ def partitioning(n, strategy, cost_model, depth, boundaries, stages, split, plan
         strategy = agree("strategy", strategy, "manual", "boundaries/stages")
     if n is None:
         raise ValueError("n=None; allowed: an integer >= 1 (or a split or plan that sets it)")
+    if not (isinstance(refine, int) and refine >= 0):
+        raise ValueError(f"refine={refine!r}; allowed: an integer >= 0 (re-cuts on the "
+                         "stages' measured times, cost_model='time')")
+    if not (isinstance(deepen, int) and deepen >= 0):
+        raise ValueError(f"deepen={deepen!r}; allowed: an integer >= 0 (module levels below "
+                         "depth a cut may go)")
+    if not (isinstance(target, (int, float)) and target >= 1):
+        raise ValueError(f"target={target!r}; allowed: a number >= 1 (slowest stage over the "
+                         "mean)")
     part = Partitioning(n, strategy or "balanced", cost_model, depth, slack, manual, saved,
-                        verify, backend)
+                        verify, backend, float(target), deepen, refine)
     check_choice("strategy", part.strategy)
     check_choice("cost_model", part.cost_model)
     check_choice("backend", part.backend)

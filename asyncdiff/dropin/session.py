@@ -108,10 +108,11 @@ def compile_call(module: nn.Module, call: Call, captured: Captured | None, part:
                                  name=type(module).__name__)
     return compile_model(module, call.specs(), call.tensors,
                          PartitionRequest(n=part.n, depth=part.depth, slack=part.slack,
-                                          options=dict(part.manual)),
+                                          options=dict(part.manual), target=part.target,
+                                          deepen=part.deepen, refine=part.refine),
                          strategy=part.strategy, cost_model=part.cost_model,
                          name=type(module).__name__, config_hash=config_hash(module),
-                         repeats=3 if part.cost_model == "time" else 0,
+                         repeats=1 if part.cost_model == "time" else 0,
                          threads=torch.get_num_threads(), captured=captured, costs=costs,
                          verify=part.verify, runner=runner, note=note,
                          backend="module" if captured is None else "graph")

@@ -9,6 +9,8 @@ a block's outputs go to every later stage (no graph says which of them it reads)
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -137,40 +139,71 @@ def compile_modular(model, specs, inputs, request: PartitionRequest, *, strategy
                     note: str = "", runner=None) -> Compiled:
     graph = block_graph(model, specs, inputs, request.n, cost_model=cost_model, repeats=repeats,
                         threads=threads, contract=contract)
-    a = assign(graph, request, strategy)
-    staged = build_block_stages(graph, a, runner)
     checked, stage_ms, step_ms = "off: not verified (verify=False)", None, None
-    if verify:
-        checked, stage_ms, step_ms = verify_blocks(graph, staged, inputs, threads, name,
-                                                   repeats)
+    refined = None
+    if verify and graph.ms_measured and request.refine and request.n > 1:
+        refined = _refined(graph, request, strategy, inputs, threads, name, repeats, runner)
+        graph = dataclasses.replace(graph, weights=refined.weights)
+        a, staged, v = refined.assignment, refined.staged, refined.verified
+        checked, stage_ms, step_ms = v.note, v.stage_ms, v.step_ms
+    else:
+        a = assign(graph, request, strategy)
+        staged = build_block_stages(graph, a, runner)
+        if verify:
+            checked, stage_ms, step_ms = verify_blocks(graph, staged, inputs, threads, name,
+                                                       repeats)
     plan = make_module_plan(graph, a, staged, model=name, config_hash=config_hash,
                             depth=request.depth, verification=checked, stage_ms=stage_ms,
-                            step_ms=step_ms, repeats=repeats, note=note)
+                            step_ms=step_ms, repeats=repeats, note=note, refined=refined)
     return Compiled(plan=plan, staged=staged, graph=graph)
+
+
+def _refined(graph: BlockGraph, request, strategy, inputs, threads, name, repeats, runner):
+    """The stage-level refinement ([Note: refinement]) on the module backend's blocks."""
+    from partition.refine import refine
+    from partition.verify import Verified
+
+    def weighted(w):
+        return dataclasses.replace(graph, weights=w)
+
+    def measure(staged):
+        return Verified(*verify_blocks(graph, staged, inputs, threads, name, repeats))
+
+    def predict(a, w):
+        so = np.asarray(a.stage_of)
+        return np.array([w[so == s].sum() + graph.glue_cost for s in range(a.n)])
+
+    return refine(graph.weights, cut=lambda w: assign(weighted(w), request, strategy),
+                  predict=predict, build=lambda a: build_block_stages(graph, a, runner),
+                  measure=measure, rounds=request.refine, target=request.target)
 
 
 def verify_blocks(graph: BlockGraph, staged: StagedModel, inputs, threads, name: str,
                   repeats: int = 1):
     """Stages chained (a warm-up step) == the eager model, bit for bit; with measured block
-    times, the stages and the forward timed side by side (``partition.verify.time_step``)."""
+    times, that run timed stage by stage (``partition.verify.run_timed``; ``repeats`` > 1:
+    each stage timed that many times, interleaved, the median kept). The sequential step is
+    the stages' sum less the glue every stage runs beyond the first."""
     from partition.spec import call_denoiser
-    from partition.verify import VerificationError, max_diff, run_stages, same, time_step
+    from partition.verify import (VerificationError, max_diff, retime, run_timed, same,
+                                  stage_clock)
 
     with intra_op_threads(threads) as used, torch.no_grad():
         want = call_denoiser(graph.model, inputs, graph.contract, graph.specs)
         env = {s.name: inputs[s.name] for s in graph.specs}
-        got = run_stages(staged, env)
+        cuda = want.is_cuda
+        clock = stage_clock(used, cuda) if graph.ms_measured else None
+        got, stage_ms, full = run_timed(staged, env, clock)
         if not same(got, want):
             raise VerificationError(
                 f"{name}: the module backend's stages differ from the eager model by "
                 f"{max_diff(got, want):.3g} (max abs): the network's blocks do not compose the "
                 "way its forward calls them (a block whose output is consumed inside another "
                 "block, or state kept between calls); the plan is refused")
-        stage_ms = step_ms = None
-        if graph.ms_measured:
-            stage_ms, step_ms = time_step(staged, env, None if staged.n == 1 else (
-                lambda: call_denoiser(graph.model, inputs, graph.contract, graph.specs)),
-                repeats)
+        if clock is None:
+            return f"exact: stages == eager (bit for bit, {used} thread(s))", None, None
+        stage_ms, _ = retime(staged, full, stage_ms, repeats, clock)
+        step_ms = max(sum(stage_ms) - (staged.n - 1) * graph.glue_cost, 0.0)
     return f"exact: stages == eager (bit for bit, {used} thread(s))", stage_ms, step_ms
 
 

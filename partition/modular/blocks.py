@@ -17,7 +17,6 @@ done here from the module tree and measured costs.
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from partition.contract import DenoiserContract
 from partition.cost import CPU_ATTENTION, tensor_bytes
 from partition.spec import InputSpec, call_denoiser
+from partition.timing import host_clock
 
 
 @dataclass
@@ -128,6 +128,7 @@ class _Tracer:
         self.stack: list[int] = []
         self.count: dict[str, int] = {}
         self.counter = counter
+        self.clock = host_clock(torch.get_num_threads())  # [Note: the CPU clock]
         self.marks: dict[int, tuple[float, int]] = {}
         self.hooks = []
         for path, mod in model.named_modules():
@@ -141,13 +142,13 @@ class _Tracer:
         self.calls.append(Call(path, k, self.stack[-1] if self.stack else None, len(self.calls)))
         self.stack.append(len(self.calls) - 1)
         flops = self.counter.get_total_flops() if self.counter is not None else 0
-        self.marks[len(self.calls) - 1] = (time.perf_counter(), flops)
+        self.marks[len(self.calls) - 1] = (self.clock(), flops)
 
     def post(self, path: str, out) -> None:
         i = self.stack.pop()
         t0, f0 = self.marks.pop(i)
         call = self.calls[i]
-        call.ms = (time.perf_counter() - t0) * 1e3
+        call.ms = (self.clock() - t0) * 1e3
         call.flops = (self.counter.get_total_flops() if self.counter is not None else 0) - f0
         leaves, spec = pytree.tree_flatten(out)
         call.flattenable = all(isinstance(v, (torch.Tensor, int, float, bool, str, type(None)))

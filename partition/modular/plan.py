@@ -10,12 +10,13 @@ from partition.plan import (Measured, Plan, SegmentPlan, StagePlan, ValuePlan, _
                             totals)
 from partition.stages import StagedModel
 from partition.strategies.base import Assignment
+from partition.timing import clock_name
 
 
 def make_module_plan(graph: BlockGraph, a: Assignment, staged: StagedModel, *, model: str,
                      config_hash: str, depth, verification: str,
                      stage_ms: tuple[float, ...] | None, step_ms: float | None = None,
-                     repeats: int = 1, note: str = "") -> Plan:
+                     repeats: int = 1, note: str = "", refined=None) -> Plan:
     n, k = a.n, graph.size
     values = []
     for i in range(k):
@@ -55,13 +56,17 @@ def make_module_plan(graph: BlockGraph, a: Assignment, staged: StagedModel, *, m
     measured = None
     if graph.ms_measured:  # as the graph backend: timings only with the time cost model
         timed = stage_ms is not None and step_ms is not None
-        measured = Measured(stage_ms=tuple(stage_ms) if timed else tuple(
-                                float(graph.weights[st.segments[0].start:st.segments[0].stop].sum()
-                                      + graph.glue_cost) for st in stages),
+        predicted = tuple(float(graph.weights[st.segments[0].start:st.segments[0].stop].sum()
+                                + graph.glue_cost) for st in stages)
+        measured = Measured(stage_ms=tuple(stage_ms) if timed else predicted,
                             total_ms=round(step_ms if timed else root.ms, 4),
                             threads=graph.threads, repeats=repeats if timed else 1,
                             device=str(eps.device), source="stages" if timed else "modules",
-                            step_source="stages" if timed else "modules")
+                            step_source="stages" if timed else "modules",
+                            clock=clock_name(graph.threads, eps.is_cuda),
+                            predicted_ms=refined.predicted_ms if refined else predicted,
+                            rounds=refined.rounds if refined else (),
+                            outcome=refined.outcome if refined else "")
     glue_share = graph.glue_flops / graph.total_flops if graph.total_flops else 0.0
     notes = [f"module backend: {k} blocks run eagerly; the glue between them "
              f"({graph.glue_flops / 1e9:.4f} GFLOPs, {glue_share:.1%} of a step) runs on every "

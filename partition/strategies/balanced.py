@@ -72,12 +72,63 @@ def min_max_cuts(cost: np.ndarray, q: np.ndarray, n: int, *, feasible: np.ndarra
 
 
 def balanced(graph: TrunkGraph, request: PartitionRequest) -> Assignment:
-    """Min–max balanced contiguous split at module boundaries (the default strategy)."""
-    q = np.array([0, *graph.candidates(request.depth), graph.size], dtype=np.int64)
-    cuts = min_max_cuts(graph.stage_cost_matrix(q), q, request.n,
+    """Min–max balanced contiguous split at module boundaries (the default strategy); where
+    none at ``request.depth`` reaches ``request.target``, up to ``request.deepen`` levels
+    deeper around the cuts (:func:`deepened`)."""
+    cands = graph.candidates(request.depth)
+    cuts = _solve(graph, cands, request)
+    notes: tuple[str, ...] = ()
+    if request.deepen and request.depth is not None and request.n > 1:
+        before = stage_imbalance(graph, cuts, request.n)
+        cands, cuts, level = deepened(graph, request, cands, cuts)
+        top = set(graph.candidates(request.depth))
+        if any(c not in top for c in cuts):
+            notes = (f"cuts below depth {request.depth} (down to module depth {level}): the "
+                     f"best split at depth {request.depth} predicted imbalance {before:.3f}, "
+                     f"above the target {request.target:g}; this one "
+                     f"{stage_imbalance(graph, cuts, request.n):.3f}",)
+    return Assignment.from_cuts(cuts, graph.size, "balanced", notes)
+
+
+def _solve(graph: TrunkGraph, cands, request: PartitionRequest) -> list[int]:
+    q = np.array([0, *sorted(cands), graph.size], dtype=np.int64)
+    return min_max_cuts(graph.stage_cost_matrix(q), q, request.n,
                         feasible=memory_feasible(graph, q, request.memory_cap),
                         inbound=graph.inbound_bytes(q), slack=request.slack)
-    return Assignment.from_cuts(cuts, graph.size, "balanced")
+
+
+def stage_imbalance(graph: TrunkGraph, cuts: list[int], n: int) -> float:
+    """Slowest over mean of the stage costs of a contiguous split (conditioning included)."""
+    cost = graph.stage_costs(Assignment.from_cuts(cuts, graph.size, "").stage_of, n)
+    return float(cost.max() / cost.mean()) if cost.mean() > 0 else 1.0
+
+
+def deepened(graph: TrunkGraph, request: PartitionRequest, cands: list[int],
+             cuts: list[int]) -> tuple[list[int], list[int], int]:
+    """Granularity where it matters: while the best split's predicted imbalance is above the
+    target, add the module boundaries one level deeper inside the blocks that matter — the
+    blocks on either side of each cut and the blocks holding an ideal cut (where the running
+    cost crosses j/N of the total) — and solve again; at most ``request.deepen`` levels. The
+    new positions obey the stage builder's rules as every candidate does (``cuttable``).
+    Returns the candidates, the cuts and the deepest level looked at."""
+    level = request.depth
+    prefix = np.concatenate([[0.0], np.cumsum(graph.weights)])
+    total = prefix[-1]
+    ideal = [int(np.searchsorted(prefix, total * j / request.n)) for j in range(1, request.n)]
+    while level < request.depth + request.deepen and \
+            stage_imbalance(graph, cuts, request.n) > request.target:
+        level += 1
+        bounds = [0, *sorted(cands), graph.size]
+        blocks = set()
+        for p in [*cuts, *ideal]:
+            i = int(np.searchsorted(bounds, p, side="right")) - 1  # the block holding p
+            blocks.update(b for b in (i - 1, i) if 0 <= b < len(bounds) - 1)
+        finer = [p for p in graph.candidates(level)
+                 if any(bounds[b] < p < bounds[b + 1] for b in blocks)]
+        if finer:
+            cands = sorted(set(cands) | set(finer))
+            cuts = _solve(graph, cands, request)
+    return cands, cuts, level
 
 
 def memory_feasible(graph: TrunkGraph, q: np.ndarray, cap: int | None) -> np.ndarray | None:

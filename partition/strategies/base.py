@@ -21,6 +21,10 @@ class PartitionRequest:
     ``slack``: the communication-aware tie-break accepts any split whose slowest stage is
     within ``1 + slack`` of the best balance and picks the one sending the fewest bytes.
     ``memory_cap``: the most parameter bytes one stage may hold (None: unlimited).
+    ``target``: the imbalance (slowest stage over the mean) that is good enough: where no cut
+    at ``depth`` reaches it, the balanced strategy looks up to ``deepen`` module levels
+    deeper, locally, around its cuts; the refinement (``refine`` rounds at most, with
+    ``cost_model=time``: ``partition/refine.py``) stops once the measured stages reach it.
     """
 
     n: int
@@ -28,6 +32,9 @@ class PartitionRequest:
     slack: float = 0.01
     memory_cap: int | None = None
     options: dict = field(default_factory=dict)
+    target: float = 1.02
+    deepen: int = 0
+    refine: int = 3
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,10 @@ def test_every_class_lazily_loaded_and_distributed_equals_the_emulator(cfgs):
     _lazily_loaded_and_distributed({n: cfgs[n] for n in checkpoints.CHECKPOINTS})
 
 
+@pytest.mark.slow
 def test_sd15_lazily_loaded_gives_the_whole_plan_and_the_emulators_images(cfgs):
-    """The fast tier's case: one class, the same checks."""
+    """One class, the same checks (about 35 s: two ranks that load, plan and generate, then
+    the sequential and emulated generations here)."""
     _lazily_loaded_and_distributed({"sd15": cfgs["sd15"]})
 
 
