@@ -6,11 +6,12 @@
 
 The denoiser (``pipe.unet`` or ``pipe.transformer``) stays the same module object (the
 pipeline reads its ``config``, ``dtype``, ``device``); only its *instance* ``forward`` is
-replaced by a proxy. On the first call of a given shape the proxy captures the call with the
-original forward, compiles it into N stages and answers every call with the ε of the
-asynchronous pipeline (AsyncDiff, Chen et al. 2024; the rules are [Note: staleness] in
-``asyncdiff/timeline.py``), in the form the model answers (a tuple for ``return_dict=False``,
-else its output dataclass). The pipeline's own loop, guidance and scheduler run unchanged:
+replaced by a proxy (a ``forward`` the user set on the module before is refused, one set
+after wraps the proxy and sees every call). On the first call of a given shape the proxy
+captures the call with the original forward, compiles it into N stages and answers every
+call with the ε of the asynchronous pipeline (AsyncDiff, Chen et al. 2024; the rules are
+[Note: staleness] in ``asyncdiff/timeline.py``), in the form the model answers (a tuple for
+``return_dict=False``, else its output dataclass). The pipeline's own loop, guidance and scheduler run unchanged:
 the async runtime enters only as the denoiser (STYLE 1).
 
 *Steps.* Calls are placed on steps by the pipeline's scheduler, never by the timestep's
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -46,10 +48,12 @@ from asyncdiff.dropin import session as sessions
 from asyncdiff.dropin.arguments import Partitioning
 from asyncdiff.dropin.denoisers import find_denoisers
 from asyncdiff.dropin.lazy import CHECKPOINT_ATTR
-from asyncdiff.dropin.call import Call, answer, bind_call, half_call, output_form, with_static
+from asyncdiff.dropin.call import (Call, answer, bind_call, half_call, output_form,
+                                   structure_change, with_static)
 from asyncdiff.dropin.session import Session
-from asyncdiff.dropin.module_state import refuse_stateful_hooks, state_key
-from asyncdiff.dropin.steps import FedTimesteps, StepClock, same_tensor
+from asyncdiff.dropin.module_state import (refuse_stateful_hooks, refuse_wrapped_forward,
+                                           state_key)
+from asyncdiff.dropin.steps import FedTimesteps, StepClock
 from asyncdiff.dropin.weights import Parked
 from asyncdiff.schedule import Schedule
 from partition import capture_or_fallback
@@ -187,9 +191,13 @@ class Handle:
             stream = self.streams[key] = _Stream(self, d, key, self.clock.run, step,
                                                  taus[step:], call)
         elif call.key != stream.call_key:
-            raise RuntimeError(f"{type(self.pipe).__name__}: call {stream.k} of stream "
-                               f"{key} changed its inputs to {call.describe()} (or its "
-                               f"non-tensor arguments); one stream of a run has one shape")
+            change = structure_change(stream.call_key, stream.call_static, call, stream.k)
+            raise RuntimeError(
+                f"{stream.fed.owner}: {change}: the "
+                f"pipeline changed which branch it calls at this position within a step (call "
+                f"{key[1]} of pipe.{d.attr}) or the branch's input shapes; allowed: one "
+                "structure per stream of a run (the same inputs, shapes, dtypes and non-tensor "
+                "arguments on every step; their values may change from step to step)")
         elif step != stream.first + stream.k:
             raise RuntimeError(
                 f"{type(self.pipe).__name__}: stream {key} (call {key[1]} of pipe.{d.attr} within "
@@ -243,14 +251,20 @@ class Handle:
         self.detach()
 
 
+# every module a live handle parallelizes (a wrapper the user set over its proxy hides it)
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, _Denoiser]" = weakref.WeakKeyDictionary()
+
+
 class _Denoiser:
     """One parallelized module: its proxy forward, its compiled sessions, its parked weights."""
 
     def __init__(self, handle: Handle, attr: str):
         module = getattr(handle.pipe, attr)
-        if isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _Denoiser):
+        if module in _LIVE or \
+                isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _Denoiser):
             raise RuntimeError(f"pipe.{attr} is already parallelized; detach() that handle first")
         refuse_stateful_hooks(handle.pipe, attr, module)
+        refuse_wrapped_forward(attr, module)
         h = handle
         self.handle, self.attr, self.module = handle, attr, module
         self.sessions: dict[tuple, Session] = {}
@@ -259,9 +273,13 @@ class _Denoiser:
         self._had_instance_forward = "forward" in module.__dict__
         self._instance_forward = module.__dict__.get("forward")
         self.parked = Parked(module, h.offload) if h.mode == "distributed" else None
+        self.attached = True
         module.__dict__["forward"] = self.forward
+        _LIVE[module] = self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.attached:  # detached below a wrapper the user set over it: pass through
+            return self.original(*args, **kwargs)
         return self.handle._call(self, args, kwargs)
 
     def session(self, call: Call) -> Session:
@@ -329,17 +347,24 @@ class _Denoiser:
 
     @contextlib.contextmanager
     def _unpatched(self, forward):
+        held = self.module.__dict__.get("forward")  # the proxy, or a wrapper set over it since
         self.module.__dict__["forward"] = forward
         try:
             yield
         finally:
-            self.module.__dict__["forward"] = self.forward
+            self.module.__dict__["forward"] = held
 
     def detach(self) -> None:
-        if self._had_instance_forward:
-            self.module.__dict__["forward"] = self._instance_forward
-        else:
-            self.module.__dict__.pop("forward", None)
+        """Restore the module's forward; a wrapper the user set over the proxy since stays
+        (it is theirs), and the proxy below it passes every call to the original forward."""
+        self.attached = False
+        if _LIVE.get(self.module) is self:
+            del _LIVE[self.module]
+        if self.module.__dict__.get("forward") == self.forward:  # else a wrapper over it
+            if self._had_instance_forward:
+                self.module.__dict__["forward"] = self._instance_forward
+            else:
+                self.module.__dict__.pop("forward", None)
         self.sessions.clear()
         if self.parked is not None:
             self.parked.restore()
@@ -352,7 +377,8 @@ class _Stream:
     def __init__(self, handle: Handle, d: _Denoiser, key: tuple, run: int,
                  first: int, taus: list[float], call: Call):
         sch = handle.schedule
-        self.run, self.first, self.k, self.call_key = run, first, 0, call.key
+        self.run, self.first, self.k = run, first, 0
+        self.call_key, self.call_static = call.key, call.static  # its structure: no values
         self.session = d.session(call)
         self.fed = FedTimesteps(taus, f"{type(handle.pipe).__name__}, stream {key}")
         # the run fits the schedule: a run of fewer steps than W + C (or K) keeps the warm-up
@@ -362,37 +388,12 @@ class _Stream:
                                               call.tensors[call.latent].device,
                                               groups=sch.groups)
         self.denoiser = PipelineDenoiser(self.executor)
-        self.first_cond: dict[str, torch.Tensor] | None = None
-        self.static: dict[str, torch.Tensor] = {}
-
-    def _check_role(self, cond: dict[str, torch.Tensor]) -> None:
-        """A stream is a call position within a step; if a pipeline changed which branch
-        comes at that position (a branch skipped on some steps), one branch would run on the
-        other's stale values. Inputs equal on the stream's first two calls (its prompt
-        embeddings, masks, size conditions) must stay equal: else an error, never a wrong
-        image."""
-        if self.k == 0:
-            self.first_cond = {n: v.detach().clone() for n, v in cond.items()}
-            return
-        if self.k == 1:
-            self.static = {n: v for n, v in (self.first_cond or {}).items()
-                           if n in cond and same_tensor(v, cond[n])}
-            self.first_cond = None
-            return
-        for name, value in self.static.items():
-            if not same_tensor(value, cond[name]):
-                raise RuntimeError(
-                    f"{self.fed.owner}: input {name!r} was the same on the stream's first two "
-                    f"calls and differs on call {self.k}: the pipeline changed which branch "
-                    "it calls at this position within a step (a guidance branch skipped on "
-                    "some steps?), which the drop-in cannot map to streams")
 
     def denoise(self, call: Call) -> torch.Tensor:
         t = call.tensors[call.timestep]
         if self.k >= len(self.fed):
             raise RuntimeError(f"{self.fed.owner}: more calls than the run has steps "
                                f"({len(self.fed)})")
-        self._check_role(call.cond)
         self.fed.record(self.k, t)
         eps = self.denoiser(call.tensors[call.latent], t, self.k, call.cond)
         self.k += 1

@@ -96,12 +96,18 @@ LIMITS = """
   per-frame schedules such as SkyReels-V2's, `ScoreSdeVePipeline`'s predictor-corrector
   steps, ParaDiGMS' parallel sampling) are refused at the first call or at the first step the
   scheduler's own `step_index` disagrees with the drop-in's count.
-- **One stream, every step.** A branch called only on some steps (guidance switched off
-  part-way, guidance applied every other step) is refused when it skips a step; a stream's
-  inputs that were equal on its first two calls (its prompt embeddings) must stay equal, so
-  branches that change position within a step are refused too. More than 8 calls of one
+- **One stream, every step.** A branch called only on some steps (guidance applied every
+  other step) is refused when it skips a step; a stream keeps its first call's structure
+  (the same inputs, shapes, dtypes and non-tensor arguments), so a branch that changes
+  position within a step is refused naming the input that changed. Values are not
+  structure: conditioning that varies across steps (a ControlNet applied on a window of the
+  steps, a guidance schedule) is each step's conditioning. More than 8 calls of one
   denoiser between two `scheduler.step` calls (a loop stepping a sampler of its own) are
   refused.
+- **A forward wrapped by the user** (`pipe.unet.forward = spy`, an instance attribute) is
+  refused in one line when set before `parallelize` (the drop-in would take its place);
+  set after, it wraps the drop-in's forward, sees every call, and stays after `detach()`.
+  diffusers' and accelerate's own hooks are part of the module.
 - **Changed modules are captured again.** The module's plain attributes (an IP-Adapter's
   scale, `train()`/`eval()`, layers added by a LoRA) are part of the capture's key: a
   change between runs means a new capture, never a stale one.

@@ -137,6 +137,49 @@ class NonzeroAttention(SeqDenoiser):
 NONZERO_SPECS = seq_specs() + (InputSpec("mask", (L,), init="randint:2"),)
 
 
+# --------------------------------------------------------------------------- weight sharing
+
+
+class _Wrapped(nn.Module):
+    """A block that calls a module it shares with its parent (a down block's resnet)."""
+
+    def __init__(self, shared: nn.Module):
+        super().__init__()
+        self.shared = shared
+
+    def forward(self, h, temb, ctx):
+        return self.shared(h, temb, ctx) * 0.5 + h
+
+
+class _SharedBody(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.res_b = Block()
+        self.wrap = _Wrapped(self.res_b)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, h, temb, ctx):
+        h = self.wrap(self.blocks[0](h, temb, ctx), temb, ctx)   # res_b, call 0
+        h = self.res_b(self.blocks[1](h, temb, ctx), temb, ctx)  # res_b, call 1
+        return self.blocks[3](self.blocks[2](h, temb, ctx), temb, ctx)
+
+
+class SharedBlock(nn.Module):
+    """One block instance called at two positions: first inside another block, then on its
+    own. A block answered by its owner's value does not run, so the calls inside it are not
+    made: the module backend must still count them to tell the shared block's calls apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.time, self.ctx = nn.Linear(8, D), TimeEmbed(), nn.Linear(D, D)
+        self.model = _SharedBody()
+        self.out = nn.Linear(D, 8)
+
+    def forward(self, sample, timestep, context):
+        h, temb, ctx = self.inp(sample), self.time(timestep), self.ctx(context)
+        return self.out(self.model(h, temb, ctx))
+
+
 # --------------------------------------------------------------------------- uncapturable
 
 

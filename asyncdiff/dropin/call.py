@@ -83,6 +83,32 @@ class Call:
         return ", ".join(f"{n}{list(t.shape)}" for n, t in self.tensors.items())
 
 
+def structure_change(first: tuple, static: dict, call: Call, k: int) -> str:
+    """How ``call`` (a stream's call ``k``) differs in structure from the stream's first call
+    (its :attr:`Call.key` ``first`` and its ``static`` part): the first input added, removed,
+    or fed another shape, dtype or device, else the first non-tensor argument that changed.
+    Values are not structure."""
+    def form(shape, dtype, device, on: bool) -> str:
+        return f"{list(shape)} {dtype.removeprefix('torch.')}" + (f" on {device}" if on else "")
+
+    was = {n: rest for n, *rest in first[0]}
+    now = {n: rest for n, *rest in call.key[0]}
+    for name in dict.fromkeys([*was, *now]):
+        a, b = was.get(name), now.get(name)
+        if a is None or b is None:
+            return (f"call {k} fed {name!r} {form(*b, False)}, its first call did not"
+                    if a is None else
+                    f"call {k} did not feed {name!r}, its first call {form(*a, False)}")
+        if a != b:
+            on = a[2] != b[2]
+            return f"call {k} fed {name!r} {form(*b, on)}, its first call {form(*a, on)}"
+    for name in dict.fromkeys([*static, *call.static]):
+        a, b = (repr(c.get(name, "<none>"))[:60] for c in (static, call.static))
+        if a != b:
+            return f"call {k} passed {name}={b}, its first call {name}={a}"
+    return f"call {k} differs from its first call"
+
+
 def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> Call:
     """Name every argument of ``forward(*args, **kwargs)`` and split tensors from the rest."""
     try:

@@ -6,6 +6,9 @@ A pipeline's loop is ``for t in timesteps: ε = denoiser(x, fed(t), …); x = sc
 The drop-in never guesses a step from the timestep's *value* (a pipeline may feed t / 1000,
 log σ / 4, a per-frame vector): it watches the scheduler.
 
+* only the scheduler the pipeline holds is consulted (its own methods, by its class): the
+  drop-in never lists or makes another of diffusers' schedulers, so one whose backend is not
+  installed (``DPMSolverSDEScheduler`` without ``torchsde``) is never imported.
 * ``scheduler.set_timesteps`` begins a *run*; ``scheduler.set_begin_index(i)`` (img2img with
   ``strength`` or ``denoising_start``) says the run starts at entry ``i`` of
   ``scheduler.timesteps``; without it the run starts at entry 0, or, when the first call is
@@ -18,7 +21,11 @@ log σ / 4, a per-frame vector): it watches the scheduler.
   perturbed-attention or skip-layer guidance) are two streams; a second denoiser
   (Wan 2.2's ``transformer_2``) is its own. Each stream has its own asynchronous state, so
   staleness never crosses from one branch or one denoiser to another. A stream's steps are
-  the run's steps on which it is called, counted from its first call.
+  the run's steps on which it is called, counted from its first call. A stream is known by
+  its call order and its first call's structure (inputs, shapes, dtypes, non-tensor
+  arguments): a call of another structure at its position is a changed branch, refused;
+  values are never compared, so conditioning that varies across steps (a ControlNet window,
+  a guidance schedule) is each step's own conditioning.
 * the network is always fed exactly what the pipeline passed. Where the schedule needs the
   value of a step not called yet (a stride copy of the last stage, S >= 2 with
   ``stride_noise=fresh``), it is predicted from the scheduler's timestep by the transform

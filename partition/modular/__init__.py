@@ -122,10 +122,11 @@ def build_block_stages(graph: BlockGraph, a: Assignment, runner=None) -> StagedM
         names = tuple(f"{u.name}.{j}" if isinstance(v, torch.Tensor) else None
                       for j, v in enumerate(u.leaves))
         consts = tuple(None if isinstance(v, torch.Tensor) else v for v in u.leaves)
-        infos.append(UnitInfo(u.path, u.index, a.stage_of[i], names, consts, u.spec))
+        infos.append(UnitInfo(u.path, u.index, a.stage_of[i], names, consts, u.spec,
+                              graph.inside(i)))
     segments = [BlockSegment(stage=s, start=start, stop=stop, model=graph.model,
                              units=tuple(infos), specs=graph.specs, contract=graph.contract,
-                             last=s == a.n - 1, runner=runner)
+                             last=s == a.n - 1, runner=runner, calls=graph.call_counts())
                 for s, start, stop in a.segments()]
     return StagedModel(segments=segments, output=OUTPUT, n=a.n, specs=graph.specs,
                        placeholders={s.name: s.name for s in graph.specs})

@@ -86,6 +86,28 @@ class BlockGraph:
         prefix = f"{self.unit(i).path}." if self.unit(i).path else ""
         return {prefix + k: p for k, p in mod.named_parameters()}
 
+    def inside(self, i: int) -> tuple[tuple[str, int], ...]:
+        """The calls made inside unit ``i`` (not the unit's own), per module path: a stage that
+        answers the unit by its owner's value makes none of them, yet a module called there
+        and again later (weight sharing) is told apart by how often it was called before."""
+        start = self.units[i]
+        inner: dict[str, int] = {}
+        for j in range(start + 1, len(self.calls)):
+            parent = self.calls[j].parent
+            while parent is not None and parent != start:
+                parent = self.calls[parent].parent
+            if parent is None:
+                break  # the calls of a subtree are contiguous, in call order
+            inner[self.calls[j].path] = inner.get(self.calls[j].path, 0) + 1
+        return tuple(inner.items())
+
+    def call_counts(self) -> tuple[tuple[str, int], ...]:
+        """How often the forward called each module, per path."""
+        counts: dict[str, int] = {}
+        for c in self.calls:
+            counts[c.path] = counts.get(c.path, 0) + 1
+        return tuple(counts.items())
+
     def unit_bytes(self, i: int) -> int:
         return sum(tensor_bytes(v) for v in self.unit(i).leaves)
 

@@ -10,6 +10,13 @@ Running stage ``s`` runs the user's own ``forward`` (through its contract) with 
   the executors fill exactly as they fill cross-stage values of the graph backend (the
   official implementation's mechanism, AsyncDiff §3, made automatic).
 
+A unit is a *call*: a module's calls are counted, and the trace's count says which call is
+which unit. A unit answered by value does not run, so the calls its forward would make are
+added to the counts as if made: a module called inside it and again elsewhere (one block
+instance at two positions, weight sharing) keeps the index the trace gave each call. A
+forward that calls its blocks otherwise than the trace saw (a data-dependent path) is an
+error naming the stage and the block, never another stage's block run in its place.
+
 Everything else (glue) runs on every device. A stage that does not emit ε stops the forward
 right after its last unit (nothing after it is its work). Values cross as clones, so glue that
 writes in place into a unit's output cannot change what another stage reads.
@@ -43,6 +50,7 @@ class UnitInfo:
     names: tuple[str | None, ...]  # value name per output leaf (None: a constant leaf)
     constants: tuple                # the constant leaves (None for tensor leaves)
     spec: object                    # pytree spec of the output
+    inside: tuple[tuple[str, int], ...] = ()  # calls made inside it, per module path
 
 
 @dataclass
@@ -65,6 +73,7 @@ class BlockSegment:
     # how the network is run on the named inputs (default: the model through its contract);
     # the drop-in passes the pipeline's original forward with its fixed arguments
     runner: object = field(default=None, repr=False)
+    calls: tuple[tuple[str, int], ...] = ()  # how often the forward calls each module
 
     def __post_init__(self) -> None:
         model_inputs = tuple(s.name for s in self.specs)
@@ -83,6 +92,7 @@ class BlockSegment:
         last_mine = (self.units[self.stop - 1].path, self.units[self.stop - 1].index)
         counts: dict[str, int] = {}
         saved = {}
+        stopped = False
         for path in {u.path for u in self.units}:
             mod = self.model.get_submodule(path)
             saved[path] = mod.__dict__.get("forward")
@@ -92,7 +102,7 @@ class BlockSegment:
             out = self.runner(inputs) if self.runner is not None else \
                 call_denoiser(self.model, inputs, self.contract, self.specs)
         except _StageDone:
-            out = None
+            out, stopped = None, True
         finally:
             for path, fwd in saved.items():
                 mod = self.model.get_submodule(path)
@@ -100,6 +110,15 @@ class BlockSegment:
                     mod.__dict__.pop("forward", None)
                 else:
                     mod.__dict__["forward"] = fwd
+        missed = [u for u in self.units[self.start:self.stop]
+                  if any(n is not None and n not in produced for n in u.names)]
+        if missed or not (self.last or stopped):
+            u = missed[0] if missed else self.units[self.stop - 1]
+            raise RuntimeError(
+                f"module backend, stage {self.stage}: the forward ended without calling block "
+                f"'{u.path}#{u.index}' (this stage's) as it did when traced: the network calls "
+                "its blocks otherwise on these inputs (a data-dependent path?), which a split "
+                "into blocks cannot follow")
         if self.last:
             produced[OUTPUT] = out
         return produced
@@ -123,6 +142,16 @@ class BlockSegment:
                 if (path, k) == last_mine and not self.last:
                     raise _StageDone
                 return out
+            for inner, n in u.inside:  # answered, not run: the calls inside it still count
+                counts[inner] = counts.get(inner, 0) + n
+            missing = [name for name in u.names if name is not None and name not in env]
+            if missing:
+                raise RuntimeError(
+                    f"module backend, stage {self.stage}: the forward called block "
+                    f"'{path}#{k}' (stage {u.owner}'s), whose value is not among this stage's "
+                    "inputs: the network calls its blocks otherwise on these inputs than when "
+                    "it was traced (a data-dependent path?), which a split into blocks cannot "
+                    "follow")
             leaves = [env[name].clone() if name is not None else const
                       for name, const in zip(u.names, u.constants)]
             return pytree.tree_unflatten(leaves, u.spec)
@@ -132,18 +161,30 @@ class BlockSegment:
     def owned_paths(self) -> list[str]:
         return [u.path for u in self.units[self.start:self.stop]]
 
-    def foreign_paths(self) -> set[str]:
-        """Units of other stages whose weights this stage never uses (a unit this stage also
-        owns under another call index is not foreign)."""
-        mine = set(self.owned_paths())
-        return {u.path for u in self.units if u.owner != self.stage} - mine
+    def foreign(self) -> dict[int, torch.Tensor]:
+        """The parameters and buffers (by id) only other stages use: those of the units this
+        stage does not run and of the calls inside them, less those of every module it runs
+        (its units and the calls inside them, the glue). A module called both in another
+        stage's unit and by this stage (weight sharing) is this stage's too."""
+        skipped: dict[str, int] = {}
+        for u in self.units:
+            if u.owner != self.stage:
+                for path, n in ((u.path, 1), *u.inside):
+                    skipped[path] = skipped.get(path, 0) + n
+        run = {path for path, n in self.calls if n > skipped.get(path, 0)}
+        keep = {id(t) for p in self.owned_paths() for t in self._held(p, recurse=True)}
+        keep |= {id(t) for p in run for t in self._held(p, recurse=False)}
+        return {id(t): t for p in skipped for t in self._held(p, recurse=True)
+                if id(t) not in keep}
+
+    def _held(self, path: str, recurse: bool) -> list[torch.Tensor]:
+        mod = self.model.get_submodule(path)
+        return [*mod.parameters(recurse=recurse), *mod.buffers(recurse=recurse)]
 
     def tensors(self) -> list[torch.Tensor]:
         """Parameters and buffers this stage uses: its units and the glue, not the units of
         other stages."""
-        foreign = {id(t) for p in self.foreign_paths()
-                   for t in [*self.model.get_submodule(p).parameters(),
-                             *self.model.get_submodule(p).buffers()]}
+        foreign = self.foreign()
         return [t for t in [*self.model.parameters(), *self.model.buffers()]
                 if id(t) not in foreign]
 
@@ -162,12 +203,10 @@ class BlockSegment:
         """A copy whose model holds no tensor of another stage's units (on the meta device):
         what one worker process receives."""
         memo = {}
-        for p in self.foreign_paths():
-            mod = self.model.get_submodule(p)
-            for t in [*mod.parameters(), *mod.buffers()]:
-                meta = t.detach().to("meta")
-                memo[id(t)] = nn.Parameter(meta, requires_grad=False) \
-                    if isinstance(t, nn.Parameter) else meta
+        for key, t in self.foreign().items():
+            meta = t.detach().to("meta")
+            memo[key] = nn.Parameter(meta, requires_grad=False) \
+                if isinstance(t, nn.Parameter) else meta
         out = copy.copy(self)
         out.model = copy.deepcopy(self.model, memo)
         return out

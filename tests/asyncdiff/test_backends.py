@@ -85,3 +85,20 @@ def test_module_backend_distributed_equals_emulator(n, stride, warmup):
     want = emulate(c, par, x, cond)
     got = launch(c.staged, c.plan, par, [SamplingJob("ddim", STEPS, x, cond)])
     assert torch.equal(got.latents[0], want)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_shared_block_is_stale_exactly_as_the_graph_backend(n):
+    """A block called at two positions (weight sharing) under the module backend: the same
+    asynchronous samples as the graph backend with the same cuts."""
+    torch.manual_seed(0)
+    m, specs = D.SharedBlock().eval(), D.seq_specs()
+    inputs = D.example(specs)
+    request = PartitionRequest(n=n, depth=2, options={"boundaries": [
+        "model.blocks.1", "model.blocks.2"][:n - 1]})
+    graph, module = (compile_model(m, specs, inputs, request, strategy="manual", backend=b)
+                     for b in ("graph", "module"))
+    x = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(7))
+    cond = {"context": inputs["context"]}
+    par = Schedule(n=n, warmup=1)
+    assert torch.equal(emulate(graph, par, x, cond), emulate(module, par, x, cond))

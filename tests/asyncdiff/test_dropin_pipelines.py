@@ -166,11 +166,66 @@ def test_stateful_cache_hooks_are_refused_in_one_line():
     pipe.transformer.enable_cache(FasterCacheConfig(spatial_attention_block_skip_range=2,
                                                     current_timestep_callback=lambda: 10))
     hooked = pipe.transformer.__dict__["forward"]  # diffusers' hooks replace forward
-    with pytest.raises(ValueError, match=r"^CogVideoXPipeline.transformer has stateful "
-                                         r"diffusers hooks \(faster_cache.*disable_cache\(\)"):
+    with pytest.raises(ValueError, match=r"^CogVideoXPipeline.transformer has diffusers' "
+                                         r"FasterCache on \(enable_cache\(FasterCacheConfig"
+                                         r"\(…\)\)\): it keeps values between calls.*"
+                                         r"pipe.transformer.disable_cache\(\)"):
         asyncdiff.parallelize(pipe, n=2)
     assert pipe.transformer.__dict__["forward"] is hooked  # nothing left half-attached
     assert "step" not in pipe.scheduler.__dict__
+
+
+def _cache_configs():
+    """Every stateful cache of the installed diffusers that its CacheMixin enables, with the
+    arguments a tiny transformer takes: (feature, the case that has it, its config)."""
+    import diffusers
+
+    made = {"FasterCache": lambda c: c(spatial_attention_block_skip_range=2,
+                                       current_timestep_callback=lambda: 10),
+            "PyramidAttentionBroadcast": lambda c: c(spatial_attention_block_skip_range=2,
+                                                     current_timestep_callback=lambda: 10),
+            "FirstBlockCache": lambda c: c(threshold=0.2),
+            "MagCache": lambda c: c(mag_ratios=[1.0] * 5, num_inference_steps=5),
+            "TaylorSeerCache": lambda c: c()}
+    return [pytest.param(name, "flux_true_cfg" if name == "TaylorSeerCache" else "cogvideox",
+                         make, id=name)
+            for name, make in made.items() if hasattr(diffusers, f"{name}Config")]
+
+
+@pytest.mark.parametrize("feature,case,make", _cache_configs())
+def test_a_cache_is_named_as_the_user_enabled_it(feature, case, make):
+    """The refusal names the feature and the call that turned it on, not the name diffusers
+    registers its hook under (``fbc_leader_block_hook``)."""
+    import diffusers
+
+    pipe = _built(case)
+    pipe.transformer.enable_cache(make(getattr(diffusers, f"{feature}Config")))
+    hooks = {name for m in pipe.transformer.modules()
+             for name, h in getattr(m.__dict__.get("_diffusers_hook"), "hooks", {}).items()
+             if h._is_stateful}
+    assert hooks, f"{feature} registered no stateful hook on {case}"
+    with pytest.raises(ValueError) as err:
+        asyncdiff.parallelize(pipe, n=2)
+    said = str(err.value)
+    assert f"has diffusers' {feature} on (enable_cache({feature}Config(…)))" in said, said
+    assert not any(h in said for h in hooks), said
+    assert "\n" not in said
+
+
+def test_an_unknown_stateful_hook_is_named_by_its_registry_name():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Remember(ModelHook):
+        _is_stateful = True
+
+    pipe = _built("cogvideox")
+    block = pipe.transformer.transformer_blocks[0]
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(Remember(), "remember")
+    with pytest.raises(ValueError, match=r"^CogVideoXPipeline.transformer has the stateful "
+                                         r"diffusers hook 'remember' \(on transformer_blocks.0\)"
+                                         r": it keeps values between calls.*"
+                                         r"HookRegistry.remove_hook\('remember'\)"):
+        asyncdiff.parallelize(pipe, n=2)
 
 
 def test_a_missing_first_denoiser_is_skipped():
@@ -266,21 +321,69 @@ def test_a_loop_without_scheduler_steps_is_refused():
 
 
 def test_a_branch_that_changes_position_is_refused():
-    """Two calls per step, the prompt embeddings swapped on the third step (as if the first
-    branch were skipped): the stream's inputs change role, which is refused."""
+    """Two calls per step of two structures (the second branch's prompt is shorter); on the
+    third step the first position gets the second branch's call (as if the first branch were
+    skipped): the stream's structure changed, which is refused naming the input."""
     pipe = _built("sana")
-    cond, uncond = P.embeds(1, 8, 32), P.embeds(1, 8, 32, seed=2)
+    cond, other = P.embeds(1, 8, 32), P.embeds(1, 4, 32, seed=2)
     x = torch.zeros(1, 8, 16, 16)
     pipe.scheduler.set_timesteps(4)
     ts = pipe.scheduler.timesteps
     with asyncdiff.parallelize(pipe, n=2, warmup=1):
         for k in range(2):
             pipe.transformer(x, encoder_hidden_states=cond, timestep=ts[k:k + 1])
-            pipe.transformer(x, encoder_hidden_states=uncond, timestep=ts[k:k + 1])
+            pipe.transformer(x, encoder_hidden_states=other, timestep=ts[k:k + 1])
             pipe.scheduler.step(x, ts[k], x)
-        with pytest.raises(RuntimeError, match="input 'encoder_hidden_states' was the same on "
-                                               "the stream's first two calls"):
-            pipe.transformer(x, encoder_hidden_states=uncond, timestep=ts[2:3])
+        with pytest.raises(RuntimeError, match=r"^SanaPipeline, stream \('transformer', 0\): "
+                                               r"call 2 fed 'encoder_hidden_states' "
+                                               r"\[1, 4, 32\] float32, its first call "
+                                               r"\[1, 8, 32\] float32: the pipeline changed "
+                                               r"which branch it calls"):
+            pipe.transformer(x, encoder_hidden_states=other, timestep=ts[2:3])
+
+
+def test_conditioning_that_varies_across_steps_is_carried():
+    """A stream's inputs may change value from step to step (a guidance schedule, a control
+    signal switched on part-way): the branch check keys on structure and call order, and the
+    values are each step's conditioning. Every call warm: the plain loop's ε bit for bit."""
+    pipe = _built("sana")
+    # equal on the first two calls, then new (the check this replaces refused that)
+    embeds = [P.embeds(1, 8, 32), P.embeds(1, 8, 32), P.embeds(1, 8, 32, seed=2),
+              P.embeds(1, 8, 32, seed=3)]
+    x = P.embeds(1, 8, 16, 16, seed=4)
+    pipe.scheduler.set_timesteps(4)
+    ts = pipe.scheduler.timesteps
+
+    plain = [pipe.transformer(x, encoder_hidden_states=e, timestep=ts[k:k + 1],
+                              return_dict=False)[0] for k, e in enumerate(embeds)]
+    pipe.scheduler.set_timesteps(4)
+    with asyncdiff.parallelize(pipe, n=2, warmup=4):
+        warm = []
+        for k, e in enumerate(embeds):
+            warm.append(pipe.transformer(x, encoder_hidden_states=e, timestep=ts[k:k + 1],
+                                         return_dict=False)[0])
+            pipe.scheduler.step(x, ts[k], x)
+    assert all(torch.equal(a, b) for a, b in zip(warm, plain))
+
+
+def _controlnet_window(pipe, steps):
+    """ControlNet applied on a window of the steps: outside it the residuals are scaled by
+    0, so they are equal (zero) on the first calls and change when the window opens."""
+    hint = torch.rand(1, 3, P.PIXELS, P.PIXELS, generator=torch.Generator().manual_seed(5))
+    return P._sd_call(pipe, steps, image=hint, control_guidance_start=0.4,
+                      control_guidance_end=0.8)
+
+
+@pytest.mark.slow
+def test_a_controlnet_window_is_conditioning_not_a_branch():
+    pipe = _built("sd15_controlnet")
+    plain = _controlnet_window(pipe, STEPS)
+    with asyncdiff.parallelize(pipe, n=2, warmup=STEPS) as handle:
+        warm = _controlnet_window(pipe, STEPS)
+        handle.set_timeline(warmup=1)
+        stale = _controlnet_window(pipe, STEPS)
+    assert torch.equal(warm, plain)
+    assert torch.isfinite(stale).all() and not torch.equal(stale, plain)
 
 
 def test_a_scheduler_stepped_irregularly_is_refused():

@@ -486,8 +486,14 @@ def test_calls_that_leave_the_timeline_and_bad_arguments_are_refused():
             asyncdiff.parallelize(pipe, n=2)
     with pytest.raises(ValueError, match="mode='gpu'; allowed: emulate, distributed"):
         asyncdiff.parallelize(pipe, n=2, mode="gpu")
-    with pytest.raises(ValueError, match="warmup=0"):
-        asyncdiff.parallelize(pipe, n=2, warmup=0)
+    # W >= 1 when N > 1, with no upper bound: a run of T < W steps runs sequentially (the
+    # drop-in learns T at each call; the command line, which knows T, allows [1, T])
+    for w in (0, -1):
+        with pytest.raises(ValueError, match=rf"^warmup={w}; allowed: an integer >= 1 when "
+                                             r"n > 1 \(the last warm-up step seeds"):
+            asyncdiff.parallelize(pipe, n=2, warmup=w)
+    with asyncdiff.parallelize(pipe, n=2, warmup=100) as handle:
+        assert handle.schedule.timeline(3, clamp=True).warmup == 3
     with pytest.raises(RuntimeError, match="initialised torch.distributed"):
         asyncdiff.parallelize(pipe, n=2, mode="distributed")
     assert "forward" not in pipe.transformer.__dict__

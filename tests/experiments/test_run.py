@@ -60,6 +60,8 @@ def test_torchrun_equals_emulator(tmp_path):
     assert metrics["devices"] == 3 and metrics["world"] == 3
     assert len(json.loads((out / "timeline.json").read_text())) == 3 * 3  # 3 ranks × 3 rounds
     assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 1
+    # the time limits are said once, by rank 0, not by every rank
+    assert (proc.stdout + proc.stderr).count("s per wait") == 1, proc.stdout[-3000:]
 
 
 @pytest.mark.timeout(300)

@@ -113,3 +113,51 @@ def test_a_block_that_keeps_state_is_refused():
     with pytest.raises(VerificationError, match="module backend's stages differ"):
         compile_model(model, specs, D.example(specs), PartitionRequest(n=2),
                       backend="module")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_block_called_at_two_positions_runs_exactly(n):
+    """Weight sharing: ``model.res_b`` runs inside ``model.wrap`` and again on its own. A
+    stage that answers ``wrap`` by its owner's value still counts the call made inside it,
+    so the block's second call is told from its first (else a stage misses its last block
+    and runs into the next stage's). Every stage that runs the shared block holds its
+    weights; a stage that runs neither call holds none of them."""
+    torch.manual_seed(0)
+    model, specs = D.SharedBlock().eval(), D.seq_specs()
+    inputs = D.example(specs)
+    bounds = {2: ["model.blocks.1"], 3: ["model.blocks.1", "model.blocks.2"]}[n]
+    c = compile_model(model, specs, inputs, PartitionRequest(n=n, options={"boundaries": bounds}),
+                      strategy="manual", backend="module")
+    assert "model.wrap#0" in c.plan.blocks and "model.res_b#1" in c.plan.blocks
+    assert c.plan.verification.startswith("exact: stages == eager")
+    other = D.example(specs, seed=3)
+    assert same(chained(c, other), eager(model, other, specs))
+    shared = {id(p) for p in model.model.res_b.parameters()}
+    held = [shared <= {id(t) for t in seg.tensors()} for seg in c.staged.segments]
+    assert held == [True, True] if n == 2 else held == [True, True, False]
+    auto = compile_model(model, specs, inputs, PartitionRequest(n=n), backend="module")
+    assert same(chained(auto, other), eager(model, other, specs))
+
+
+def test_a_forward_that_leaves_its_traced_calls_is_refused_in_one_line():
+    """A forward that calls its blocks otherwise than the trace saw (a data-dependent path)
+    is named, by the stage and the block, instead of running into another stage's blocks or
+    publishing a value it never made."""
+    torch.manual_seed(0)
+    model, specs = D.SharedBlock().eval(), D.seq_specs()
+    inputs = D.example(specs)
+    c = compile_model(model, specs, inputs, PartitionRequest(
+        n=3, options={"boundaries": ["model.blocks.1", "model.blocks.2"]}), strategy="manual",
+        backend="module")
+    skips = (model.model, lambda h, temb, ctx: model.model.blocks[3](h, temb, ctx),
+             r"called block 'model.blocks.3#0' \(stage 2's\), whose value is not among")
+    ends = (model, lambda sample, timestep, context: model.inp(sample),
+            r"ended without calling block 'model.blocks.0#0' \(this stage's\)")
+    for module, forward, message in (skips, ends):
+        module.forward = forward
+        try:
+            with pytest.raises(RuntimeError, match=r"^module backend, stage 0: the forward "
+                                                   + message):
+                chained(c, inputs)
+        finally:
+            del module.forward
