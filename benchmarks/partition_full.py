@@ -1,6 +1,7 @@
 """Benchmark: plan a full-size UNet as the command line does, then measure every split's balance.
 
     python benchmarks/partition_sd15.py [--ns 2 3 4] [--stage-repeats 5] [--busy]
+        [--splits default flops paper] [--variant tiny]
     python benchmarks/partition_sd21.py …   python benchmarks/partition_sdxl.py …
 
 The model is ``asyncdiff-plan model=<m> model.variant=full``'s (random weights; the batch and
@@ -242,6 +243,16 @@ def main(model: str = "sd15") -> None:
     if load:
         print("planning with a second process running full forwards on the other core",
               flush=True)
+    try:
+        planned = plan_all(args, bundle, inputs)
+    finally:
+        if load:
+            print(load.stop(), flush=True)
+    measure_all(args, planned, inputs)
+
+
+def plan_all(args, bundle, inputs) -> dict[int, dict]:
+    """Every N's three splits, the default one printed by phase."""
     planned: dict[int, dict] = {}
     for n in args.ns:
         part = config(args.model, args.variant, n)["partition"]
@@ -278,8 +289,11 @@ def main(model: str = "sd15") -> None:
                 captured, bundle, inputs,
                 config(args.model, args.variant, n, f"partition={paper}")["partition"], n)
         planned[n] = {"splits": splits, "env": captured.env(inputs)}
-    if load:
-        print(load.stop(), flush=True)
+    return planned
+
+
+def measure_all(args, planned: dict[int, dict], inputs) -> None:
+    """Every N's splits run side by side; a line per split, then the table."""
     table = []
     for n, got in planned.items():
         runs = {k: stage_runs(c.staged, got["env"]) for k, c in got["splits"].items()}
