@@ -328,3 +328,10 @@ PIPELINES: dict[str, Case] = {c.name: c for c in [
     Case("animatediff", _animatediff, _animatediff_call),
     Case("svd", _svd, _svd_call, note="image-to-video; continuous timesteps (0.25 log σ)"),
 ]}
+
+
+def built(name: str):
+    """Case ``name``'s pipeline, progress bars off."""
+    pipe = PIPELINES[name].build()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

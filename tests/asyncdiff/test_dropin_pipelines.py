@@ -37,12 +37,6 @@ def _threads():
     torch.set_num_threads(1)
 
 
-def _built(name: str):
-    pipe = P.PIPELINES[name].build()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # the pipelines that take more than a few seconds each: the full tier (make test-all)
 SLOW_PIPELINES = {"svd", "animatediff", "sd15_ip_adapter", "sd15", "sdxl_controlnet",
                   "sdxl_img2img_heun", "sd21_vpred", "sdxl", "sd15_controlnet",
@@ -53,7 +47,7 @@ SLOW_PIPELINES = {"svd", "animatediff", "sd15_ip_adapter", "sd15", "sdxl_control
                                   else n for n in P.PIPELINES])
 def test_pipeline_warm_equals_plain_and_stale_runs(name):
     case = P.PIPELINES[name]
-    pipe = _built(name)
+    pipe = P.built(name)
     plain = case.call(pipe, STEPS)
     # every call warm: T is the run's scheduler entries (Heun: two per step), clamped to T
     handle = asyncdiff.parallelize(pipe, n=2, warmup=4 * STEPS)
@@ -73,7 +67,7 @@ def test_cooldown_through_the_dropin():
     """W + C = T gives the plain pipeline bit for bit; W = 1 with a cool-down is a third
     result, neither plain nor the run without it; set_timeline changes C between runs."""
     case = P.PIPELINES["sd15"]
-    pipe = _built("sd15")
+    pipe = P.built("sd15")
     plain = case.call(pipe, STEPS)
     handle = asyncdiff.parallelize(pipe, n=2, stride=2, warmup=1, cooldown=STEPS - 1)
     assert torch.equal(case.call(pipe, STEPS), plain)
@@ -94,7 +88,7 @@ def test_true_cfg_with_stride_two_predicts_the_fed_timestep_exactly():
     transform that reproduces every value fed so far, and each prediction is checked against
     the value the pipeline later feeds (FedTimesteps.record raises on a contradiction)."""
     case = P.PIPELINES["flux_true_cfg"]
-    pipe = _built("flux_true_cfg")
+    pipe = P.built("flux_true_cfg")
     plain = case.call(pipe, STEPS)
     with asyncdiff.parallelize(pipe, n=2, stride=2, warmup=1) as handle:
         stale = case.call(pipe, STEPS)
@@ -113,7 +107,7 @@ def test_ip_adapter_scale_changed_between_runs_is_recaptured():
     bakes in: changing it between runs (set_ip_adapter_scale) makes the drop-in capture again,
     and the parallelized pipeline follows the plain one at the new scale."""
     case = P.PIPELINES["sd15_ip_adapter"]
-    pipe = _built("sd15_ip_adapter")
+    pipe = P.built("sd15_ip_adapter")
     plain = case.call(pipe, 3)
     pipe.set_ip_adapter_scale(0.0)
     plain_off = case.call(pipe, 3)
@@ -132,7 +126,7 @@ def test_a_capture_fallback_is_stated_and_exact(caplog):
     """CogVideoX at a size whose positional table is rebuilt inside forward cannot be
     captured by torch.export; the drop-in runs the module backend, says so in the log and the
     plan, and is still exact."""
-    pipe = _built("cogvideox")
+    pipe = P.built("cogvideox")
 
     def call(p):
         return p(prompt_embeds=P.embeds(1, 8, 8), negative_prompt_embeds=P.embeds(1, 8, 8, seed=2),
@@ -151,7 +145,7 @@ def test_a_capture_fallback_is_stated_and_exact(caplog):
 
 def test_layerwise_casting_hooks_run_exactly():
     case = P.PIPELINES["sd15"]
-    pipe = _built("sd15")
+    pipe = P.built("sd15")
     pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
                                        compute_dtype=torch.float32)
     plain = case.call(pipe, 3)
@@ -162,7 +156,7 @@ def test_layerwise_casting_hooks_run_exactly():
 def test_stateful_cache_hooks_are_refused_in_one_line():
     from diffusers import FasterCacheConfig
 
-    pipe = _built("cogvideox")
+    pipe = P.built("cogvideox")
     pipe.transformer.enable_cache(FasterCacheConfig(spatial_attention_block_skip_range=2,
                                                     current_timestep_callback=lambda: 10))
     hooked = pipe.transformer.__dict__["forward"]  # diffusers' hooks replace forward
@@ -198,7 +192,7 @@ def test_a_cache_is_named_as_the_user_enabled_it(feature, case, make):
     registers its hook under (``fbc_leader_block_hook``)."""
     import diffusers
 
-    pipe = _built(case)
+    pipe = P.built(case)
     pipe.transformer.enable_cache(make(getattr(diffusers, f"{feature}Config")))
     hooks = {name for m in pipe.transformer.modules()
              for name, h in getattr(m.__dict__.get("_diffusers_hook"), "hooks", {}).items()
@@ -218,7 +212,7 @@ def test_an_unknown_stateful_hook_is_named_by_its_registry_name():
     class Remember(ModelHook):
         _is_stateful = True
 
-    pipe = _built("cogvideox")
+    pipe = P.built("cogvideox")
     block = pipe.transformer.transformer_blocks[0]
     HookRegistry.check_if_exists_or_initialize(block).register_hook(Remember(), "remember")
     with pytest.raises(ValueError, match=r"^CogVideoXPipeline.transformer has the stateful "
@@ -308,7 +302,7 @@ def test_a_copied_scheduler_is_not_counted_and_detach_restores_it():
 
 
 def test_a_loop_without_scheduler_steps_is_refused():
-    pipe = _built("sana")
+    pipe = P.built("sana")
     e = dict(encoder_hidden_states=P.embeds(1, 8, 32), timestep=torch.ones(1))
     pipe.scheduler.set_timesteps(3)
     with asyncdiff.parallelize(pipe, n=2, warmup=3):
@@ -324,7 +318,7 @@ def test_a_branch_that_changes_position_is_refused():
     """Two calls per step of two structures (the second branch's prompt is shorter); on the
     third step the first position gets the second branch's call (as if the first branch were
     skipped): the stream's structure changed, which is refused naming the input."""
-    pipe = _built("sana")
+    pipe = P.built("sana")
     cond, other = P.embeds(1, 8, 32), P.embeds(1, 4, 32, seed=2)
     x = torch.zeros(1, 8, 16, 16)
     pipe.scheduler.set_timesteps(4)
@@ -346,7 +340,7 @@ def test_conditioning_that_varies_across_steps_is_carried():
     """A stream's inputs may change value from step to step (a guidance schedule, a control
     signal switched on part-way): the branch check keys on structure and call order, and the
     values are each step's conditioning. Every call warm: the plain loop's ε bit for bit."""
-    pipe = _built("sana")
+    pipe = P.built("sana")
     # equal on the first two calls, then new (the check this replaces refused that)
     embeds = [P.embeds(1, 8, 32), P.embeds(1, 8, 32), P.embeds(1, 8, 32, seed=2),
               P.embeds(1, 8, 32, seed=3)]
@@ -376,7 +370,7 @@ def _controlnet_window(pipe, steps):
 
 @pytest.mark.slow
 def test_a_controlnet_window_is_conditioning_not_a_branch():
-    pipe = _built("sd15_controlnet")
+    pipe = P.built("sd15_controlnet")
     plain = _controlnet_window(pipe, STEPS)
     with asyncdiff.parallelize(pipe, n=2, warmup=STEPS) as handle:
         warm = _controlnet_window(pipe, STEPS)
@@ -408,7 +402,7 @@ def test_two_experts_each_run_their_own_part_of_the_run():
     """Wan 2.2: ``transformer`` on the high-noise steps, ``transformer_2`` from the boundary
     on; each expert's streams start where it is first called and count its own steps."""
     case = P.PIPELINES["wan22_two_experts"]
-    pipe = _built("wan22_two_experts")
+    pipe = P.built("wan22_two_experts")
     with asyncdiff.parallelize(pipe, n=2, warmup=1) as handle:
         case.call(pipe, STEPS)
         first = {key: (s.first, s.k) for key, s in handle.streams.items()}

@@ -21,12 +21,6 @@ def _threads():
     torch.set_num_threads(1)
 
 
-def _built(name: str):
-    pipe = P.PIPELINES[name].build()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _spy(module, seen: list):
     """The user's wrapper: records the fed timestep, calls what ``module.forward`` was."""
     inner = module.forward
@@ -40,7 +34,7 @@ def _spy(module, seen: list):
 
 
 def test_a_forward_wrapped_before_parallelize_is_refused_in_one_line():
-    pipe = _built("sana")
+    pipe = P.built("sana")
     spy = _spy(pipe.transformer, [])
     with pytest.raises(ValueError) as err:
         asyncdiff.parallelize(pipe, n=2)
@@ -59,7 +53,7 @@ def test_a_forward_wrapped_before_parallelize_is_refused_in_one_line():
 
 
 def test_a_second_denoiser_wrapped_leaves_the_first_as_it_was():
-    pipe = _built("wan22_two_experts")
+    pipe = P.built("wan22_two_experts")
     spy = _spy(pipe.transformer_2, [])
     with pytest.raises(ValueError, match=r"^pipe.transformer_2.forward is a wrapper set on "
                                          r"the module"):
@@ -74,7 +68,7 @@ def test_a_forward_wrapped_after_parallelize_sees_every_call():
     call's capture does not take the spy off; after ``detach()`` it is still there and the
     pipeline is plain again under it."""
     case = P.PIPELINES["sana"]
-    pipe = _built("sana")
+    pipe = P.built("sana")
     fed_plain: list = []
     _spy(pipe.transformer, fed_plain)
     plain = case.call(pipe, STEPS)
