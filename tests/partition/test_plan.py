@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import experiments.common
 import experiments.plan
+from omegaconf import OmegaConf
 from partition import PartitionRequest, Plan, compile_model, format_plan, stages_from_plan
 from partition.plan import Measured
 from experiments import zoo
@@ -219,9 +221,11 @@ def test_asyncdiff_plan_for_every_model(tiny, compose_cfg, reuse_capture, tmp_pa
     assert plan.config_hash == t.bundle.architecture
     out = capsys.readouterr().out
     assert f"plan for {name}/tiny: N=2" in out and "wrote" in out
-    # the same request made directly gives the same plan
-    assert plan.to_json(measured=False) == t.compile(PartitionRequest(n=2)).plan.to_json(
-        measured=False)
+    # the same request made directly gives the same plan (the command line's partition
+    # group: its deepening included)
+    request = experiments.common.partition_request(OmegaConf.to_container(cfg.partition), 2)
+    assert request.deepen == cfg.partition.deepen and request.target == cfg.partition.target
+    assert plan.to_json(measured=False) == t.compile(request).plan.to_json(measured=False)
     with torch.no_grad():
         assert torch.equal(compiled.staged.run(t.env), t.eager)
 
